@@ -1,0 +1,202 @@
+"""Radius-graph benchmark: molden against the peers of PEERS.md on the same systems.
+
+Run as `python -m molden.bench.radius_graph --out bench.json`. Each case first checks that
+molden and every peer find the same number of edges, then times each after a warm-up as the
+median of repeats. ratio = peer time / molden time (> 1 means molden is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.build import add_adsorbate, bulk, fcc111, molecule
+from ase.collections import g2
+from ase.neighborlist import neighbor_list as ase_neighbor_list
+
+from molden.graph import backend_for, neighbor_list
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark input: a list of systems searched with one cutoff (Å)."""
+
+    name: str
+    systems: list[Atoms]
+    cutoff: float
+
+
+def oc20_like_slab(seed: int = 0) -> Atoms:
+    """Cu(111) 4x4x4 slab with CO on top, pbc (T, T, F): 66 atoms, OC20-sized."""
+    slab = fcc111("Cu", (4, 4, 4), vacuum=10.0)
+    add_adsorbate(slab, molecule("CO"), 2.0, "ontop")
+    slab.rattle(0.05, seed=seed)
+    return slab
+
+
+def qm9_like_molecules(count: int, seed: int = 0) -> list[Atoms]:
+    """Small organic molecules from ASE's g2 set (<= 29 atoms), randomly rotated; no cell."""
+    rng = np.random.default_rng(seed)
+    pool = [g2[name] for name in g2.names if len(g2[name]) <= 29 and len(g2[name]) > 1]
+    molecules = []
+    for k in range(count):
+        atoms = pool[k % len(pool)].copy()
+        atoms.rotate(float(rng.uniform(0, 360)), tuple(rng.normal(size=3)), center="COP")
+        molecules.append(atoms)
+    return molecules
+
+
+def benchmark_cases(quick: bool = False) -> list[Case]:
+    repeat = 8 if quick else 20  # 2,048 or 32,000 atoms
+    crystal = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((repeat,) * 3)
+    return [
+        Case("OC20-like slab x1", [oc20_like_slab()], 6.0),
+        Case("OC20-like slabs x64", [oc20_like_slab(s) for s in range(64)], 6.0),
+        Case("QM9-like molecules x256", qm9_like_molecules(256), 5.0),
+        Case(f"bulk Cu {len(crystal)} atoms", [crystal], 5.0),
+        Case(f"bulk Cu {len(crystal)} atoms", [crystal], 6.0),
+    ]
+
+
+def _median_ms(run: Callable[[], object], repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _molden_runner(case: Case, device: str) -> Callable[[], int]:
+    systems = case.systems
+    positions = torch.tensor(np.concatenate([a.positions for a in systems]), device=device)
+    cell = torch.tensor(np.stack([a.cell.array for a in systems]), device=device)
+    pbc = torch.tensor(np.stack([a.pbc for a in systems]), device=device)
+    batch = torch.tensor(np.repeat(np.arange(len(systems)), [len(a) for a in systems]), device=device)
+
+    def run() -> int:
+        edge_index, _ = neighbor_list(positions, case.cutoff, cell=cell, pbc=pbc, batch=batch)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        return edge_index.shape[1]
+
+    return run
+
+
+def _peer_runners(case: Case, device: str) -> dict[str, Callable[[], int] | str]:
+    """Per peer a runner returning the edge count, or a string saying why it is not run."""
+    systems, cutoff = case.systems, case.cutoff
+    peers: dict[str, Callable[[], int] | str] = {}
+    if importlib.util.find_spec("vesin"):
+        import vesin
+
+        calculator = vesin.NeighborList(cutoff=cutoff, full_list=True)
+        peers["vesin"] = lambda: sum(len(calculator.compute(a.positions, a.cell.array, a.pbc, "ijS")[0]) for a in systems)
+    else:
+        peers["vesin"] = "not installed"
+    if importlib.util.find_spec("matscipy"):
+        from matscipy.neighbours import neighbour_list
+
+        # matscipy needs an invertible cell; a box around a non-periodic molecule changes nothing.
+        boxed = [_with_box(a, cutoff) for a in systems]
+        peers["matscipy"] = lambda: sum(len(neighbour_list("i", a, cutoff)) for a in boxed)
+    else:
+        peers["matscipy"] = "not installed"
+    peers["ase"] = lambda: sum(len(ase_neighbor_list("i", a, cutoff)) for a in systems)
+    peers["vesin.torch"] = "not installed" if not _importable("vesin.torch") else "installed, not wired in yet"
+    peers["nvalchemiops"] = "not installed" if not _importable("nvalchemiops") else "installed, not wired in yet"
+    return peers
+
+
+def _importable(module: str) -> bool:
+    try:  # vesin.torch exists as a module but raises ImportError without vesin-torch
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def _with_box(atoms: Atoms, cutoff: float) -> Atoms:
+    if abs(np.linalg.det(atoms.cell.array)) > 1e-6:
+        return atoms
+    boxed = atoms.copy()
+    boxed.cell = np.diag(np.ptp(atoms.positions, axis=0) + 2 * cutoff)
+    return boxed
+
+
+def run_radius_graph_benchmark(device: str = "cpu", repeats: int = 7, quick: bool = False) -> list[dict]:
+    """Time molden and each installed peer on every case; one row per (case, peer)."""
+    rows = []
+    for case in benchmark_cases(quick):
+        n_atoms = sum(len(a) for a in case.systems)
+        molden_run = _molden_runner(case, device)
+        n_edges = molden_run()
+        molden_ms = _median_ms(molden_run, repeats)
+        base = {
+            "case": case.name,
+            "n_systems": len(case.systems),
+            "n_atoms": n_atoms,
+            "cutoff_angstrom": case.cutoff,
+            "n_edges": n_edges,
+            "molden_path": backend_for(device),
+            "molden_ms": molden_ms,
+        }
+        for peer, runner in _peer_runners(case, device).items():
+            if isinstance(runner, str):
+                rows.append({**base, "peer": peer, "peer_ms": None, "ratio": None, "agree": None, "note": runner})
+                continue
+            # ASE is pure numpy: one repeat on large systems keeps the run short.
+            peer_repeats = 1 if peer == "ase" and n_atoms > 5_000 else repeats
+            agree = runner() == n_edges
+            peer_ms = _median_ms(runner, peer_repeats)
+            note = "1 repeat" if peer_repeats == 1 else ""
+            rows.append({**base, "peer": peer, "peer_ms": peer_ms, "ratio": peer_ms / molden_ms, "agree": agree, "note": note})
+    return rows
+
+
+def machine_description() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench_radius_graph.json", help="JSON results file")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="2,048-atom crystal instead of 32,000")
+    args = parser.parse_args(argv)
+    rows = run_radius_graph_benchmark(args.device, args.repeats, args.quick)
+    table = Table(title=f"Radius graph ({args.device}, {torch.get_num_threads()} torch threads)")
+    for column in ("case", "cutoff Å", "edges", "molden path", "molden ms", "peer", "peer ms", "ratio", "agree"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            r["case"], f"{r['cutoff_angstrom']:g}", str(r["n_edges"]), r["molden_path"], f"{r['molden_ms']:.3f}",
+            r["peer"], "-" if r["peer_ms"] is None else f"{r['peer_ms']:.3f}",
+            r["note"] if r["ratio"] is None else f"{r['ratio']:.2f}", "-" if r["agree"] is None else str(r["agree"]),
+        )
+    Console(width=160).print(table)
+    with open(args.out, "w") as handle:
+        json.dump({"machine": machine_description(), "rows": rows}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""OC20-like catalysis relaxations computed on the spot with ASE's EMT potential.
+
+molden's embedded default data (`molden preprocess emt`). Each system is an fcc(111), (100) or
+(211) slab of one metal with one H/C/N/O adsorbate (`molden.data.adsorbates`), relaxed with
+LBFGS; every frame is one `Structure`, as OC20's S2EF trajectories (Chanussot et al. 2021;
+ForceNet, Hu et al. 2021, App. B):
+
+- Slabs use the metal's EMT equilibrium fcc lattice constant (minimised once per metal; Cu
+  3.590, Ag 4.064, Au 4.056, Ni 3.487, Pd 3.879, Pt 3.922, Al 3.994 Å), pbc (True, True,
+  False), `vacuum_angstrom` on each side. Layers are the slab's distinct heights grouped
+  bottom-up into `n_layers` (a (211) layer holds its three step rows).
+- Tags as OC20: 0 for the bottom `n_fixed_layers` layers, which are also fixed (FixAtoms),
+  1 for the free slab atoms, 2 for the adsorbate. Forces are stored on all atoms (fixed ones
+  too, as OC20 does).
+- The binding atom goes to a uniformly random point of the cell at a random bond length
+  (0.95–1.15 × the metal–binding-atom covalent radius sum) from the nearest slab atom; the
+  molecule is turned by a random angle about z and tilted up to 30°.
+- `targets["adsorption_energy"]` (eV) = E(relaxed system) − E(relaxed clean slab, same fixed
+  atoms) − Σ gas references (OC20's H2/H2O/CO/N2 scheme). `targets["converged"]` is 1.0 when
+  the final max force on free atoms is ≤ `fmax_ev_per_angstrom`, else 0.0 (kept, and counted
+  in the logged summary).
+- Rejection: a relaxation is an anomaly, as OC20's, when energy or forces are non-finite, the
+  final energy is above the initial one, a slab atom moved more than 1 Å (reconstruction), an
+  initial adsorbate bond grew beyond 1.25 × its covalent radius sum (dissociation), no
+  adsorbate atom is within 1.5 × the covalent sum of a slab atom (desorption), or an adsorbate
+  atom sank below the lowest atom of the top layer (intercalation). A system then retries a
+  new placement (same metal, facet and adsorbate) from its own random stream, up to
+  `max_attempts` times, and is skipped and logged when all fail: never emitted as garbage.
+- Splits, as OC20's ID/OOD: systems are dealt to splits by `split_fractions` (exact counts,
+  largest remainder, a seeded permutation of system indices). In-distribution splits ("train",
+  "val_id", "test_id") draw metal and adsorbate from those not held out; "test_ood_ads" draws
+  a held-out adsorbate on a seen metal, "test_ood_cat" a seen adsorbate on a held-out metal,
+  "test_ood_both" both held out. All frames of one system share its split.
+
+System i draws everything from its own stream seeded by (seed, i), so output depends only on
+the config, not on `workers`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from functools import lru_cache
+from multiprocessing import get_context
+from queue import SimpleQueue
+from typing import Literal
+
+import numpy as np
+from ase import Atoms
+from ase.build import bulk, fcc100, fcc111, fcc211
+from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.constraints import FixAtoms
+from ase.data import covalent_radii
+from ase.geometry import get_distances
+from ase.optimize import LBFGS
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy.optimize import minimize_scalar
+
+from molden.data.adsorbates import ADSORBATES, EMT_STABLE_ADSORBATES, adsorbate_atoms, reference_energy
+from molden.data.ase_convert import structure_from_atoms
+from molden.data.structure import TAG_ADSORBATE, TAG_SUBSURFACE, TAG_SURFACE, Structure
+
+logger = logging.getLogger(__name__)
+
+Metal = Literal["Cu", "Ag", "Au", "Ni", "Pd", "Pt", "Al"]
+Facet = Literal["111", "100", "211"]
+METALS: tuple[str, ...] = ("Cu", "Ag", "Au", "Ni", "Pd", "Pt", "Al")
+FACETS: tuple[str, ...] = ("111", "100", "211")
+ID_SPLITS = ("train", "val_id", "test_id")
+SPLITS = (*ID_SPLITS, "test_ood_ads", "test_ood_cat", "test_ood_both")
+MAX_TILT_DEG = 30.0
+
+
+class EMTConfig(BaseModel):
+    """What `generate_emt` computes; the default takes about 30–40 s on two cores."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n_systems: int = Field(100, ge=1)
+    seed: int = 0
+    metals: tuple[Metal, ...] = METALS  # type: ignore[assignment]
+    facets: tuple[Facet, ...] = FACETS  # type: ignore[assignment]
+    adsorbates: tuple[str, ...] = EMT_STABLE_ADSORBATES  # any of ADSORBATES; see there why
+    slab_size: tuple[int, int] = (3, 3)  # surface repeats; (211) rounds the first up to ×3
+    n_layers: int = Field(4, ge=1)
+    n_fixed_layers: int = Field(2, ge=0)  # OC20 frees only the top two layers
+    vacuum_angstrom: float = Field(7.0, gt=0)
+    fmax_ev_per_angstrom: float = Field(0.05, gt=0)
+    max_steps: int = Field(200, ge=1)
+    max_attempts: int = Field(3, ge=1)
+    ood_metals: tuple[Metal, ...] = ("Pt",)  # type: ignore[assignment]
+    ood_adsorbates: tuple[str, ...] = ("CN",)
+    split_fractions: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.7, "val_id": 0.08, "test_id": 0.08,
+                                 "test_ood_ads": 0.05, "test_ood_cat": 0.05, "test_ood_both": 0.04})
+    workers: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EMTConfig:
+        unknown = set(self.adsorbates) - set(ADSORBATES)
+        if unknown:
+            raise ValueError(f"unknown adsorbates {sorted(unknown)}; choose from {list(ADSORBATES)}")
+        if not set(self.ood_metals) <= set(self.metals) or not set(self.ood_adsorbates) <= set(self.adsorbates):
+            raise ValueError("ood_metals / ood_adsorbates must be among metals / adsorbates")
+        if self.n_fixed_layers >= self.n_layers:
+            raise ValueError("n_fixed_layers must leave at least one free layer")
+        if min(self.slab_size) < 1 or not self.facets:
+            raise ValueError("slab_size must be positive and facets non-empty")
+        fr = self.split_fractions
+        if set(fr) - set(SPLITS) or min(fr.values(), default=-1) < 0 or abs(sum(fr.values()) - 1) > 1e-6:
+            raise ValueError(f"split_fractions must map splits among {SPLITS} to non-negative fractions summing to 1")
+        for split in fr:
+            if fr[split] > 0:
+                metals, ads = _choices(self, split)
+                if not metals or not ads:
+                    raise ValueError(f"split {split!r} has a fraction but no metal or adsorbate to draw from")
+        return self
+
+
+def _choices(config: EMTConfig, split: str) -> tuple[list[str], list[str]]:
+    """The metals and adsorbates a system of `split` draws from."""
+    seen_m = [m for m in config.metals if m not in config.ood_metals]
+    seen_a = [a for a in config.adsorbates if a not in config.ood_adsorbates]
+    held_m, held_a = list(config.ood_metals), list(config.ood_adsorbates)
+    return (held_m if split in ("test_ood_cat", "test_ood_both") else seen_m,
+            held_a if split in ("test_ood_ads", "test_ood_both") else seen_a)
+
+
+def assign_splits(config: EMTConfig) -> list[str]:
+    """The split of each system index: exact counts by fraction, dealt by a seeded permutation."""
+    names = [s for s in SPLITS if config.split_fractions.get(s, 0) > 0]
+    raw = [config.split_fractions[s] * config.n_systems for s in names]
+    counts = [math.floor(r) for r in raw]
+    by_remainder = sorted(range(len(names)), key=lambda k: (counts[k] - raw[k], k))
+    for k in by_remainder[: config.n_systems - sum(counts)]:
+        counts[k] += 1
+    labels = [s for s, c in zip(names, counts) for _ in range(c)]
+    order = np.random.default_rng([config.seed, 0]).permutation(config.n_systems)
+    return [labels[k] for k in order]
+
+
+@lru_cache(maxsize=None)
+def lattice_constant_angstrom(metal: str) -> float:
+    """EMT's equilibrium fcc lattice constant of `metal`, Å (minimum of the bulk energy)."""
+
+    def energy(a: float) -> float:
+        atoms = bulk(metal, "fcc", a=a)
+        atoms.calc = EMT()
+        return atoms.get_potential_energy()
+
+    return float(minimize_scalar(energy, bracket=(3.4, 4.1), tol=1e-8).x)
+
+
+def build_slab(metal: str, facet: str, config: EMTConfig) -> Atoms:
+    """A clean slab with OC20 tags (0 fixed sub-surface, 1 free surface) and FixAtoms."""
+    nx, ny = config.slab_size
+    builder = {"111": fcc111, "100": fcc100, "211": fcc211}[facet]
+    if facet == "211":
+        nx = 3 * math.ceil(nx / 3)  # ASE builds (211) in whole steps of three rows
+    slab = builder(metal, size=(nx, ny, config.n_layers), a=lattice_constant_angstrom(metal),
+                   vacuum=config.vacuum_angstrom)
+    heights = np.round(slab.positions[:, 2], 3)
+    levels = np.unique(heights)
+    layer = np.searchsorted(levels, heights) * config.n_layers // len(levels)  # 0 = bottom
+    fixed = layer < config.n_fixed_layers
+    slab.set_tags(np.where(fixed, TAG_SUBSURFACE, TAG_SURFACE))
+    slab.set_constraint(FixAtoms(mask=fixed))
+    slab.pbc = (True, True, False)
+    slab.info["top_layer"] = layer == config.n_layers - 1
+    return slab
+
+
+def _relax(atoms: Atoms, config: EMTConfig) -> list[tuple[np.ndarray, float, np.ndarray]]:
+    """Relax in place with LBFGS; every frame as (positions Å, energy eV, raw forces eV/Å)."""
+    atoms.calc = EMT()
+    frames: list[tuple[np.ndarray, float, np.ndarray]] = []
+
+    def record() -> None:
+        # The optimiser has just evaluated these positions; reading the results directly skips
+        # ASE's per-call state comparison (7 % of the run time). EMT's forces are unconstrained.
+        results = atoms.calc.results
+        frames.append((atoms.positions.copy(), float(results["energy"]), results["forces"].copy()))
+
+    opt = LBFGS(atoms, logfile=None)
+    opt.attach(record)
+    with np.errstate(all="ignore"):  # an exploding relaxation is caught as an anomaly, not a warning
+        opt.run(fmax=config.fmax_ev_per_angstrom, steps=config.max_steps)
+    return frames
+
+
+SLAB_FIELDS = ("slab_size", "n_layers", "n_fixed_layers", "vacuum_angstrom", "fmax_ev_per_angstrom", "max_steps")
+
+
+@lru_cache(maxsize=None)
+def _clean_slab_energy(metal: str, facet: str, slab_settings: tuple) -> float:
+    config = EMTConfig(**dict(zip(SLAB_FIELDS, slab_settings)))
+    return _relax(build_slab(metal, facet, config), config)[-1][1]
+
+
+def clean_slab_energy(metal: str, facet: str, config: EMTConfig) -> float:
+    """Relaxed energy of the clean slab, eV, cached in-process per (metal, facet, slab settings)."""
+    return _clean_slab_energy(metal, facet, tuple(getattr(config, f) for f in SLAB_FIELDS))
+
+
+def place_adsorbate(slab: Atoms, name: str, rng: np.random.Generator) -> Atoms:
+    """Slab + adsorbate (tag 2) at a random site, bond length and orientation."""
+    ads = adsorbate_atoms(name)
+    angle, tilt = rng.uniform(0, 2 * np.pi), np.radians(rng.uniform(0, MAX_TILT_DEG))
+    axis_angle = rng.uniform(0, 2 * np.pi)
+    ads.rotate(np.degrees(tilt), (np.cos(axis_angle), np.sin(axis_angle), 0.0))
+    ads.rotate(np.degrees(angle), "z")
+    bond = (covalent_radii[slab.numbers[0]] + covalent_radii[ads.numbers[0]]) * rng.uniform(0.95, 1.15)
+    site = rng.uniform(0, 1, 2) @ slab.cell.array[:2, :2]
+    # Lateral distances to every slab atom over the 3×3 periodic images in the surface plane.
+    shifts = np.array([(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)]) @ slab.cell.array[:2, :2]
+    lateral = np.linalg.norm(slab.positions[None, :, :2] + shifts[:, None] - site, axis=-1).min(axis=0)
+    near = lateral < bond + 1.0
+    # Sit `bond` away from the closest slab atom; over a wide hollow, at least 0.7 Å above its rim.
+    rise = np.sqrt(np.maximum(bond**2 - lateral[near] ** 2, 0.7**2))
+    height = float((slab.positions[near, 2] + rise).max()) if near.any() else slab.positions[:, 2].max() + bond
+    ads.positions += np.array([site[0], site[1], height])
+    ads.set_tags(TAG_ADSORBATE)
+    return slab + ads
+
+
+def relaxation_anomaly(initial: Atoms, frames: list, n_slab: int, top_layer: np.ndarray) -> str | None:
+    """Why a relaxation must be rejected ("dissociated", ...), or None if it is sound."""
+    pos0, (pos1, e1, f1) = initial.positions, frames[-1]
+    if not (np.isfinite(pos1).all() and np.isfinite(f1).all() and np.isfinite(e1)):
+        return "non-finite"
+    if e1 > frames[0][1] + 1e-6:
+        return "energy rose"
+    cell, pbc = initial.cell, initial.pbc
+    if np.linalg.norm(pos1[:n_slab] - pos0[:n_slab], axis=1).max() > 1.0:
+        return "surface reconstructed"
+    radii = covalent_radii[initial.numbers]
+    ads0, ads1, r_ads = pos0[n_slab:], pos1[n_slab:], radii[n_slab:]
+    bond_limit = 1.25 * (r_ads[:, None] + r_ads[None, :])
+    bonded = np.triu(get_distances(ads0, cell=cell, pbc=pbc)[1] < bond_limit, k=1)
+    if (get_distances(ads1, cell=cell, pbc=pbc)[1][bonded] > bond_limit[bonded]).any():
+        return "dissociated"
+    to_slab = get_distances(ads1, pos1[:n_slab], cell=cell, pbc=pbc)[1]
+    if (to_slab > 1.5 * (r_ads[:, None] + radii[None, :n_slab])).all():
+        return "desorbed"
+    if ads1[:, 2].min() < pos1[:n_slab][top_layer, 2].min():
+        return "intercalated"
+    return None
+
+
+def relax_system(config: EMTConfig, index: int, split: str) -> tuple[list[Structure], str | None]:
+    """All frames of system `index` (empty with the last anomaly if every attempt failed)."""
+    rng = np.random.default_rng([config.seed, 1, index])
+    metals, ads_names = _choices(config, split)
+    metal, facet = metals[rng.integers(len(metals))], config.facets[rng.integers(len(config.facets))]
+    name = ads_names[rng.integers(len(ads_names))]
+    slab = build_slab(metal, facet, config)
+    reason = None
+    for _ in range(config.max_attempts):
+        atoms = place_adsorbate(slab, name, rng)
+        initial = atoms.copy()
+        frames = _relax(atoms, config)
+        reason = relaxation_anomaly(initial, frames, len(slab), slab.info["top_layer"])
+        if reason is None:
+            break
+    else:
+        return [], f"{metal}({facet})+{name}: {reason}"
+    relaxed_pos, relaxed_e, final_forces = frames[-1]
+    free = initial.get_tags() != TAG_SUBSURFACE  # tag 0 <=> fixed, by build_slab
+    fmax = float(np.linalg.norm(final_forces[free], axis=1).max())
+    e_ads = relaxed_e - clean_slab_energy(metal, facet, config) - reference_energy(
+        initial.get_chemical_symbols()[len(slab):])
+    targets = {"adsorption_energy": e_ads, "converged": float(fmax <= config.fmax_ev_per_angstrom)}
+    system_id = f"emt_{index:06d}"
+    out = []
+    for k, (pos, energy, forces) in enumerate(frames):
+        frame = initial.copy()
+        frame.positions = pos
+        frame.calc = SinglePointCalculator(frame, energy=energy, forces=forces)
+        out.append(structure_from_atoms(frame, system_id=system_id, frame=k, relaxed_positions=relaxed_pos,
+                                        relaxed_energy=relaxed_e, targets=dict(targets), split=split))
+    return out, None
+
+
+def generate_emt(config: EMTConfig, *, progress: Callable[[int], None] | None = None) -> Iterator[Structure]:
+    """Every frame of every system in index order; `progress(n_done)` as systems finish."""
+    splits = assign_splits(config)
+    skipped: list[str] = []
+    n_frames = n_unconverged = 0
+
+    def results() -> Iterator[tuple[list[Structure], str | None]]:
+        if config.workers == 1:
+            for i, split in enumerate(splits):
+                result = relax_system(config, i, split)
+                if progress is not None:
+                    progress(i + 1)
+                yield result
+            return
+        # spawn, not fork: the caller may hold torch/OpenMP threads that a fork would copy mid-lock.
+        pool = ProcessPoolExecutor(config.workers, mp_context=get_context("spawn"))
+        finished: SimpleQueue[Future] = SimpleQueue()  # filled by the pool's thread, drained here
+        n_done = 0
+
+        def drain(block: bool) -> None:
+            nonlocal n_done
+            got = [finished.get()] if block else []
+            while not finished.empty():
+                got.append(finished.get())
+            n_done += len(got)
+            if got and progress is not None:
+                progress(n_done)
+
+        try:
+            futures = [pool.submit(relax_system, config, i, s) for i, s in enumerate(splits)]
+            for future in futures:
+                future.add_done_callback(finished.put)
+            for k, future in enumerate(futures):  # yield in index order, report in finishing order
+                while not future.done() or (k == len(futures) - 1 and n_done < len(futures)):
+                    drain(block=True)
+                drain(block=False)
+                yield future.result()
+        finally:  # a consumer that stops early must not wait for the remaining relaxations
+            pool.shutdown(wait=False, cancel_futures=True)  # workers exit on their own
+
+    for frames, reason in results():
+        if reason is not None:
+            skipped.append(reason)
+            logger.warning("EMT system skipped after %d attempts: %s", config.max_attempts, reason)
+            continue
+        n_frames += len(frames)
+        n_unconverged += frames[-1].targets["converged"] == 0.0
+        yield from frames
+    logger.info("EMT: %d systems, %d frames, %d not converged, %d skipped %s",
+                config.n_systems - len(skipped), n_frames, n_unconverged, len(skipped),
+                dict(Counter(r.rsplit(": ", 1)[-1] for r in skipped)))

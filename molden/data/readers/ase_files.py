@@ -1,0 +1,95 @@
+"""Any file ASE can read (extxyz, traj, db, cif, POSCAR, ...), streamed with `ase.io.iread`.
+
+Energies and forces come from the file's calculator results or the usual extxyz keys (eV, eV/Å),
+tags and FixAtoms are kept (see `molden.data.ase_convert`). system_id is the file stem; frame is
+the frame's index in the file (for a negative or unbounded-from-the-end `index`, the count of
+frames read so far).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import ase.db
+from ase.io import iread
+from ase.io.trajectory import Trajectory
+from ase.io.formats import string2index
+
+from molden.data.ase_convert import structure_from_atoms
+from molden.data.readers.element_symbols import SYMBOL_TO_NUMBER
+from molden.data.structure import Structure
+from molden.errors import MoldenInputError
+
+
+def _stem(path: Path) -> str:
+    name = re.sub(r"\.(gz|bz2|xz)$", "", path.name)  # "frames.extxyz.gz" → "frames"
+    return Path(name).stem
+
+
+def _frame_numbers(index: str | int | slice) -> tuple[int, int]:
+    """(first frame, step) when `index` names frames counted from the start, else (0, 1)."""
+    if isinstance(index, str):
+        index = string2index(index)
+    if isinstance(index, int):
+        return (index, 1) if index >= 0 else (0, 1)
+    start, step = index.start or 0, index.step or 1
+    return (start, step) if start >= 0 and step > 0 else (0, 1)
+
+
+def _explain(error: Exception) -> str:
+    # ASE reports an unknown symbol as a bare KeyError('Xx'); say what it means.
+    if isinstance(error, KeyError) and error.args and isinstance(error.args[0], str):
+        key = error.args[0]
+        if re.fullmatch(r"[A-Za-z]{1,3}", key) and key not in SYMBOL_TO_NUMBER:
+            return f"unknown element {key!r}"
+    return f"{type(error).__name__}: {error}"
+
+
+def read_ase(
+    path: str | Path, *, limit: int | None = None, index: str | int | slice = ":", format: str | None = None
+) -> Iterator[Structure]:
+    """Stream the frames of an ASE-readable file as validated `Structure`s (Å, eV, eV/Å).
+
+    `index` selects frames as in `ase.io.iread` (":" all, "-1" last, "::10" every tenth);
+    `format` overrides ASE's guess from the file name.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MoldenInputError(path, "no such file")
+    if limit is not None and limit <= 0:
+        return
+    stem = _stem(path)
+    first, step = _frame_numbers(index)
+    try:
+        frames = iread(str(path), index=index, format=format)
+    except Exception as error:  # e.g. an unknown format is raised before the first frame
+        raise MoldenInputError(path, f"cannot read: {_explain(error)}") from None
+    count = 0
+    while limit is None or count < limit:
+        frame = first + count * step
+        try:
+            atoms = next(frames)
+        except StopIteration:
+            break
+        except Exception as error:  # truncated or garbled: ASE's message, our record
+            raise MoldenInputError(path, f"cannot read frame ({count} read so far): {_explain(error)}", frame) from None
+        structure = structure_from_atoms(atoms, system_id=stem, frame=frame)
+        structure.validate(path, frame)
+        yield structure
+        count += 1
+
+
+def count_ase(path: str | Path) -> int | None:
+    """Frames in an ASE trajectory or database, read from its index; None for other formats."""
+    path = Path(path)
+    try:
+        if path.suffix == ".traj":
+            with Trajectory(str(path)) as traj:
+                return len(traj)
+        if path.suffix == ".db":
+            return ase.db.connect(str(path)).count()
+    except Exception:  # a progress bar can do without a count
+        return None
+    return None

@@ -1,0 +1,153 @@
+"""Specifications of the EMT catalysis generator (`molden.data.emt`) on a tiny config."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.calculators.emt import EMT
+from ase.calculators.fd import calculate_numerical_forces
+from pydantic import ValidationError
+
+from molden.data.adsorbates import ADSORBATE_ELEMENTS, adsorbate_atoms
+from molden.data.emt import SPLITS, EMTConfig, build_slab, generate_emt, place_adsorbate, relaxation_anomaly
+from molden.data.structure import TAG_ADSORBATE, TAG_SUBSURFACE, TAG_SURFACE, Structure
+
+TINY = EMTConfig(
+    n_systems=12, seed=3, slab_size=(2, 2), n_layers=3, n_fixed_layers=1, max_steps=100,
+    split_fractions={"train": 0.5, "val_id": 0.1, "test_id": 0.1,
+                     "test_ood_ads": 0.1, "test_ood_cat": 0.1, "test_ood_both": 0.1},
+)
+ADS_NUMBERS = {1, 6, 7, 8}
+
+
+@pytest.fixture(scope="module")
+def frames() -> list[Structure]:
+    return list(generate_emt(TINY))
+
+
+@pytest.fixture(scope="module")
+def systems(frames) -> dict[str, list[Structure]]:
+    by_id: dict[str, list[Structure]] = defaultdict(list)
+    for s in frames:
+        by_id[s.system_id].append(s)
+    return dict(by_id)
+
+
+def _assert_same(a: list[Structure], b: list[Structure]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert (x.system_id, x.frame, x.split, x.targets) == (y.system_id, y.frame, y.split, y.targets)
+        for name in ("numbers", "positions", "forces", "tags", "fixed", "relaxed_positions"):
+            np.testing.assert_array_equal(getattr(x, name), getattr(y, name))
+        assert x.energy == y.energy and x.relaxed_energy == y.relaxed_energy
+
+
+def test_same_seed_gives_identical_frames(frames):
+    _assert_same(frames, list(generate_emt(TINY)))
+
+
+def test_two_workers_match_one_worker_and_report_progress(frames):
+    done: list[int] = []
+    parallel = list(generate_emt(TINY.model_copy(update={"workers": 2}), progress=done.append))
+    _assert_same(frames, parallel)
+    assert done == sorted(done) and done[-1] == TINY.n_systems
+
+
+def test_most_systems_survive_and_every_structure_validates(frames, systems):
+    assert len(systems) >= TINY.n_systems - 2  # skips are allowed, but rare on these adsorbates
+    for s in frames:
+        s.validate()
+        assert tuple(s.pbc) == (True, True, False)
+
+
+def test_tags_match_geometry(frames):
+    for s in frames:
+        assert set(s.tags.tolist()) == {TAG_SUBSURFACE, TAG_SURFACE, TAG_ADSORBATE}
+        z = s.positions[:, 2]
+        ads, surface, sub = (s.tags == t for t in (TAG_ADSORBATE, TAG_SURFACE, TAG_SUBSURFACE))
+        assert set(s.numbers[ads].tolist()) <= ADS_NUMBERS
+        assert not set(s.numbers[~ads].tolist()) & ADS_NUMBERS
+        assert z[sub].max() < z[surface].min()  # sub-surface layers lie below the surface layers
+        assert z[ads].min() > z[surface].min()  # the adsorbate sits on the surface, not inside
+
+
+def test_bottom_layers_are_fixed_and_never_move(systems):
+    for frames_ in systems.values():
+        first = frames_[0]
+        np.testing.assert_array_equal(first.fixed, first.tags == TAG_SUBSURFACE)
+        assert first.fixed.any() and not first.fixed.all()
+        for s in frames_[1:]:
+            np.testing.assert_array_equal(s.positions[first.fixed], first.positions[first.fixed])
+
+
+def test_converged_systems_end_below_fmax_and_others_ran_out_of_steps(systems):
+    for frames_ in systems.values():
+        last = frames_[-1]
+        fmax = np.linalg.norm(last.forces[~last.fixed], axis=1).max()
+        if last.targets["converged"] == 1.0:
+            assert fmax <= TINY.fmax_ev_per_angstrom
+        else:
+            assert len(frames_) == TINY.max_steps + 1 and fmax > TINY.fmax_ev_per_angstrom
+
+
+def test_relaxation_lowers_the_energy(systems):
+    for frames_ in systems.values():
+        assert frames_[-1].energy <= frames_[0].energy
+
+
+def test_forces_are_minus_the_energy_gradient(systems):
+    frame = next(iter(systems.values()))[1]
+    atoms = Atoms(numbers=frame.numbers, positions=frame.positions, cell=frame.cell, pbc=frame.pbc)
+    atoms.calc = EMT()
+    assert atoms.get_potential_energy() == pytest.approx(frame.energy, abs=1e-9)
+    np.testing.assert_allclose(calculate_numerical_forces(atoms, eps=1e-5), frame.forces, atol=1e-5)
+
+
+def test_relaxed_fields_come_from_the_last_frame(systems):
+    for frames_ in systems.values():
+        last = frames_[-1]
+        assert [s.frame for s in frames_] == list(range(len(frames_)))
+        for s in frames_:
+            np.testing.assert_array_equal(s.relaxed_positions, last.positions)
+            assert s.relaxed_energy == last.energy
+            assert (s.split, s.targets) == (last.split, last.targets)
+        assert np.isfinite(last.targets["adsorption_energy"])
+
+
+def test_ood_splits_hold_out_metals_and_adsorbates(systems):
+    held_ads = {tuple(sorted(adsorbate_atoms(a).get_chemical_symbols())) for a in TINY.ood_adsorbates}
+    assert set(Counter(f[0].split for f in systems.values())) == set(SPLITS)
+    for frames_ in systems.values():
+        s = frames_[0]
+        ads = s.tags == TAG_ADSORBATE
+        metal = Atoms(numbers=s.numbers[~ads]).get_chemical_symbols()[0]
+        adsorbate = tuple(sorted(Atoms(numbers=s.numbers[ads]).get_chemical_symbols()))
+        assert (metal in TINY.ood_metals) == (s.split in ("test_ood_cat", "test_ood_both"))
+        assert (adsorbate in held_ads) == (s.split in ("test_ood_ads", "test_ood_both"))
+        assert set(adsorbate) <= ADSORBATE_ELEMENTS
+
+
+def test_dissociated_and_desorbed_adsorbates_are_anomalies():
+    slab = build_slab("Cu", "111", TINY)
+    initial = place_adsorbate(slab, "CO", np.random.default_rng(0))
+    n = len(slab)
+
+    def anomaly(moved: np.ndarray) -> str | None:
+        frames_ = [(initial.positions, 0.0, np.zeros_like(moved)), (moved, -1.0, np.zeros_like(moved))]
+        return relaxation_anomaly(initial, frames_, n, slab.info["top_layer"])
+
+    assert anomaly(initial.positions.copy()) is None
+    split_apart = initial.positions.copy()
+    split_apart[n + 1, 2] += 3.0
+    assert anomaly(split_apart) == "dissociated"
+    lifted = initial.positions.copy()
+    lifted[n:, 2] += 6.0
+    assert anomaly(lifted) == "desorbed"
+
+
+def test_config_rejects_held_out_metal_outside_metals():
+    with pytest.raises(ValidationError):
+        EMTConfig(metals=("Cu", "Ag"), ood_metals=("Pt",))

@@ -1,0 +1,257 @@
+"""Specifications of `molden.graph.radius_graph` / `neighbor_list`: ASE's "ijS", edge for edge.
+
+Every backend ("auto" = vesin on the CPU when installed, "torch" = brute force / torch cell
+list) is compared exactly with `ase.neighborlist.neighbor_list` after sorting on (i, j, S).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, fcc111, molecule
+from ase.neighborlist import neighbor_list as ase_neighbor_list
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from molden.errors import MoldenInputError
+from molden.graph import edge_lengths, nearest_neighbors_mask, neighbor_list, radius_graph
+
+BACKENDS = ["auto", "torch"]
+
+
+def ase_reference(atoms: Atoms, cutoff: float) -> np.ndarray:
+    """[E, 5] rows (i, j, S0, S1, S2) from ASE, sorted lexicographically."""
+    i, j, shifts = ase_neighbor_list("ijS", atoms, cutoff)
+    rows = np.column_stack([i, j, shifts]).astype(np.int64)
+    return rows[np.lexsort(rows.T[::-1])] if len(rows) else rows.reshape(0, 5)
+
+
+def molden_rows(atoms: Atoms, cutoff: float, backend: str = "auto", dtype=torch.float64, **kwargs) -> np.ndarray:
+    edge_index, shifts = neighbor_list(
+        torch.tensor(atoms.positions, dtype=dtype),
+        cutoff,
+        cell=torch.tensor(atoms.cell.array, dtype=dtype),
+        pbc=torch.tensor(atoms.pbc),
+        backend=backend,
+        **kwargs,
+    )
+    return np.column_stack([edge_index.T.numpy(), shifts.numpy()]).astype(np.int64)
+
+
+def assert_same_edges(atoms: Atoms, cutoff: float, backend: str) -> None:
+    got, ref = molden_rows(atoms, cutoff, backend), ase_reference(atoms, cutoff)
+    # The documented order is (i, j, S), so no sorting on our side.
+    assert got.shape == ref.shape, f"{len(got)} edges, ASE has {len(ref)}"
+    np.testing.assert_array_equal(got, ref)
+
+
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+def random_system(seed: int) -> tuple[Atoms, float]:
+    """A random triclinic cell (skewed, maybe left-handed, maybe smaller than the cutoff),
+    random pbc, positions partly outside the cell, then a random rigid motion."""
+    rng = np.random.default_rng(seed)
+    cell = np.diag(rng.uniform(1.5, 9.0, size=3)) + rng.uniform(-4.0, 4.0, size=(3, 3)) * np.tri(3, k=-1)
+    if rng.random() < 0.3:
+        cell[0] = -cell[0]  # left-handed
+    if abs(np.linalg.det(cell)) < 1.0:
+        cell += np.eye(3) * 2.0
+    n_atoms = int(rng.integers(1, 25))
+    frac = rng.uniform(-1.5, 2.5, size=(n_atoms, 3))
+    pbc = rng.random(3) < 0.5
+    rotation = random_rotation(rng)
+    translation = rng.normal(scale=5.0, size=3)
+    atoms = Atoms(
+        numbers=np.ones(n_atoms, dtype=int),
+        positions=frac @ cell @ rotation.T + translation,
+        cell=cell @ rotation.T,
+        pbc=pbc,
+    )
+    return atoms, float(rng.uniform(0.5, 7.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_radius_graph_matches_ase_on_random_triclinic_cells(backend, seed):
+    atoms, cutoff = random_system(seed)
+    assert_same_edges(atoms, cutoff, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pbc", [tuple(bool(int(b)) for b in f"{k:03b}") for k in range(8)])
+def test_radius_graph_matches_ase_for_every_pbc_combination_on_a_skewed_cell(backend, pbc):
+    rng = np.random.default_rng(7)
+    cell = np.array([[4.0, 0.0, 0.0], [3.5, 2.0, 0.0], [-1.5, 2.5, 3.0]])
+    atoms = Atoms("H20", positions=rng.uniform(-3, 9, size=(20, 3)), cell=cell, pbc=pbc)
+    assert_same_edges(atoms, 5.0, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("zero_cell", [True, False])
+def test_radius_graph_matches_ase_on_molecules_without_cell(backend, zero_cell):
+    atoms = molecule("C6H6")
+    if not zero_cell:
+        atoms.cell = np.diag([1.0, 1.0, 1.0])  # a too-small box must not matter when pbc is False
+    assert_same_edges(atoms, 3.0, backend)
+    edge_index, _ = neighbor_list(torch.tensor(atoms.positions), 3.0, backend=backend)  # cell=None
+    assert edge_index.shape[1] == len(ase_reference(atoms, 3.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("vacuum_vector", [(0.0, 0.0, 0.0), (0.0, 0.0, 25.0), (7.0, 1.0, 0.3)])
+def test_radius_graph_matches_ase_on_slabs_whatever_the_vacuum_vector(backend, vacuum_vector):
+    slab = fcc111("Cu", (3, 3, 3), vacuum=8.0)
+    slab.append("O")
+    slab.positions[-1] = slab.positions[-4] + [0.0, 0.0, 1.9]
+    cell = slab.cell.array.copy()
+    cell[2] = vacuum_vector
+    slab.set_cell(cell)
+    slab.pbc = (True, True, False)
+    assert_same_edges(slab, 6.0, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_radius_graph_matches_ase_on_cells_much_smaller_than_the_cutoff(backend):
+    atoms = bulk("Cu", "fcc", a=3.6)  # 1 atom, face spacing ~2 Å: several image shells
+    atoms.positions += 0.3
+    assert_same_edges(atoms, 7.5, backend)
+    thin = Atoms("H2", positions=[[0, 0, 0], [0.4, 0.3, 5.0]], cell=[[1.1, 0, 0], [0.6, 0.9, 0], [0, 0, 12.0]], pbc=True)
+    assert_same_edges(thin, 4.0, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_radius_graph_gives_shifts_for_unwrapped_positions(backend):
+    atoms = bulk("NaCl", "rocksalt", a=5.64).repeat((2, 2, 2))
+    atoms.positions[::3] += atoms.cell.array.sum(axis=0) * 2.7  # far outside the cell
+    atoms.positions[1::5] -= atoms.cell.array[1] * 3.0
+    assert_same_edges(atoms, 5.0, backend)
+
+
+def test_radius_graph_torch_cell_list_matches_ase_on_a_large_rattled_crystal():
+    # Above the brute-force size limit, so the torch cell list runs, with partial pbc.
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((7, 7, 7))
+    atoms.rattle(0.2, seed=3)
+    atoms.positions[:50] += [30.0, -12.0, 0.0]
+    atoms.pbc = (True, False, True)
+    assert len(atoms) > 1000
+    assert_same_edges(atoms, 4.5, "torch")
+
+
+def test_radius_graph_float32_differs_only_within_1e4_of_the_cutoff():
+    atoms, cutoff = random_system(11)
+    atoms.pbc = True
+    got = {tuple(r) for r in molden_rows(atoms, cutoff, "torch", dtype=torch.float32)}
+    ref = {tuple(r) for r in ase_reference(atoms, cutoff)}
+    for i, j, *shift in got ^ ref:
+        d = np.linalg.norm(atoms.positions[j] + np.array(shift) @ atoms.cell.array - atoms.positions[i])
+        assert abs(d - cutoff) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_radius_graph_equals_per_system_graphs_with_offsets(backend):
+    systems = [molecule("CH4"), bulk("Si", "diamond", a=5.43), fcc111("Pt", (2, 2, 3), vacuum=6.0), molecule("H2O")]
+    systems[1].positions += 9.0  # unwrapped
+    positions = torch.tensor(np.concatenate([a.positions for a in systems]))
+    cell = torch.tensor(np.stack([a.cell.array for a in systems]))
+    pbc = torch.tensor(np.stack([a.pbc for a in systems]))
+    batch = torch.tensor(np.repeat(np.arange(len(systems)), [len(a) for a in systems]))
+    edge_index, shifts = neighbor_list(positions, 4.0, cell=cell, pbc=pbc, batch=batch, backend=backend)
+    expected, offset = [], 0
+    for atoms in systems:
+        rows = ase_reference(atoms, 4.0)
+        rows[:, :2] += offset
+        expected.append(rows)
+        offset += len(atoms)
+    np.testing.assert_array_equal(np.column_stack([edge_index.T.numpy(), shifts.numpy()]), np.concatenate(expected))
+
+
+def ase_truncated(atoms: Atoms, cutoff: float, k: int) -> set[tuple]:
+    i, j, shifts, d = ase_neighbor_list("ijSd", atoms, cutoff)
+    kept = set()
+    for centre in np.unique(i):
+        sel = np.nonzero(i == centre)[0]
+        kth = np.sort(d[sel])[min(k, len(sel)) - 1]
+        kept |= {(i[e], j[e], *shifts[e]) for e in sel if d[e] <= kth + 1e-6}
+    return kept
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_max_num_neighbors_keeps_the_k_nearest_and_every_tie(backend):
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))  # 12 tied nearest neighbours
+    atoms.positions[0] += [0.05, 0.0, 0.0]
+    for k in (4, 12, 13, 100):
+        got = {tuple(r) for r in molden_rows(atoms, 5.0, backend, max_num_neighbors=k)}
+        assert got == ase_truncated(atoms, 5.0, k)
+
+
+def test_max_num_neighbors_does_not_depend_on_atom_order():
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+    atoms.rattle(0.01, seed=1)
+    perm = np.random.default_rng(0).permutation(len(atoms))
+    base = {tuple(r) for r in molden_rows(atoms, 5.0, max_num_neighbors=8)}
+    permuted = molden_rows(atoms[perm], 5.0, max_num_neighbors=8)
+    permuted[:, :2] = perm[permuted[:, :2]]
+    assert {tuple(r) for r in permuted} == base
+
+
+def test_nearest_neighbors_mask_reports_how_many_edges_were_dropped():
+    centers = torch.tensor([0, 0, 0, 0, 1, 1])
+    distances = torch.tensor([1.0, 2.0, 2.0 + 5e-7, 3.0, 1.0, 4.0], dtype=torch.float64)
+    mask = nearest_neighbors_mask(centers, distances, 2, num_nodes=2)
+    assert mask.tolist() == [True, True, True, False, True, True]
+    assert int((~mask).sum()) == 1
+
+
+def test_radius_graph_distances_are_differentiable_in_positions_and_cell():
+    atoms = bulk("Si", "diamond", a=5.43)
+    atoms.rattle(0.05, seed=2)
+    positions = torch.tensor(atoms.positions, requires_grad=True)
+    cell = torch.tensor(atoms.cell.array, requires_grad=True)
+    edge_index, _ = radius_graph(positions, 3.0, cell=cell, pbc=torch.tensor([True] * 3))
+
+    def lengths(pos, cel):
+        _, shift = radius_graph(pos, 3.0, cell=cel, pbc=torch.tensor([True] * 3))
+        return (pos[edge_index[1]] + shift - pos[edge_index[0]]).norm(dim=-1)
+
+    assert torch.autograd.gradcheck(lengths, (positions, cell))
+    _, unit_shifts = neighbor_list(positions, 3.0, cell=cell, pbc=torch.tensor([True] * 3))
+    batch = torch.zeros(len(positions), dtype=torch.long)
+    direct = edge_lengths(positions, cell[None], batch, edge_index[0], edge_index[1], unit_shifts)
+    torch.testing.assert_close(lengths(positions, cell), direct)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("cell", "pbc"),
+    [
+        (np.zeros((3, 3)), (True, False, False)),
+        (np.diag([3.0, 3.0, 0.0]), (True, True, True)),
+        (np.array([[2.0, 0, 0], [4.0, 0, 0], [0, 0, 3.0]]), (True, True, False)),
+    ],
+)
+def test_degenerate_periodic_cell_raises_molden_input_error(backend, cell, pbc):
+    atoms = Atoms("H2", positions=[[0, 0, 0], [1, 0, 0]], cell=cell, pbc=pbc)
+    with pytest.raises(MoldenInputError, match="degenerate"):
+        molden_rows(atoms, 3.0, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_regression_vacuum_vector_nearly_parallel_to_a_periodic_axis_is_ignored(backend):
+    # A non-periodic vector is not part of the lattice: a tilted one must neither change pairs
+    # nor shrink the face spacing of the periodic axes (which would explode the image shells).
+    atoms = Atoms("H3", positions=[[0, 0, 0], [1.2, 0.4, 0.3], [2.0, 2.0, 4.0]],
+                  cell=[[3.0, 0, 0], [0, 3.0, 0], [3.0, 0.001, 0.001]], pbc=(True, True, False))
+    assert_same_edges(atoms, 4.0, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_regression_single_atom_systems_have_only_periodic_self_images(backend):
+    assert_same_edges(Atoms("H", positions=[[0.0, 0.0, 0.0]]), 3.0, backend)
+    assert_same_edges(Atoms("H", positions=[[0.0, 0.0, 0.0]], cell=np.eye(3) * 2.5, pbc=True), 3.0, backend)
