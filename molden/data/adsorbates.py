@@ -1,10 +1,10 @@
-"""Adsorbates made of H, C, N and O for the EMT catalysis data, and their gas-phase references.
+"""H/C/N/O adsorbates for the EMT catalysis data: geometry, placement, references, anomalies.
 
 Geometries are ASE's G2 gas-phase molecules (`ase.build.molecule`), turned so that the binding
 atom sits at the origin and the rest of the molecule points up (+z), as OC20 places its
-adsorbates binding-atom-down (Chanussot et al. 2021, §3.1).
+adsorbates binding-atom-down (Chanussot et al. 2021).
 
-Adsorption energies follow OC20's gas-phase references (Chanussot et al. 2021, §3.2):
+Adsorption energies follow OC20's gas-phase references (Chanussot et al. 2021):
 
     E_H = ½ E(H2),  E_O = E(H2O) − E(H2),  E_N = ½ E(N2),  E_C = E(CO) − E(H2O) + E(H2),
 
@@ -20,9 +20,14 @@ import numpy as np
 from ase import Atoms
 from ase.build import molecule
 from ase.calculators.emt import EMT
+from ase.data import covalent_radii
+from ase.geometry import get_distances
 from ase.optimize import LBFGS
 
+from molden.data.structure import TAG_ADSORBATE
+
 ADSORBATE_ELEMENTS: frozenset[str] = frozenset({"H", "C", "N", "O"})
+MAX_TILT_DEG = 30.0  # OC20 places adsorbates upright with a small random tilt
 
 # OC20-style name (the bound species, binding atom first) -> (G2 molecule, binding element).
 ADSORBATES: dict[str, tuple[str, str]] = {
@@ -105,3 +110,58 @@ def reference_energy(symbols: list[str]) -> float:
     """Σ of the gas-phase references of the given adsorbate atoms, eV."""
     refs = gas_reference_energies()
     return float(sum(refs[s] for s in symbols))
+
+
+def place_adsorbate(slab: Atoms, name: str, rng: np.random.Generator) -> Atoms:
+    """Slab + adsorbate (tag 2) at a random site, bond length and orientation."""
+    ads = adsorbate_atoms(name)
+    angle, tilt = rng.uniform(0, 2 * np.pi), np.radians(rng.uniform(0, MAX_TILT_DEG))
+    axis_angle = rng.uniform(0, 2 * np.pi)
+    ads.rotate(np.degrees(tilt), (np.cos(axis_angle), np.sin(axis_angle), 0.0))
+    ads.rotate(np.degrees(angle), "z")
+    bond = (covalent_radii[slab.numbers[0]] + covalent_radii[ads.numbers[0]]) * rng.uniform(0.95, 1.15)
+    site = rng.uniform(0, 1, 2) @ slab.cell.array[:2, :2]
+    # Lateral distances to every slab atom over the 3×3 periodic images in the surface plane.
+    shifts = np.array([(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)]) @ slab.cell.array[:2, :2]
+    lateral = np.linalg.norm(slab.positions[None, :, :2] + shifts[:, None] - site, axis=-1).min(axis=0)
+    near = lateral < bond + 1.0
+    # Sit `bond` away from the closest slab atom; over a wide hollow, at least 0.7 Å above its rim.
+    rise = np.sqrt(np.maximum(bond**2 - lateral[near] ** 2, 0.7**2))
+    height = float((slab.positions[near, 2] + rise).max()) if near.any() else slab.positions[:, 2].max() + bond
+    ads.positions += np.array([site[0], site[1], height])
+    ads.set_tags(TAG_ADSORBATE)
+    return slab + ads
+
+
+def relaxation_anomaly(initial: Atoms, final_positions: np.ndarray, energy_change_ev: float,
+                       final_forces: np.ndarray, top_layer: np.ndarray) -> str | None:
+    """Why a relaxation of `initial` (slab first, then the tag-2 adsorbate) must be rejected.
+
+    Returns "non-finite", "energy rose", "surface reconstructed" (a slab atom moved > 1 Å),
+    "dissociated" (an initial adsorbate bond, d < 1.25 × covalent sum, grew past that), "desorbed"
+    (no adsorbate atom within 1.5 × covalent sum of a slab atom), "intercalated" (an adsorbate
+    atom below the lowest atom of the slab's `top_layer` mask), or None if sound. After OC20's
+    checks (fairchem `DetectTrajAnomaly`: desorption at 1.5 × covalent sums as here; bonds at
+    1.0 ×, loosened to 1.25 × here because EMT's X–H and C–O bond lengths drift from G2's).
+    """
+    n_slab = int((initial.get_tags() != TAG_ADSORBATE).sum())
+    pos0, pos1 = initial.positions, final_positions
+    if not (np.isfinite(pos1).all() and np.isfinite(final_forces).all() and np.isfinite(energy_change_ev)):
+        return "non-finite"
+    if energy_change_ev > 1e-6:
+        return "energy rose"
+    if np.linalg.norm(pos1[:n_slab] - pos0[:n_slab], axis=1).max() > 1.0:
+        return "surface reconstructed"
+    cell, pbc = initial.cell, initial.pbc
+    radii = covalent_radii[initial.numbers]
+    ads0, ads1, r_ads = pos0[n_slab:], pos1[n_slab:], radii[n_slab:]
+    bond_limit = 1.25 * (r_ads[:, None] + r_ads[None, :])
+    bonded = np.triu(get_distances(ads0, cell=cell, pbc=pbc)[1] < bond_limit, k=1)
+    if (get_distances(ads1, cell=cell, pbc=pbc)[1][bonded] > bond_limit[bonded]).any():
+        return "dissociated"
+    to_slab = get_distances(ads1, pos1[:n_slab], cell=cell, pbc=pbc)[1]
+    if (to_slab > 1.5 * (r_ads[:, None] + radii[None, :n_slab])).all():
+        return "desorbed"
+    if ads1[:, 2].min() < pos1[:n_slab][top_layer, 2].min():
+        return "intercalated"
+    return None

@@ -62,9 +62,9 @@ class Column:
     chunk_rows: int = 16384
 
 
-STRUCTURE_CHUNK = 4096
-ATOM_CHUNK = 65536
-EDGE_CHUNK = 262144
+STRUCTURE_CHUNK = 1024
+ATOM_CHUNK = 8192
+EDGE_CHUNK = 32768
 
 # Always present.
 REQUIRED = (

@@ -8,6 +8,7 @@ itself, in numpy, so the two backends cannot disagree on the edge set.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -31,6 +32,11 @@ def vesin_available() -> bool:
     return _vesin is not None
 
 
+@functools.lru_cache(maxsize=4)
+def _vesin_calculator(search_cutoff: float):
+    return _vesin.NeighborList(cutoff=search_cutoff, full_list=True)
+
+
 def vesin_pairs(
     positions: torch.Tensor,
     cell: torch.Tensor,
@@ -46,14 +52,19 @@ def vesin_pairs(
     Everything after vesin stays in numpy: on 2 cores per-call torch overhead cost more than
     vesin itself on OC20-sized slabs. Pairs vesin finds within `band` Å of the cutoff are
     re-tested in ASE's arithmetic (`exact_lengths_numpy`), as the torch path does.
-    Returns (edge_index [2, E] long, unit_shifts [E, 3] int32), sorted by (i, j, S).
+    Returns (edge_index [2, E] long, unit_shifts [E, 3] int32), grouped by system, in vesin's
+    order within a system.
     """
     pos = positions.numpy()
     pos64 = pos.astype(np.float64, copy=False)
     cells = full_cell.to(torch.float64).numpy()
     user_cells = cell.numpy()
     flags = pbc.numpy()
-    calculator = _vesin.NeighborList(cutoff=cutoff + band, full_list=True)
+    # Unsorted: vesin's own sort (sorted=True) costs more than its whole search on large
+    # systems; callers that need edges grouped by centre sort once (structure_graphs does).
+    # Rounded up to a 1e-6 Å grid so that repeated calls reuse one calculator: vesin keeps its
+    # buffers between calls, and a fresh one costs about half a search on large systems.
+    calculator = _vesin_calculator(math.ceil((cutoff + band) * 1e6) / 1e6)
     parts = []
     for b in range(len(offsets) - 1):
         lo, hi = offsets[b], offsets[b + 1]
@@ -63,37 +74,23 @@ def vesin_pairs(
         if not len(i):
             continue
         i, j = i.view(np.int64), j.view(np.int64)  # uint64 indices, far below 2**63
-        unsure = np.nonzero(dist >= cutoff - band)[0]
+        unsure = np.flatnonzero(dist >= cutoff - band)
         if len(unsure):
-            keep = np.ones(len(i), dtype=bool)
             local = pos[lo:hi]
             vectors = (local[j[unsure]] - local[i[unsure]]) + shifts[unsure].astype(local.dtype) @ user_cells[b]
-            keep[unsure] = np.sqrt((vectors * vectors).sum(axis=1)) < cutoff
-            i, j, shifts = i[keep], j[keep], shifts[keep]
-            if not len(i):
-                continue
-        order = _lexicographic_order(i, j, shifts, hi - lo)
-        edges = np.stack([i[order], j[order]])
+            outside = unsure[np.sqrt((vectors * vectors).sum(axis=1)) >= cutoff]
+            if len(outside):
+                keep = np.ones(len(i), dtype=bool)
+                keep[outside] = False
+                i, j, shifts = i[keep], j[keep], shifts[keep]
+        edges = np.stack([i, j])
         if lo:
             edges += lo
-        parts.append((edges, shifts[order]))
+        parts.append((edges, shifts.astype(np.int32, copy=False)))
     if not parts:
         return torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, 3, dtype=torch.int32)
     edges, shifts = parts[0] if len(parts) == 1 else (np.concatenate(x, axis=k) for x, k in zip(zip(*parts), (1, 0)))
     return torch.from_numpy(edges), torch.from_numpy(shifts)
-
-
-def _lexicographic_order(i: np.ndarray, j: np.ndarray, shifts: np.ndarray, n_atoms: int) -> np.ndarray:
-    """Permutation sorting pairs by (i, j, S); one packed integer key when it fits in int64."""
-    columns = [shifts[:, k].astype(np.int64) for k in range(3)]
-    low = [int(c.min()) for c in columns]
-    span = [int(c.max()) - lo + 1 for c, lo in zip(columns, low)]
-    n_codes = span[0] * span[1] * span[2]
-    code = ((columns[0] - low[0]) * span[1] + columns[1] - low[1]) * span[2] + columns[2] - low[2]
-    if n_atoms * n_atoms * n_codes < 2**62:
-        # numpy's timsort exploits the runs vesin already produces; torch's sort does not.
-        return np.argsort((i * n_atoms + j) * n_codes + code, kind="stable")
-    return np.lexsort((code, j, i))
 
 
 def torch_cell_list_candidates(

@@ -5,8 +5,10 @@ The result is ASE's `neighbor_list("ijS", atoms, cutoff)` edge for edge: strict
 cutoff), partial periodicity, unwrapped positions, no self edge with zero shift but self edges
 to periodic images. Non-periodic axes are never wrapped and their cell vectors are ignored.
 
-Edge order (all backends): sorted by centre i, then neighbour j, then unit shift S
-lexicographically; batched systems therefore come one after another.
+Edge order: batched systems come one after another. Within a system the torch backend sorts
+by (i, j, S); the vesin backend keeps vesin's order (deterministic, nearly grouped by i),
+because sorting 2.5 M pairs would cost a third of the search. Sort when an order matters
+(the cache stores edges sorted by i).
 
 Backends: on CPU tensors with vesin installed, vesin's C++ cell list proposes the pairs of
 every system (it beat every torch CPU variant we tried, BENCHMARKS.md). Otherwise, and on CUDA,
@@ -55,7 +57,8 @@ def neighbor_list(
         backend: "auto" (vesin for CPU tensors when installed, else torch) or "torch".
     Returns:
         edge_index [2, E] long (i, j) with atom indices absolute across the batch, and
-        unit_shifts [E, 3] int32 (as the cache stores them), sorted by (i, j, S).
+        unit_shifts [E, 3] int32 (as the cache stores them); systems one after another,
+        the order within a system depends on the backend (module docstring).
     """
     positions = positions.detach()
     device, dtype = positions.device, positions.dtype
