@@ -221,3 +221,15 @@ def test_missing_key_in_extxyz_is_named(trajs, tmp_path, key):
     expected = rf"record 5\.extxyz frame 0 \(random5 frame0\): missing required key '{key}'"
     with pytest.raises(MoldenInputError, match=expected):
         list(read_oc20(tmp_path / "5.extxyz"))
+
+
+@pytest.mark.parametrize("tags, message", [(0, "all atoms are tagged 0"), (3, "tags must be 0, 1 or 2")])
+def test_lost_or_foreign_tags_are_caught_at_preprocess_time(trajs, tmp_path, tags, message):
+    atoms = ase.io.read(trajs / "random10.traj", 0)
+    results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(apply_constraint=False)}
+    atoms.set_tags(np.full(len(atoms), tags))
+    atoms.calc = SinglePointCalculator(atoms, **results)
+    ase.io.write(tmp_path / "6.extxyz", [atoms], format="extxyz")
+    (tmp_path / "6.txt").write_text("random6,frame0,-1.0\n")
+    with pytest.raises(MoldenInputError, match=message):
+        list(read_oc20(tmp_path / "6.extxyz"))

@@ -25,6 +25,7 @@ from typing import Literal, TextIO
 import ase.io
 from ase import Atoms
 from ase.io.trajectory import Trajectory
+import numpy as np
 
 from molden.data.ase_convert import structure_from_atoms
 from molden.data.structure import Structure
@@ -53,6 +54,12 @@ def _structure(atoms: Atoms, where: Path, record: str, **fields) -> Structure:
     for key in ("tags", "energy", "forces"):
         if getattr(structure, key) is None:
             raise MoldenInputError(where, f"missing required key {key!r}", record)
+    tags = structure.tags
+    if not np.isin(tags, (0, 1, 2)).all():
+        raise MoldenInputError(where, f"tags must be 0, 1 or 2 (OC20), found {sorted(set(tags.tolist()))}", record)
+    if not (tags > 0).any():
+        # OC20 always tags surface (1) and adsorbate (2) atoms; all zeros means the tags were lost.
+        raise MoldenInputError(where, "all atoms are tagged 0: surface and adsorbate tags are missing", record)
     structure.validate(where, record)
     return structure
 
