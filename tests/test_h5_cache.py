@@ -142,3 +142,13 @@ def test_max_neighbors_drops_edges_and_reports_them(mixed_extxyz, tmp_path):
     assert limited.n_edges + limited.edges_dropped_by_max_neighbors == full.n_edges
     assert limited.edges_dropped_by_max_neighbors > 0
     assert H5Dataset(out).statistics()["edges_dropped_by_max_neighbors"] == limited.edges_dropped_by_max_neighbors
+
+
+def test_atoms_without_neighbours_are_counted_and_reported(tmp_path):
+    src = tmp_path / "far.extxyz"
+    src.write_text('2\nProperties=species:S:1:pos:R:3 pbc="F F F"\nH 0 0 0\nH 0 0 20\n'
+                   '2\nProperties=species:S:1:pos:R:3 pbc="F F F"\nH 0 0 0\nH 0 0 0.74\n')
+    summary = run_preprocess(_config(src, tmp_path / "c.h5"))
+    assert summary.isolated_atoms == 2
+    assert summary.structures_with_isolated_atoms == ["far frame 0"]
+    assert H5Dataset(tmp_path / "c.h5").statistics()["isolated_atoms"] == 2

@@ -119,8 +119,9 @@ def _blocks(structures: Iterable[Structure]) -> Iterator[list[Structure]]:
 
 @contextmanager
 def _torch_threads(n: int):
+    # Only raise the thread count: workers=1 (the default) keeps torch's own choice.
     before = torch.get_num_threads()
-    torch.set_num_threads(max(n, before) if n > 1 else before)
+    torch.set_num_threads(max(n, before))
     try:
         yield
     finally:
