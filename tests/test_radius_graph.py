@@ -179,6 +179,46 @@ def test_batched_radius_graph_equals_per_system_graphs_with_offsets(backend):
     np.testing.assert_array_equal(lexsorted(got), np.concatenate(expected))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batch_of_overlapping_molecules_and_slabs_equals_per_system_graphs(backend, dtype):
+    # Molecules share coordinates (the vesin backend must move them apart to search them in one
+    # call), runs of molecules alternate with periodic slabs, one system is a single atom and
+    # one system index has no atoms at all.
+    rng = np.random.default_rng(4)
+    pool = [molecule(name) for name in ("CH4", "H2O", "C6H6", "CH3OH", "NH3")]
+    systems = []
+    for k in range(30):
+        atoms = pool[k % len(pool)].copy()
+        atoms.rotate(float(rng.uniform(0, 360)), tuple(rng.normal(size=3)), center="COP")
+        systems.append(atoms)
+        if k % 7 == 3:
+            slab = fcc111("Pt", (2, 2, 3), vacuum=6.0)
+            slab.rattle(0.05, seed=k)
+            systems.append(slab)
+    systems.insert(5, Atoms("H", positions=[[0.1, 0.2, 0.3]]))
+    index = np.repeat(np.arange(len(systems)), [len(a) for a in systems])
+    index[index >= 9] += 1  # system 9 is empty
+    cells = [a.cell.array for a in systems]
+    cells.insert(9, np.zeros((3, 3)))
+    pbcs = [a.pbc for a in systems]
+    pbcs.insert(9, np.zeros(3, dtype=bool))
+    edge_index, shifts = neighbor_list(
+        torch.tensor(np.concatenate([a.positions for a in systems]), dtype=dtype), 3.5,
+        cell=torch.tensor(np.stack(cells), dtype=dtype), pbc=torch.tensor(np.stack(pbcs)),
+        batch=torch.tensor(index), backend=backend,
+    )
+    got = np.column_stack([edge_index.T.numpy(), shifts.numpy()])
+    assert (np.diff(index[got[:, 0]]) >= 0).all()  # systems one after another
+    expected, offset = [], 0
+    for atoms in systems:
+        rows = ase_reference(atoms, 3.5)
+        rows[:, :2] += offset
+        expected.append(rows)
+        offset += len(atoms)
+    np.testing.assert_array_equal(lexsorted(got), lexsorted(np.concatenate(expected)))
+
+
 def ase_truncated(atoms: Atoms, cutoff: float, k: int) -> set[tuple]:
     i, j, shifts, d = ase_neighbor_list("ijSd", atoms, cutoff)
     kept = set()

@@ -1,8 +1,9 @@
 """Radius-graph benchmark: molden against the peers of PEERS.md on the same systems.
 
 Run as `python -m molden.bench.radius_graph --out bench.json`. Each case first checks that
-molden and every peer find the same number of edges, then times each after a warm-up as the
-median of repeats. ratio = peer time / molden time (> 1 means molden is faster).
+molden and every peer find the same number of edges, then times molden and the peer
+alternately, repeat by repeat (so that drifting machine load hits both alike), after a
+warm-up, as medians. ratio = peer time / molden time (> 1 means molden is faster).
 """
 
 from __future__ import annotations
@@ -67,14 +68,17 @@ def benchmark_cases(quick: bool = False) -> list[Case]:
     ]
 
 
-def _median_ms(run: Callable[[], object], repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def _interleaved_ms(runs: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Median ms of each run, timed alternately within every repeat, after one warm-up each."""
+    for run in runs:
         run()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, bucket in zip(runs, times):
+            start = time.perf_counter()
+            run()
+            bucket.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(t) for t in times]
 
 
 def _molden_runner(case: Case, device: str) -> Callable[[], int]:
@@ -141,7 +145,6 @@ def run_radius_graph_benchmark(device: str = "cpu", repeats: int = 7, quick: boo
         n_atoms = sum(len(a) for a in case.systems)
         molden_run = _molden_runner(case, device)
         n_edges = molden_run()
-        molden_ms = _median_ms(molden_run, repeats)
         base = {
             "case": case.name,
             "n_systems": len(case.systems),
@@ -149,18 +152,19 @@ def run_radius_graph_benchmark(device: str = "cpu", repeats: int = 7, quick: boo
             "cutoff_angstrom": case.cutoff,
             "n_edges": n_edges,
             "molden_path": backend_for(device),
-            "molden_ms": molden_ms,
         }
         for peer, runner in _peer_runners(case, device).items():
             if isinstance(runner, str):
-                rows.append({**base, "peer": peer, "peer_ms": None, "ratio": None, "agree": None, "note": runner})
+                rows.append({**base, "molden_ms": None, "peer": peer, "peer_ms": None, "ratio": None, "agree": None, "note": runner})
                 continue
             # ASE is pure numpy: one repeat on large systems keeps the run short.
             peer_repeats = 1 if peer == "ase" and n_atoms > 5_000 else repeats
             agree = runner() == n_edges
-            peer_ms = _median_ms(runner, peer_repeats)
+            molden_ms, peer_ms = _interleaved_ms([molden_run, runner], peer_repeats)
             note = "1 repeat" if peer_repeats == 1 else ""
-            rows.append({**base, "peer": peer, "peer_ms": peer_ms, "ratio": peer_ms / molden_ms, "agree": agree, "note": note})
+            rows.append(
+                {**base, "molden_ms": molden_ms, "peer": peer, "peer_ms": peer_ms, "ratio": peer_ms / molden_ms, "agree": agree, "note": note}
+            )
     return rows
 
 
@@ -189,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         table.add_column(column)
     for r in rows:
         table.add_row(
-            r["case"], f"{r['cutoff_angstrom']:g}", str(r["n_edges"]), r["molden_path"], f"{r['molden_ms']:.3f}",
+            r["case"], f"{r['cutoff_angstrom']:g}", str(r["n_edges"]), r["molden_path"],
+            "-" if r["molden_ms"] is None else f"{r['molden_ms']:.3f}",
             r["peer"], "-" if r["peer_ms"] is None else f"{r['peer_ms']:.3f}",
             r["note"] if r["ratio"] is None else f"{r['ratio']:.2f}", "-" if r["agree"] is None else str(r["agree"]),
         )

@@ -1,17 +1,13 @@
-"""Pairs for large systems: a vectorised torch cell list, and vesin's C++ one on the CPU.
+"""Candidate pairs for large systems from a vectorised, device-agnostic torch cell list.
 
-The torch cell list works on wrapped positions with the completed cell. It returns a superset
-of the true pairs, searched at a slightly larger cutoff, as (i, j, wrapped shift, approximate
-distance), and `radius_graph` applies the exact test. `vesin_pairs` applies the same exact test
-itself, in numpy, so the two backends cannot disagree on the edge set.
+It works on wrapped positions with the completed cell and returns a superset of the true
+pairs, searched at a slightly larger cutoff, as (i, j, wrapped shift, approximate distance);
+`radius_graph` applies the exact test.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-
-import numpy as np
 
 import torch
 
@@ -20,78 +16,6 @@ from molden.graph.periodic import face_spacings, image_offsets
 # Candidate slots evaluated at once (centres x 27 bins x max occupancy): bounds memory to
 # a few tens of MB whatever the system size.
 _CANDIDATE_BUDGET = 2_000_000
-
-try:  # vesin is optional: the fastest CPU cell list known (PEERS.md); torch is the fallback.
-    import vesin as _vesin
-except ImportError:  # pragma: no cover - exercised only where vesin is missing
-    _vesin = None
-
-
-def vesin_available() -> bool:
-    """True when the vesin CPU backend can be used."""
-    return _vesin is not None
-
-
-@functools.lru_cache(maxsize=4)
-def _vesin_calculator(search_cutoff: float):
-    return _vesin.NeighborList(cutoff=search_cutoff, full_list=True)
-
-
-def vesin_pairs(
-    positions: torch.Tensor,
-    cell: torch.Tensor,
-    full_cell: torch.Tensor,
-    pbc: torch.Tensor,
-    offsets: list[int],
-    cutoff: float,
-    band: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final edges of every system from vesin's C++ cell list (CPU), exact-tested and sorted.
-
-    vesin takes unwrapped positions and returns shifts for them, so no wrapping is needed.
-    Everything after vesin stays in numpy: on 2 cores per-call torch overhead cost more than
-    vesin itself on OC20-sized slabs. Pairs vesin finds within `band` Å of the cutoff are
-    re-tested in ASE's arithmetic (`exact_lengths_numpy`), as the torch path does.
-    Returns (edge_index [2, E] long, unit_shifts [E, 3] int32), grouped by system, in vesin's
-    order within a system.
-    """
-    pos = positions.numpy()
-    pos64 = pos.astype(np.float64, copy=False)
-    cells = full_cell.to(torch.float64).numpy()
-    user_cells = cell.numpy()
-    flags = pbc.numpy()
-    # Unsorted: vesin's own sort (sorted=True) costs more than its whole search on large
-    # systems; callers that need edges grouped by centre sort once (structure_graphs does).
-    # Rounded up to a 1e-6 Å grid so that repeated calls reuse one calculator: vesin keeps its
-    # buffers between calls, and a fresh one costs about half a search on large systems.
-    calculator = _vesin_calculator(math.ceil((cutoff + band) * 1e6) / 1e6)
-    parts = []
-    for b in range(len(offsets) - 1):
-        lo, hi = offsets[b], offsets[b + 1]
-        if hi == lo or (hi - lo < 2 and not flags[b].any()):
-            continue
-        i, j, shifts, dist = calculator.compute(pos64[lo:hi], cells[b], flags[b], "ijSd")
-        if not len(i):
-            continue
-        i, j = i.view(np.int64), j.view(np.int64)  # uint64 indices, far below 2**63
-        unsure = np.flatnonzero(dist >= cutoff - band)
-        if len(unsure):
-            local = pos[lo:hi]
-            vectors = (local[j[unsure]] - local[i[unsure]]) + shifts[unsure].astype(local.dtype) @ user_cells[b]
-            outside = unsure[np.sqrt((vectors * vectors).sum(axis=1)) >= cutoff]
-            if len(outside):
-                keep = np.ones(len(i), dtype=bool)
-                keep[outside] = False
-                i, j, shifts = i[keep], j[keep], shifts[keep]
-        edges = np.stack([i, j])
-        if lo:
-            edges += lo
-        parts.append((edges, shifts.astype(np.int32, copy=False)))
-    if not parts:
-        return torch.zeros(2, 0, dtype=torch.long), torch.zeros(0, 3, dtype=torch.int32)
-    edges, shifts = parts[0] if len(parts) == 1 else (np.concatenate(x, axis=k) for x, k in zip(zip(*parts), (1, 0)))
-    return torch.from_numpy(edges), torch.from_numpy(shifts)
-
 
 def torch_cell_list_candidates(
     wrapped: torch.Tensor,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import torch
 
 from molden.errors import MoldenInputError
@@ -17,38 +18,51 @@ from molden.errors import MoldenInputError
 _DEGENERATE_RATIO = 1e-8
 
 
-def complete_cell(cell: torch.Tensor, pbc: torch.Tensor) -> torch.Tensor:
+def complete_cells(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
     """Replace the rows of non-periodic axes by unit vectors orthogonal to the periodic rows.
 
     The user's vector along a non-periodic axis never changes pairs (S is zero along it), so
     it is ignored: a zero, tiny or tilted vacuum vector gives the same result. Orthogonal
     completion also keeps the face spacing of the periodic axes as large as possible.
+    Cells are a few numbers per system, so this runs in numpy for every device.
 
     Args:
         cell: [B, 3, 3] lattice vectors as rows, Å.
         pbc: [B, 3] bool.
     Returns:
-        [B, 3, 3] cell with the same periodic rows and orthonormal non-periodic rows.
+        [B, 3, 3] float64 cell with the same periodic rows and orthonormal non-periodic rows.
     """
-    work = cell.to(torch.float64)
+    work = cell.astype(np.float64)
     periodic_rows = work * pbc[..., None]
     # The null space of the periodic rows: eigenvectors of P^T P with zero eigenvalue come
     # first because eigh sorts eigenvalues in ascending order.
-    _, vectors = torch.linalg.eigh(periodic_rows.transpose(-1, -2) @ periodic_rows)
-    null_rows = vectors.transpose(-1, -2)  # [B, 3 (vector), 3 (xyz)]
-    rank = (torch.cumsum((~pbc).long(), dim=1) - 1).clamp(min=0)
-    filler = null_rows.gather(1, rank[..., None].expand(-1, 3, 3))
-    return torch.where(pbc[..., None], work, filler).to(cell.dtype)
+    _, vectors = np.linalg.eigh(np.swapaxes(periodic_rows, -1, -2) @ periodic_rows)
+    null_rows = np.swapaxes(vectors, -1, -2)  # [B, 3 (vector), 3 (xyz)]
+    rank = np.clip(np.cumsum(~pbc, axis=1) - 1, 0, None)
+    filler = np.take_along_axis(null_rows, np.repeat(rank[..., None], 3, axis=-1), axis=1)
+    return np.where(pbc[..., None], work, filler)
 
 
-def check_periodic_cells(cell: torch.Tensor, pbc: torch.Tensor, full_cell: torch.Tensor) -> None:
-    """Raise `MoldenInputError` for a periodic axis whose lattice vector is zero or degenerate."""
-    norms = torch.linalg.vector_norm(cell.to(torch.float64), dim=-1)
-    scale = torch.where(pbc, norms, torch.ones_like(norms)).prod(dim=-1)
-    volume = torch.linalg.det(full_cell.to(torch.float64)).abs()
-    bad = pbc.any(dim=-1) & ((pbc & (norms == 0)).any(dim=-1) | (volume <= _DEGENERATE_RATIO * scale))
-    if bool(bad.any()):
-        b = int(torch.nonzero(bad)[0, 0])
+def check_periodic_cells(cell: np.ndarray, pbc: np.ndarray) -> None:
+    """Raise `MoldenInputError` for a periodic axis whose lattice vector is zero or degenerate.
+
+    The volume spanned by the periodic rows (the square root of their Gram determinant, with
+    the non-periodic axes set to 1) is compared with the product of their lengths.
+    """
+    work = cell.astype(np.float64) * pbc[..., None]
+    norms = np.sqrt((work * work).sum(axis=-1))
+    g = work @ np.swapaxes(work, -1, -2) + np.eye(3) * ~pbc[:, None, :]
+    # The 3x3 determinant written out: np.linalg.det costs more than the rest of this check.
+    det = (
+        g[:, 0, 0] * (g[:, 1, 1] * g[:, 2, 2] - g[:, 1, 2] * g[:, 2, 1])
+        - g[:, 0, 1] * (g[:, 1, 0] * g[:, 2, 2] - g[:, 1, 2] * g[:, 2, 0])
+        + g[:, 0, 2] * (g[:, 1, 0] * g[:, 2, 1] - g[:, 1, 1] * g[:, 2, 0])
+    )
+    volume = np.sqrt(np.abs(det))
+    scale = np.where(pbc, norms, 1.0).prod(axis=-1)
+    bad = pbc.any(axis=-1) & ((pbc & (norms == 0)).any(axis=-1) | (volume <= _DEGENERATE_RATIO * scale))
+    if bad.any():
+        b = int(np.flatnonzero(bad)[0])
         raise MoldenInputError(
             "radius_graph",
             f"periodic cell is zero or degenerate (pbc={pbc[b].tolist()}, "

@@ -6,27 +6,28 @@ cutoff), partial periodicity, unwrapped positions, no self edge with zero shift 
 to periodic images. Non-periodic axes are never wrapped and their cell vectors are ignored.
 
 Edge order: batched systems come one after another. Within a system the torch backend sorts
-by (i, j, S); the vesin backend keeps vesin's order (deterministic, nearly grouped by i),
-because sorting 2.5 M pairs would cost a third of the search. Sort when an order matters
-(the cache stores edges sorted by i).
+by (i, j, S); the vesin backend gives vesin's half list then its mirror (deterministic), and
+sorts runs of molecules by centre. Sort when an order matters (the cache stores edges sorted
+by i).
 
-Backends: on CPU tensors with vesin installed, vesin's C++ cell list proposes the pairs of
-every system (it beat every torch CPU variant we tried, BENCHMARKS.md). Otherwise, and on CUDA,
-small systems are brute-forced over image shells, many at once, and large ones go to a
-vectorised torch cell list. Every backend proposes candidates at a slightly larger cutoff;
-then one exact test in ASE's arithmetic decides, `|pos[j] - pos[i] + S @ cell| < cutoff`,
-so the backends cannot disagree on edges.
+Backends: on CPU tensors with vesin installed, vesin's C++ cell list (`vesin_backend`; faster
+than vesin called system by system, BENCHMARKS.md). Otherwise, and on CUDA, small systems are
+brute-forced over image shells, many at once, and large ones go to a vectorised torch cell
+list (`cell_list`). Every backend searches slightly beyond the cutoff; then one exact test in
+ASE's order of operations decides the pairs near the cutoff, `|pos[j] - pos[i] + S @ cell| <
+cutoff`. Exactly at the cutoff (a perfect lattice whose shell distance equals the cutoff) ASE's
+own result depends on its BLAS, so edges there are not promised to match ASE.
 """
 
 from __future__ import annotations
 
-import itertools
-
+import numpy as np
 import torch
 
 from molden.errors import MoldenInputError
-from molden.graph import cell_list
-from molden.graph.periodic import check_periodic_cells, complete_cell, image_offsets, shell_counts, wrap_positions
+from molden.graph import cell_list, vesin_backend
+from molden.graph.periodic import complete_cells, image_offsets, shell_counts, wrap_positions
+from molden.graph.systems import SystemLayout, system_layout
 
 # Pair-images (atoms^2 x images) a brute-force group may hold at once: ~40 MB in float64.
 _BRUTE_FORCE_BUDGET = 500_000
@@ -64,33 +65,18 @@ def neighbor_list(
     device, dtype = positions.device, positions.dtype
     if not cutoff > 0:
         raise MoldenInputError("radius_graph", f"cutoff must be positive, got {cutoff}")
-    batch, counts, cell, pbc = _normalise_inputs(positions, cell, pbc, batch)
-    full_cell = complete_cell(cell, pbc)
-    check_periodic_cells(cell, pbc, full_cell)
-    # Candidates are searched slightly beyond the cutoff so that rounding (wrapping, another
-    # backend's arithmetic) can never lose a pair; the exact test below removes the extras.
-    scale = cutoff + float(positions.abs().max()) + float(cell.abs().sum(dim=(1, 2)).max()) if len(positions) else cutoff
-    band = 256 * torch.finfo(dtype).eps * scale
-    search = cutoff + band
-    offsets = [0, *itertools.accumulate(counts.tolist())]
+    layout = system_layout(positions, cell, pbc, batch)
     if backend_for(device, backend) == "vesin":
-        edge_index, shifts = cell_list.vesin_pairs(positions, cell, full_cell, pbc, offsets, cutoff, band)
-        i, j = edge_index
+        edges, unit_shifts = vesin_backend.vesin_neighbor_list(positions.numpy(), layout, cutoff)
+        edge_index, shifts = torch.from_numpy(edges), torch.from_numpy(unit_shifts)
     else:
-        i, j, shifts, approx = _torch_pairs(positions, batch, counts, offsets, full_cell, pbc, search)
-        # One exact test in ASE's arithmetic, only where the candidate distance is within the band.
-        keep = approx < cutoff - band
-        unsure = (~keep & (approx < search)).nonzero(as_tuple=True)[0]
-        if unsure.numel():
-            exact = edge_lengths(positions, cell, batch, i[unsure], j[unsure], shifts[unsure])
-            keep[unsure] = exact < cutoff
-        if not bool(keep.all()):
-            i, j, shifts = i[keep], j[keep], shifts[keep]
-        edge_index = torch.stack([i, j])
+        edge_index, shifts = _torch_neighbor_list(positions, layout, cutoff)
 
     if max_num_neighbors is not None:
-        lengths = edge_lengths(positions, cell, batch, i, j, shifts)
-        mask = nearest_neighbors_mask(i, lengths, max_num_neighbors, num_nodes=len(positions))
+        cells = torch.from_numpy(layout.cells).to(device)
+        batch = _batch_of(layout, device)
+        lengths = edge_lengths(positions, cells, batch, edge_index[0], edge_index[1], shifts)
+        mask = nearest_neighbors_mask(edge_index[0], lengths, max_num_neighbors, num_nodes=len(positions))
         edge_index, shifts = edge_index[:, mask], shifts[mask]
     return edge_index, shifts
 
@@ -124,7 +110,7 @@ def backend_for(device: torch.device | str, backend: str = "auto") -> str:
     if backend not in ("auto", "torch"):
         raise MoldenInputError("radius_graph", f"backend must be 'auto' or 'torch', got {backend!r}")
     on_cpu = torch.device(device).type == "cpu"
-    return "vesin" if backend == "auto" and on_cpu and cell_list.vesin_available() else "torch"
+    return "vesin" if backend == "auto" and on_cpu and vesin_backend.vesin_available() else "torch"
 
 
 def edge_lengths(
@@ -167,26 +153,36 @@ def nearest_neighbors_mask(
     return distances <= kth[centers] + tie_tolerance
 
 
-def _normalise_inputs(positions, cell, pbc, batch):
-    """Broadcast cell and pbc to one per system and count atoms per system."""
+def _batch_of(layout: SystemLayout, device: torch.device) -> torch.Tensor:
+    """[N] long system index of every atom."""
+    counts = torch.from_numpy(layout.counts).to(device)
+    return torch.repeat_interleave(torch.arange(layout.n_systems, device=device), counts)
+
+
+def _torch_neighbor_list(positions: torch.Tensor, layout: SystemLayout, cutoff: float):
+    """(edge_index, unit_shifts) from the torch candidates and one exact test."""
     device, dtype = positions.device, positions.dtype
-    if positions.ndim != 2 or positions.shape[-1] != 3:
-        raise MoldenInputError("radius_graph", f"positions must be [N, 3], got {tuple(positions.shape)}")
-    if batch is None:
-        batch = torch.zeros(len(positions), dtype=torch.long, device=device)
-        n_systems = 1
-    else:
-        batch = batch.to(device=device, dtype=torch.long)
-        n_systems = int(batch.max()) + 1 if batch.numel() else 1
-        if batch.numel() > 1 and bool((batch[1:] < batch[:-1]).any()):
-            raise MoldenInputError("radius_graph", "batch must be sorted (atoms of a system contiguous)")
-    counts = torch.bincount(batch, minlength=n_systems)
-    cell = _cells_like(positions, cell, batch).detach().to(dtype)
-    if cell.shape[0] != n_systems:
-        raise MoldenInputError("radius_graph", f"{cell.shape[0]} cells for {n_systems} systems")
-    pbc = torch.zeros(3, dtype=torch.bool) if pbc is None else torch.as_tensor(pbc, dtype=torch.bool)
-    pbc = pbc.to(device).expand(n_systems, 3) if pbc.ndim == 1 else pbc.to(device)
-    return batch, counts, cell, pbc
+    cell = torch.from_numpy(layout.cells).to(device)
+    pbc = torch.from_numpy(layout.pbc).to(device)
+    full_cell = torch.from_numpy(complete_cells(layout.cells, layout.pbc)).to(device=device, dtype=dtype)
+    batch = _batch_of(layout, device)
+    counts = torch.from_numpy(layout.counts).to(device)
+    # Candidates are searched slightly beyond the cutoff so that rounding (wrapping, another
+    # backend's arithmetic) can never lose a pair; the exact test below removes the extras.
+    scale = cutoff + float(positions.abs().max()) + float(np.abs(layout.cells).sum(axis=(1, 2)).max()) if len(positions) else cutoff
+    band = 256 * torch.finfo(dtype).eps * scale
+    search = cutoff + band
+    offsets = layout.offsets.tolist()
+    i, j, shifts, approx = _torch_pairs(positions, batch, counts, offsets, full_cell, pbc, search)
+    # One exact test in ASE's arithmetic, only where the candidate distance is within the band.
+    keep = approx < cutoff - band
+    unsure = (~keep & (approx < search)).nonzero(as_tuple=True)[0]
+    if unsure.numel():
+        exact = edge_lengths(positions, cell, batch, i[unsure], j[unsure], shifts[unsure])
+        keep[unsure] = exact < cutoff
+    if not bool(keep.all()):
+        i, j, shifts = i[keep], j[keep], shifts[keep]
+    return torch.stack([i, j]), shifts
 
 
 def _cells_like(positions: torch.Tensor, cell: torch.Tensor | None, batch: torch.Tensor | None) -> torch.Tensor:

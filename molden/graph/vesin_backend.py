@@ -1,0 +1,166 @@
+"""Radius graphs on the CPU from vesin's C++ cell list, exact-tested as the torch backend.
+
+What makes this faster than calling vesin system by system (BENCHMARKS.md):
+- vesin computes a half list, mirrored here: half the distance tests and output writes;
+- every run of consecutive non-periodic systems (a batch of molecules) is one vesin call,
+  each molecule moved along x out of reach of the others;
+- systems below 1,000 atoms run single-threaded vesin, which they use better than vesin's
+  own threads (Python threads over the systems of a batch gained nothing: measured);
+- cells and bookkeeping stay in numpy: per-call torch overhead cost more than vesin's whole
+  search on OC20-sized slabs.
+vesin searches a rounding band beyond the cutoff; pairs within that band of the cutoff are
+re-tested in ASE's order of operations on the given positions,
+`|(pos[j] - pos[i]) + S @ cell| < cutoff`, as the torch backend does.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+
+from molden.graph.systems import SystemLayout
+
+try:  # the fastest CPU cell list known (PEERS.md); the torch backend is the fallback
+    import vesin as _vesin
+except ImportError:  # pragma: no cover - exercised only where vesin is missing
+    _vesin = None
+
+# Non-periodic systems searched in one vesin call are laid out along x this far apart beyond
+# the cutoff, so that no pair can join two of them.
+_MERGE_GAP_ANGSTROM = 1.0
+# A single system this large uses vesin's own threads; smaller ones run single-threaded.
+_VESIN_THREADS_MIN_ATOMS = 1_000
+
+_local = threading.local()
+
+
+def vesin_available() -> bool:
+    """True when the vesin CPU backend can be used."""
+    return _vesin is not None
+
+
+def vesin_neighbor_list(positions: np.ndarray, layout: SystemLayout, cutoff: float) -> tuple[np.ndarray, np.ndarray]:
+    """Edges of every system of the batch, as `neighbor_list` returns them.
+
+    Args:
+        positions: [N, 3] Å, float32 or float64 (the exact test runs in this dtype).
+        layout: the batch's systems (`system_layout`).
+        cutoff: Å, strict.
+    Returns:
+        (edge_index [2, E] int64, unit_shifts [E, 3] int32), systems in batch order; within a
+        periodic system vesin's half list then its mirror, within a run of molecules sorted by
+        centre atom.
+    """
+    offsets, counts, flags = layout.offsets, layout.counts, layout.pbc
+    periodic = flags.any(axis=1)
+    pos64 = positions.astype(np.float64, copy=False)
+    tasks = [
+        (lo, hi, None if periodic[lo] or hi - lo == 1 else _separated_x(pos64, offsets, counts, lo, hi, cutoff))
+        for lo, hi in _system_runs(periodic)
+    ]
+    # The band covers both roundings: the exact test's (in the positions' dtype) and vesin's
+    # (float64, on the moved coordinates of merged molecules).
+    scale = cutoff + float(np.abs(positions).max(initial=0.0)) + float(np.abs(layout.cells).sum(axis=(1, 2)).max(initial=0.0))
+    moved = max((float(np.abs(x).max(initial=0.0)) for _, _, x in tasks if x is not None), default=0.0)
+    band = 256 * (float(np.finfo(positions.dtype).eps) * scale + float(np.finfo(np.float64).eps) * (scale + moved))
+    # Rounded up to a 1e-6 Å grid so that repeated calls reuse one calculator: vesin keeps its
+    # buffers between calls, and a fresh one costs about half a search on large systems.
+    search = math.ceil((cutoff + band) * 1e6) / 1e6
+
+    parts = [
+        part
+        for lo, hi, moved_x in tasks
+        if (part := _search(positions, pos64, layout, lo, hi, moved_x, cutoff, band, search)) is not None
+    ]
+    if not parts:
+        return np.zeros((2, 0), dtype=np.int64), np.zeros((0, 3), dtype=np.int32)
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts])
+
+
+def _search(positions, pos64, layout, lo, hi, moved_x, cutoff, band, search):
+    """Edges of systems lo..hi-1 (one periodic system, or a run of non-periodic ones)."""
+    a, b = int(layout.offsets[lo]), int(layout.offsets[hi])
+    flags = layout.pbc[lo]
+    if b - a < 2 and not flags.any():
+        return None
+    if flags.any():
+        # Zeroed vacuum vectors: vesin would bin along a tilted one too.
+        box, points = layout.cells[lo].astype(np.float64) * flags[:, None], pos64[a:b]
+    else:
+        box = np.zeros((3, 3))
+        points = pos64[a:b] if moved_x is None else np.column_stack([moved_x, pos64[a:b, 1:]])
+    threads = 0 if b - a >= _VESIN_THREADS_MIN_ATOMS else 1  # 0: vesin's default, all cores
+    pairs, shifts, dist = _calculator(search, threads).compute(points, box, flags, "PSd", copy=False)
+    if not len(pairs):
+        return None
+    pairs = pairs.view(np.int64)  # uint64 indices, far below 2**63
+    unsure = np.flatnonzero(dist >= cutoff - band)
+    if len(unsure):
+        local = positions[a:b]
+        i, j = pairs[unsure, 0], pairs[unsure, 1]
+        vectors = (local[j] - local[i]) + shifts[unsure].astype(positions.dtype) @ layout.cells[lo]
+        outside = unsure[np.sqrt((vectors * vectors).sum(axis=1)) >= cutoff]
+        if len(outside):
+            keep = np.ones(len(pairs), dtype=bool)
+            keep[outside] = False
+            pairs, shifts = pairs[keep], shifts[keep]
+    edges, unit_shifts = _both_directions(pairs, shifts, a)
+    if moved_x is not None:  # molecules of a run come out interleaved: group them by centre
+        order = np.argsort(edges[0], kind="stable")
+        edges, unit_shifts = edges[:, order], unit_shifts[order]
+    return edges, unit_shifts
+
+
+def _both_directions(pairs: np.ndarray, shifts: np.ndarray, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """The full list from a half list: (i, j, S) then (j, i, -S), atom indices + offset.
+
+    The exact test is symmetric (the vector of (j, i, -S) is exactly the negated vector of
+    (i, j, S) in floating point), so testing the half list decides both directions.
+    Written once into fresh arrays: vesin's buffers are reused by its next call.
+    """
+    h = len(pairs)
+    edges = np.empty((2, 2 * h), dtype=np.int64)
+    np.add(pairs.T, offset, out=edges[:, :h])
+    np.add(pairs.T[::-1], offset, out=edges[:, h:])
+    unit_shifts = np.empty((2 * h, 3), dtype=np.int32)
+    unit_shifts[:h] = shifts
+    np.negative(shifts, out=unit_shifts[h:])
+    return edges, unit_shifts
+
+
+def _system_runs(periodic: np.ndarray) -> list[tuple[int, int]]:
+    """[(first, end)] system ranges: each periodic system alone, consecutive others together."""
+    if len(periodic) == 1:
+        return [(0, 1)]
+    starts = np.flatnonzero(periodic | np.concatenate([[True], periodic[:-1]]))
+    return list(zip(starts.tolist(), np.append(starts[1:], len(periodic)).tolist()))
+
+
+def _separated_x(pos64: np.ndarray, offsets: np.ndarray, counts: np.ndarray, lo: int, hi: int, cutoff: float) -> np.ndarray:
+    """x coordinates (Å) of the atoms of systems lo..hi-1, each system moved along x to
+    `cutoff + _MERGE_GAP_ANGSTROM` beyond the previous one's extent."""
+    a, b = int(offsets[lo]), int(offsets[hi])
+    x = pos64[a:b, 0]
+    n = counts[lo:hi]
+    filled = n > 0
+    starts = (offsets[lo:hi] - a)[filled]
+    low = np.minimum.reduceat(x, starts)
+    width = np.maximum.reduceat(x, starts) - low + cutoff + _MERGE_GAP_ANGSTROM
+    place = np.concatenate([[0.0], np.cumsum(width)[:-1]])
+    return x + np.repeat(place - low, n[filled])
+
+
+def _calculator(search: float, threads: int):
+    """One vesin calculator per search radius and thread count, per Python thread: vesin keeps
+    its buffers between calls, and they must not be shared between threads."""
+    cache = _local.__dict__.setdefault("calculators", {})
+    key = (search, threads)
+    if key not in cache:
+        if len(cache) >= 8:
+            cache.clear()
+        cache[key] = _vesin.NeighborList(cutoff=search, full_list=False, n_threads=threads)
+    return cache[key]
