@@ -46,21 +46,18 @@ def complete_cells(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
 def check_periodic_cells(cell: np.ndarray, pbc: np.ndarray) -> None:
     """Raise `MoldenInputError` for a periodic axis whose lattice vector is zero or degenerate.
 
-    The volume spanned by the periodic rows (the square root of their Gram determinant, with
-    the non-periodic axes set to 1) is compared with the product of their lengths.
+    The squared volume spanned by the periodic rows (their Gram determinant, with 1 on the
+    diagonal of non-periodic axes) is compared with the product of their squared lengths; a
+    zero periodic row gives 0 <= 0 and is caught by the same test. Squares avoid square roots:
+    this runs on every `neighbor_list` call, where a few numpy operations are a measurable
+    part of a small system's search.
     """
-    work = cell.astype(np.float64) * pbc[..., None]
-    norms = np.sqrt((work * work).sum(axis=-1))
-    g = work @ np.swapaxes(work, -1, -2) + np.eye(3) * ~pbc[:, None, :]
-    # The 3x3 determinant written out: np.linalg.det costs more than the rest of this check.
-    det = (
-        g[:, 0, 0] * (g[:, 1, 1] * g[:, 2, 2] - g[:, 1, 2] * g[:, 2, 1])
-        - g[:, 0, 1] * (g[:, 1, 0] * g[:, 2, 2] - g[:, 1, 2] * g[:, 2, 0])
-        + g[:, 0, 2] * (g[:, 1, 0] * g[:, 2, 1] - g[:, 1, 1] * g[:, 2, 0])
-    )
-    volume = np.sqrt(np.abs(det))
-    scale = np.where(pbc, norms, 1.0).prod(axis=-1)
-    bad = pbc.any(axis=-1) & ((pbc & (norms == 0)).any(axis=-1) | (volume <= _DEGENERATE_RATIO * scale))
+    if not pbc.any():
+        return
+    work = np.asarray(cell, dtype=np.float64) * pbc[..., None]
+    norms2 = (work * work).sum(axis=-1)
+    gram = work @ np.swapaxes(work, -1, -2) + np.eye(3) * ~pbc[:, None, :]
+    bad = np.abs(np.linalg.det(gram)) <= _DEGENERATE_RATIO**2 * np.where(pbc, norms2, 1.0).prod(axis=-1)
     if bad.any():
         b = int(np.flatnonzero(bad)[0])
         raise MoldenInputError(

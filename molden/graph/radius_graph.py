@@ -66,7 +66,7 @@ def neighbor_list(
     if not cutoff > 0:
         raise MoldenInputError("radius_graph", f"cutoff must be positive, got {cutoff}")
     layout = system_layout(positions, cell, pbc, batch)
-    if backend_for(device, backend) == "vesin":
+    if _uses_vesin(device, backend):
         edges, unit_shifts = vesin_backend.vesin_neighbor_list(positions.numpy(), layout, cutoff)
         edge_index, shifts = torch.from_numpy(edges), torch.from_numpy(unit_shifts)
     else:
@@ -107,10 +107,15 @@ def radius_graph(
 
 def backend_for(device: torch.device | str, backend: str = "auto") -> str:
     """Which candidate backend `neighbor_list` uses on `device`: "vesin" or "torch"."""
-    if backend not in ("auto", "torch"):
-        raise MoldenInputError("radius_graph", f"backend must be 'auto' or 'torch', got {backend!r}")
-    on_cpu = torch.device(device).type == "cpu"
-    return "vesin" if backend == "auto" and on_cpu and vesin_backend.vesin_available() else "torch"
+    return "vesin" if _uses_vesin(torch.device(device), backend) else "torch"
+
+
+def _uses_vesin(device: torch.device, backend: str) -> bool:
+    if backend == "auto":
+        return device.type == "cpu" and vesin_backend.vesin_available()
+    if backend == "torch":
+        return False
+    raise MoldenInputError("radius_graph", f"backend must be 'auto' or 'torch', got {backend!r}")
 
 
 def edge_lengths(

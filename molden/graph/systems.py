@@ -51,7 +51,7 @@ def system_layout(
     if batch is None:
         offsets = np.array([0, n_atoms], dtype=np.int64)
     else:
-        system = batch.detach().cpu().numpy().astype(np.int64, copy=False)
+        system = batch.detach().cpu().numpy()
         if len(system) != n_atoms:
             raise MoldenInputError("radius_graph", f"batch has {len(system)} entries for {n_atoms} atoms")
         if len(system) > 1 and (system[1:] < system[:-1]).any():
