@@ -154,3 +154,50 @@ def test_broken_relaxations_are_named_anomalies():
 def test_config_rejects_held_out_metal_outside_metals():
     with pytest.raises(ValidationError):
         EMTConfig(metals=("Cu", "Ag"), ood_metals=("Pt",))
+
+
+def test_resume_after_a_frame_relaxes_only_the_systems_not_finished(frames, monkeypatch):
+    from molden.data import emt
+
+    k = len(frames) // 2
+    index = emt.system_index(frames[k].system_id)
+    relaxed: list[int] = []
+    real = emt.relax_system
+    monkeypatch.setattr(emt, "relax_system", lambda config, i, split: relaxed.append(i) or real(config, i, split))
+    rest = list(generate_emt(TINY, resume_after=(index, frames[k].frame)))
+    _assert_same(frames[k + 1 :], rest)
+    assert relaxed == list(range(index, TINY.n_systems))
+
+
+def test_interrupted_emt_preprocess_resumes_to_the_same_file(tmp_path, monkeypatch):
+    import h5py
+
+    from molden.data import emt
+    from molden.data import preprocess as pp
+
+    monkeypatch.setattr(pp, "BLOCK_STRUCTURES", 16)
+    config = dict(source="emt", emt=TINY.model_copy(update={"n_systems": 6}))
+    reference = tmp_path / "ref.h5"
+    pp.run_preprocess(pp.PreprocessConfig(out=reference, **config))
+
+    out = tmp_path / "c.h5"
+    progress: list[tuple[int, int | None]] = []
+
+    def interrupt(done, total):
+        progress.append((done, total))
+        if done >= 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pp.run_preprocess(pp.PreprocessConfig(out=out, **config), progress=interrupt)
+    assert progress[-1] == (4, 6)  # emt reports systems relaxed out of systems asked for
+    relaxed: list[int] = []
+    real = emt.relax_system
+    monkeypatch.setattr(emt, "relax_system", lambda c, i, split: relaxed.append(i) or real(c, i, split))
+    summary = pp.run_preprocess(pp.PreprocessConfig(out=out, **config))
+    assert summary.resumed_from > 0 and relaxed and relaxed[0] > 0  # earlier systems not redone
+    with h5py.File(reference) as f, h5py.File(out) as g:
+        names: list[str] = []
+        f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        for name in names:
+            np.testing.assert_array_equal(f[name][()], g[name][()], err_msg=name)

@@ -78,6 +78,7 @@ Metal = Literal["Cu", "Ag", "Au", "Ni", "Pd", "Pt", "Al"]
 Facet = Literal["111", "100", "211"]
 METALS: tuple[Metal, ...] = ("Cu", "Ag", "Au", "Ni", "Pd", "Pt", "Al")
 FACETS: tuple[Facet, ...] = ("111", "100", "211")
+SYSTEM_ID_FORMAT = "emt_{:06d}"
 ID_SPLITS = ("train", "val_id", "test_id")
 SPLITS = (*ID_SPLITS, "test_ood_ads", "test_ood_cat", "test_ood_both")
 
@@ -242,7 +243,7 @@ def relax_system(config: EMTConfig, index: int, split: str) -> tuple[list[Struct
     e_ads = relaxed_e - clean_slab_energy(metal, facet, config) - reference_energy(
         initial.get_chemical_symbols()[len(slab):])
     targets = {"adsorption_energy": e_ads, "converged": float(fmax <= config.fmax_ev_per_angstrom)}
-    system_id = f"emt_{index:06d}"
+    system_id = SYSTEM_ID_FORMAT.format(index)
     out = []
     for k, (pos, energy, forces) in enumerate(frames):
         frame = initial.copy()
@@ -253,16 +254,33 @@ def relax_system(config: EMTConfig, index: int, split: str) -> tuple[list[Struct
     return out, None
 
 
-def generate_emt(config: EMTConfig, *, progress: Callable[[int], None] | None = None) -> Iterator[Structure]:
-    """Every frame of every system in index order; `progress(n_done)` as systems finish."""
+def system_index(system_id: str) -> int:
+    """The system index of an EMT system id (`SYSTEM_ID_FORMAT`)."""
+    return int(system_id.rsplit("_", 1)[-1])
+
+
+def generate_emt(
+    config: EMTConfig,
+    *,
+    progress: Callable[[int], None] | None = None,
+    resume_after: tuple[int, int] | None = None,
+) -> Iterator[Structure]:
+    """Every frame of every system in index order; `progress(n_done)` as systems finish.
+
+    resume_after: (system index, frame) of the last frame already written: earlier systems are
+    not relaxed again, and that system's frames up to that one are not yielded again.
+    """
     splits = assign_splits(config)
+    first, first_frame = (0, 0) if resume_after is None else (resume_after[0], resume_after[1] + 1)
     skipped: list[str] = []
     n_frames = n_unconverged = 0
 
     def results() -> Iterator[tuple[list[Structure], str | None]]:
+        if progress is not None:
+            progress(first)
         if config.workers == 1:
-            for i, split in enumerate(splits):
-                result = relax_system(config, i, split)
+            for i in range(first, len(splits)):
+                result = relax_system(config, i, splits[i])
                 if progress is not None:
                     progress(i + 1)
                 yield result
@@ -270,7 +288,7 @@ def generate_emt(config: EMTConfig, *, progress: Callable[[int], None] | None = 
         # spawn, not fork: the caller may hold torch/OpenMP threads that a fork would copy mid-lock.
         pool = ProcessPoolExecutor(config.workers, mp_context=get_context("spawn"))
         finished: SimpleQueue[Future] = SimpleQueue()  # filled by the pool's thread, drained here
-        n_done = 0
+        n_done = first
 
         def drain(block: bool) -> None:
             nonlocal n_done
@@ -282,25 +300,28 @@ def generate_emt(config: EMTConfig, *, progress: Callable[[int], None] | None = 
                 progress(n_done)
 
         try:
-            futures = [pool.submit(relax_system, config, i, s) for i, s in enumerate(splits)]
+            futures = [pool.submit(relax_system, config, i, splits[i]) for i in range(first, len(splits))]
             for future in futures:
                 future.add_done_callback(finished.put)
             for k, future in enumerate(futures):  # yield in index order, report in finishing order
-                while not future.done() or (k == len(futures) - 1 and n_done < len(futures)):
+                while not future.done() or (k == len(futures) - 1 and n_done < len(splits)):
                     drain(block=True)
                 drain(block=False)
                 yield future.result()
         finally:  # a consumer that stops early waits only for the relaxations already running
             pool.shutdown(wait=True, cancel_futures=True)
 
-    for frames, reason in results():
+    for k, (frames, reason) in enumerate(results()):
+        if k == 0 and first_frame:
+            frames = frames[first_frame:]
         if reason is not None:
             skipped.append(reason)
             logger.warning("EMT system skipped after %d attempts: %s", config.max_attempts, reason)
             continue
-        n_frames += len(frames)
-        n_unconverged += frames[-1].targets["converged"] == 0.0
-        yield from frames
+        if frames:  # a resumed system may have had all its frames written already
+            n_frames += len(frames)
+            n_unconverged += frames[-1].targets["converged"] == 0.0
+            yield from frames
     logger.info("EMT: %d systems, %d frames, %d not converged, %d skipped %s",
                 config.n_systems - len(skipped), n_frames, n_unconverged, len(skipped),
                 dict(Counter(r.rsplit(": ", 1)[-1] for r in skipped)))

@@ -2,13 +2,17 @@
 
 The file is opened lazily in each process and the handle is dropped when pickled, so
 `torch.utils.data.DataLoader` workers can fork or spawn safely (as MACE's HDF5 dataset does).
-Small caches (below `in_memory_bytes`) are read into memory once; larger ones are read per
-structure through HDF5's chunk cache.
+Small caches (below `in_memory_bytes`) are read into memory once. Larger ones are read in
+blocks of `block_size` consecutive structures, one HDF5 read per array per block, and the
+last few blocks are kept: a single structure costs about as much as its block (HDF5
+decompresses whole chunks anyway), so sampling block by block (`BlockShuffleSampler`) reads
+from disk at close to in-memory speed, while plain random sampling still works.
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import h5py
@@ -21,6 +25,9 @@ from molden.errors import MoldenInputError
 
 DEFAULT_IN_MEMORY_BYTES = 2 << 30
 CHUNK_CACHE_BYTES = 64 << 20
+DEFAULT_BLOCK_SIZE = 256
+# Blocks kept in memory when reading from disk: enough for a DataLoader batch to straddle blocks.
+CACHED_BLOCKS = 4
 
 
 def open_cache(path: str | Path) -> h5py.File:
@@ -54,9 +61,17 @@ class H5Dataset(Dataset):
         path: the `.h5` file written by `molden preprocess`.
         split: restrict to one split ("train", "val", ...); None for all structures.
         in_memory_bytes: read the whole file into memory when it is smaller than this.
+        block_size: structures per disk read when the file stays on disk.
     """
 
-    def __init__(self, path: str | Path, split: str | None = None, *, in_memory_bytes: int = DEFAULT_IN_MEMORY_BYTES):
+    def __init__(
+        self,
+        path: str | Path,
+        split: str | None = None,
+        *,
+        in_memory_bytes: int = DEFAULT_IN_MEMORY_BYTES,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ):
         self.path = Path(path)
         with open_cache(self.path) as f:
             self.attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
@@ -73,9 +88,20 @@ class H5Dataset(Dataset):
                 raise MoldenInputError(self.path, f"no split {split!r}; the cache has {self.split_names}")
             size = self.path.stat().st_size
         self.split = split
+        self.block_size = max(1, int(block_size))
         self._in_memory = size < in_memory_bytes
         self._arrays: dict[str, np.ndarray] | None = None
+        self._blocks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._file: h5py.File | None = None
+
+    @property
+    def in_memory(self) -> bool:
+        """True when the whole cache is (or will be) read into memory."""
+        return self._in_memory
+
+    def storage_index(self, index: int) -> int:
+        """Position in the file of the dataset's `index`-th structure (blocks are by position)."""
+        return int(self.indices[index])
 
     # -------------------------------------------------------------- metadata
     @property
@@ -99,6 +125,7 @@ class H5Dataset(Dataset):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_file"] = None  # h5py handles cannot cross process boundaries
+        state["_blocks"] = OrderedDict()
         return state
 
     def _handle(self) -> h5py.File:
@@ -106,47 +133,73 @@ class H5Dataset(Dataset):
             self._file = h5py.File(self.path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
         return self._file
 
-    def _source(self):
-        """Where arrays are read from: a dict of numpy arrays or the open HDF5 file."""
-        if not self._in_memory:
-            return self._handle()
-        if self._arrays is None:
-            f = self._handle()
-            self._arrays = {}
-            f.visititems(lambda name, obj: self._arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) and not name.startswith((S.STATS, S.SPLITS)) else None)
-            self._arrays[S.SYSTEM_ID] = f[S.SYSTEM_ID].asstr()[:]
-            self.close()
-        return self._arrays
+    def _per_structure_paths(self) -> list[str]:
+        return [S.CELL, S.PBC, S.FRAME, S.SPLIT_CODE] + (
+            [S.TARGETS] if self.target_names else []
+        ) + [S.OPTIONAL[n].path for n in self.optional_fields if n in S.PER_STRUCTURE]
+
+    def _per_atom_paths(self) -> list[str]:
+        return [S.NUMBERS, S.POSITIONS, S.FIXED] + [S.OPTIONAL[n].path for n in self.optional_fields if n not in S.PER_STRUCTURE]
+
+    def _read(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Structures start..stop-1 of the file: one read per array."""
+        f = self._handle()
+        a0, a1 = self._atom_offsets[start], self._atom_offsets[stop]
+        e0, e1 = self._edge_offsets[start], self._edge_offsets[stop]
+        out = {path: f[path][start:stop] for path in self._per_structure_paths()}
+        out.update({path: f[path][a0:a1] for path in self._per_atom_paths()})
+        out[S.EDGE_INDEX] = f[S.EDGE_INDEX][e0:e1]
+        out[S.UNIT_SHIFTS] = f[S.UNIT_SHIFTS][e0:e1]
+        out[S.SYSTEM_ID] = f[S.SYSTEM_ID].asstr()[start:stop]
+        return out
+
+    def _source(self, i: int) -> tuple[dict[str, np.ndarray], int]:
+        """(arrays holding structure i, the file position of their first structure)."""
+        if self._in_memory:
+            if self._arrays is None:
+                self._arrays = self._read(0, len(self._atom_offsets) - 1)
+                self.close()
+            return self._arrays, 0
+        block = i // self.block_size
+        arrays = self._blocks.get(block)
+        if arrays is None:
+            start = block * self.block_size
+            arrays = self._read(start, min(start + self.block_size, len(self._atom_offsets) - 1))
+            self._blocks[block] = arrays
+            if len(self._blocks) > CACHED_BLOCKS:
+                self._blocks.popitem(last=False)
+        else:
+            self._blocks.move_to_end(block)
+        return arrays, block * self.block_size
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, index: int) -> Structure:
         i = int(self.indices[index])
-        src = self._source()
-        a0, a1 = self._atom_offsets[i], self._atom_offsets[i + 1]
-        e0, e1 = self._edge_offsets[i], self._edge_offsets[i + 1]
-        system_id = src[S.SYSTEM_ID][i]
-        if isinstance(system_id, bytes):
-            system_id = system_id.decode()
-        split_code = int(src[S.SPLIT_CODE][i])
+        src, first = self._source(i)
+        k = i - first
+        a_base, e_base = self._atom_offsets[first], self._edge_offsets[first]
+        a0, a1 = self._atom_offsets[i] - a_base, self._atom_offsets[i + 1] - a_base
+        e0, e1 = self._edge_offsets[i] - e_base, self._edge_offsets[i + 1] - e_base
+        split_code = int(src[S.SPLIT_CODE][k])
         fields = dict(
             numbers=src[S.NUMBERS][a0:a1],
             positions=src[S.POSITIONS][a0:a1],
-            cell=src[S.CELL][i],
-            pbc=src[S.PBC][i],
+            cell=src[S.CELL][k],
+            pbc=src[S.PBC][k],
             fixed=src[S.FIXED][a0:a1],
-            system_id=system_id,
-            frame=int(src[S.FRAME][i]),
+            system_id=src[S.SYSTEM_ID][k],
+            frame=int(src[S.FRAME][k]),
             split=self.split_names[split_code] if split_code >= 0 else None,
             edge_index=src[S.EDGE_INDEX][e0:e1].T,
             unit_shifts=src[S.UNIT_SHIFTS][e0:e1],
         )
         for name in self.optional_fields:
             column = S.OPTIONAL[name]
-            fields[name] = src[column.path][i] if name in S.PER_STRUCTURE else src[column.path][a0:a1]
+            fields[name] = src[column.path][k] if name in S.PER_STRUCTURE else src[column.path][a0:a1]
         if self.target_names:
-            fields["targets"] = dict(zip(self.target_names, src[S.TARGETS][i].tolist()))
+            fields["targets"] = dict(zip(self.target_names, src[S.TARGETS][k].tolist()))
         return Structure(**fields)
 
     def close(self) -> None:

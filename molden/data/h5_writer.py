@@ -100,6 +100,13 @@ class CacheWriter:
             obj.resize(rows, axis=0)
         self.resumed_from = self.n_structures
 
+    def last_committed(self) -> tuple[str, int] | None:
+        """(system id, frame) of the last committed structure of a resumed file, else None."""
+        if not self.resumed_from:
+            return None
+        k = self.resumed_from - 1
+        return self._file[S.SYSTEM_ID].asstr()[k], int(self._file[S.FRAME][k])
+
     # ---------------------------------------------------------------- writing
     def _create_layout(self, first: Structure) -> None:
         f = self._file

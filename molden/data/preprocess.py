@@ -32,7 +32,7 @@ BLOCK_ATOMS = 65536
 BLOCK_STRUCTURES = 4096
 
 ProgressHook = Callable[[int, int | None], None]
-"""Called with (structures done, total or None) as blocks are written."""
+"""Called with (done, total or None): structures written, or for `emt` systems relaxed."""
 
 
 class PreprocessConfig(BaseModel):
@@ -77,31 +77,41 @@ class PreprocessSummary(BaseModel):
     seconds: float
 
 
-def _read_source(config: PreprocessConfig) -> tuple[Iterator[Structure], int | None]:
-    """The source's structures and, when cheap to know, how many there are."""
+def _read_source(
+    config: PreprocessConfig, writer: CacheWriter, progress: ProgressHook | None
+) -> tuple[Iterator[Structure], int | None]:
+    """The source's structures after those the writer already holds (sources are deterministic,
+    so this resumes exactly), and how many there are in all when cheap to know."""
     from molden.data import readers
 
     if config.source == "emt":
-        from molden.data.emt import generate_emt
+        from molden.data.emt import generate_emt, system_index
 
         emt = config.emt.model_copy(update={"workers": config.workers})
-        return generate_emt(emt), None
+        last = writer.last_committed()
+        # Systems are independent (seeded by index): restart at the last one written, not at
+        # the first, so a resumed run relaxes only what is missing.
+        resume_after = None if last is None else (system_index(last[0]), last[1])
+        hook = None if progress is None else (lambda n: progress(n, emt.n_systems))
+        return generate_emt(emt, progress=hook, resume_after=resume_after), None
     if config.source == "qm9" and not config.inputs:
-        return readers.read_qm9(None), readers.count_qm9(None)
-    if not config.inputs:
-        raise MoldenConfigError(f"source {config.source!r} needs at least one input file or folder")
-    for path in config.inputs:
-        if not Path(path).exists():
-            raise MoldenInputError(path, "no such file or directory")
-    if config.source == "qm9":
-        streams = [readers.read_qm9(p) for p in config.inputs]
-    elif config.source == "oc20":
-        streams = [readers.read_oc20(p, frames=config.oc20_frames) for p in config.inputs]
-    elif config.source == "pcqm4mv2":
-        streams = [readers.read_pcqm4mv2(p, targets_csv=config.pcqm4mv2_targets) for p in config.inputs]
+        stream, total = readers.read_qm9(None), readers.count_qm9(None)
     else:
-        streams = [readers.read_ase(p) for p in config.inputs]
-    return itertools.chain.from_iterable(streams), None
+        if not config.inputs:
+            raise MoldenConfigError(f"source {config.source!r} needs at least one input file or folder")
+        for path in config.inputs:
+            if not Path(path).exists():
+                raise MoldenInputError(path, "no such file or directory")
+        if config.source == "qm9":
+            streams = [readers.read_qm9(p) for p in config.inputs]
+        elif config.source == "oc20":
+            streams = [readers.read_oc20(p, frames=config.oc20_frames) for p in config.inputs]
+        elif config.source == "pcqm4mv2":
+            streams = [readers.read_pcqm4mv2(p, targets_csv=config.pcqm4mv2_targets) for p in config.inputs]
+        else:
+            streams = [readers.read_ase(p) for p in config.inputs]
+        stream, total = itertools.chain.from_iterable(streams), None
+    return itertools.islice(stream, writer.resumed_from, None), total
 
 
 def _blocks(structures: Iterable[Structure]) -> Iterator[list[Structure]]:
@@ -153,19 +163,18 @@ def run_preprocess(config: PreprocessConfig, progress: ProgressHook | None = Non
     start = time.perf_counter()
     where = ", ".join(str(p) for p in config.inputs) or config.source
     split = config.split or default_split(config.source)
-    structures, total = _read_source(config)
-    if config.limit is not None:
-        structures = itertools.islice(structures, config.limit)
-        total = config.limit if total is None else min(total, config.limit)
     writer = CacheWriter(config.out, provenance(config), resume=config.resume)
     report = GraphReport()
     try:
-        if writer.resumed_from:
-            # Sources are deterministic, so skipping what was committed resumes exactly.
-            structures = itertools.islice(structures, writer.resumed_from, None)
+        structures, total = _read_source(config, writer, progress)
+        if config.limit is not None:
+            structures = itertools.islice(structures, max(config.limit - writer.resumed_from, 0))
+            total = config.limit if total is None else min(total, config.limit)
+        # emt reports systems relaxed itself; other sources report structures written.
+        progress_structures = progress if config.source != "emt" else None
         done = writer.resumed_from
-        if progress:
-            progress(done, total)
+        if progress_structures:
+            progress_structures(done, total)
         with _torch_threads(config.workers):
             for block in _blocks(structures):
                 with_graphs, block_report = build_graphs(
@@ -175,8 +184,8 @@ def run_preprocess(config: PreprocessConfig, progress: ProgressHook | None = Non
                 report.add(block_report)
                 writer.write(with_graphs, where)
                 done += len(block)
-                if progress:
-                    progress(done, total)
+                if progress_structures:
+                    progress_structures(done, total)
         n_structures, n_atoms, n_edges = writer.n_structures, writer.n_atoms, writer.n_edges
         extra = {
             "edges_dropped_by_max_neighbors": report.edges_dropped_by_max_neighbors,
