@@ -32,6 +32,13 @@ def ase_reference(atoms: Atoms, cutoff: float) -> np.ndarray:
     return lexsorted(np.column_stack([i, j, shifts]).astype(np.int64))
 
 
+def ase_batched_reference(systems: list[Atoms], cutoff: float) -> np.ndarray:
+    """ASE's rows for each system, atom indices offset as in a batch, sorted lexicographically."""
+    offsets = np.cumsum([0] + [len(a) for a in systems])
+    rows = [ase_reference(atoms, cutoff) + np.array([o, o, 0, 0, 0]) for atoms, o in zip(systems, offsets)]
+    return lexsorted(np.concatenate(rows))
+
+
 def molden_rows(atoms: Atoms, cutoff: float, backend: str = "auto", dtype=torch.float64, **kwargs) -> np.ndarray:
     edge_index, shifts = neighbor_list(
         torch.tensor(atoms.positions, dtype=dtype),
@@ -166,17 +173,11 @@ def test_batched_radius_graph_equals_per_system_graphs_with_offsets(backend):
     pbc = torch.tensor(np.stack([a.pbc for a in systems]))
     batch = torch.tensor(np.repeat(np.arange(len(systems)), [len(a) for a in systems]))
     edge_index, shifts = neighbor_list(positions, 4.0, cell=cell, pbc=pbc, batch=batch, backend=backend)
-    expected, offset = [], 0
-    for atoms in systems:
-        rows = ase_reference(atoms, 4.0)
-        rows[:, :2] += offset
-        expected.append(rows)
-        offset += len(atoms)
     got = np.column_stack([edge_index.T.numpy(), shifts.numpy()])
     # Systems come one after another in the batch.
     system = np.repeat(np.arange(len(systems)), [len(a) for a in systems])[got[:, 0]]
     assert (np.diff(system) >= 0).all()
-    np.testing.assert_array_equal(lexsorted(got), np.concatenate(expected))
+    np.testing.assert_array_equal(lexsorted(got), ase_batched_reference(systems, 4.0))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -210,13 +211,7 @@ def test_batch_of_overlapping_molecules_and_slabs_equals_per_system_graphs(backe
     )
     got = np.column_stack([edge_index.T.numpy(), shifts.numpy()])
     assert (np.diff(index[got[:, 0]]) >= 0).all()  # systems one after another
-    expected, offset = [], 0
-    for atoms in systems:
-        rows = ase_reference(atoms, 3.5)
-        rows[:, :2] += offset
-        expected.append(rows)
-        offset += len(atoms)
-    np.testing.assert_array_equal(lexsorted(got), lexsorted(np.concatenate(expected)))
+    np.testing.assert_array_equal(lexsorted(got), ase_batched_reference(systems, 3.5))
 
 
 def ase_truncated(atoms: Atoms, cutoff: float, k: int) -> set[tuple]:
