@@ -93,18 +93,32 @@ def test_block_shuffle_sampler_reads_each_block_once_per_epoch(mixed_extxyz, tmp
     disk = H5Dataset(out, in_memory_bytes=0, block_size=4)
     reads = []
     real_read = H5Dataset._read
-    monkeypatch.setattr(H5Dataset, "_read", lambda self, a, b: reads.append(a) or real_read(self, a, b))
+    monkeypatch.setattr(H5Dataset, "_read", lambda self, a, b: reads.append((a, b)) or real_read(self, a, b))
     sampler = BlockShuffleSampler(disk, seed=3)
     first = sampler.order()
     assert sorted(first.tolist()) == list(range(len(disk)))
     for k in first:
         disk[int(k)]
-    assert sorted(reads) == list(range(0, len(disk), 4))  # every block read exactly once
+    # Each block is loaded whole once (after one structure of it was read alone): 2 reads a block.
+    whole = sorted(a for a, b in reads if b - a > 1)
+    assert whole == list(range(0, len(disk) - 1, 4)) and len(reads) == 2 * len(whole)
     np.testing.assert_array_equal(BlockShuffleSampler(disk, seed=3).order(), first)  # seeded
     sampler.set_epoch(1)
     assert not np.array_equal(sampler.order(), first)  # a new order each epoch
     # Batches still mix blocks: the first 8 indices come from more than one block.
     assert len({int(k) // 4 for k in first[:8]}) > 1
+
+
+def test_random_reads_from_disk_read_single_structures(mixed_extxyz, tmp_path, monkeypatch):
+    out = tmp_path / "c.h5"
+    run_preprocess(_config(mixed_extxyz, out))
+    disk = H5Dataset(out, in_memory_bytes=0, block_size=4)
+    reads = []
+    real_read = H5Dataset._read
+    monkeypatch.setattr(H5Dataset, "_read", lambda self, a, b: reads.append(b - a) or real_read(self, a, b))
+    for k in (0, 9, 17, 25, 5, 29, 13):  # every read in a block not asked for before
+        disk[k]
+    assert reads == [1] * 7
 
 
 def test_interrupted_write_resumes_to_the_same_file(mixed_extxyz, tmp_path, monkeypatch):

@@ -2,17 +2,17 @@
 
 The file is opened lazily in each process and the handle is dropped when pickled, so
 `torch.utils.data.DataLoader` workers can fork or spawn safely (as MACE's HDF5 dataset does).
-Small caches (below `in_memory_bytes`) are read into memory once. Larger ones are read in
-blocks of `block_size` consecutive structures, one HDF5 read per array per block, and the
-last few blocks are kept: a single structure costs about as much as its block (HDF5
-decompresses whole chunks anyway), so sampling block by block (`BlockShuffleSampler`) reads
-from disk at close to in-memory speed, while plain random sampling still works.
+Small caches (below `in_memory_bytes`) are read into memory once. Larger ones stay on disk:
+a structure whose block (`block_size` consecutive structures) was asked for recently loads
+the whole block, one HDF5 read per array, and the last few blocks are kept; any other
+structure is read alone. Sampling block by block (`BlockShuffleSampler`) so reads from disk
+at close to in-memory speed, and a fully random order does not pay for whole blocks.
 """
 
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
 
 import h5py
@@ -92,6 +92,7 @@ class H5Dataset(Dataset):
         self._in_memory = size < in_memory_bytes
         self._arrays: dict[str, np.ndarray] | None = None
         self._blocks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._recent_blocks: deque[int] = deque(maxlen=4 * CACHED_BLOCKS)
         self._file: h5py.File | None = None
 
     @property
@@ -126,6 +127,7 @@ class H5Dataset(Dataset):
         state = self.__dict__.copy()
         state["_file"] = None  # h5py handles cannot cross process boundaries
         state["_blocks"] = OrderedDict()
+        state["_recent_blocks"] = deque(maxlen=4 * CACHED_BLOCKS)
         return state
 
     def _handle(self) -> h5py.File:
@@ -161,16 +163,19 @@ class H5Dataset(Dataset):
                 self.close()
             return self._arrays, 0
         block = i // self.block_size
+        recent = block in self._recent_blocks
+        self._recent_blocks.append(block)
         arrays = self._blocks.get(block)
-        if arrays is None:
-            start = block * self.block_size
-            arrays = self._read(start, min(start + self.block_size, len(self._atom_offsets) - 1))
-            self._blocks[block] = arrays
-            if len(self._blocks) > CACHED_BLOCKS:
-                self._blocks.popitem(last=False)
-        else:
+        if arrays is not None:
             self._blocks.move_to_end(block)
-        return arrays, block * self.block_size
+            return arrays, block * self.block_size
+        if not recent:  # no sign of block-local access: the structure alone is cheaper
+            return self._read(i, i + 1), i
+        start = block * self.block_size
+        arrays = self._blocks[block] = self._read(start, min(start + self.block_size, len(self._atom_offsets) - 1))
+        if len(self._blocks) > CACHED_BLOCKS:
+            self._blocks.popitem(last=False)
+        return arrays, start
 
     def __len__(self) -> int:
         return len(self.indices)
