@@ -87,13 +87,18 @@ def test_reading_in_memory_and_from_disk_agree(mixed_extxyz, tmp_path, block_siz
         assert (a.system_id, a.frame, a.split, a.energy) == (b.system_id, b.frame, b.split, b.energy)
 
 
-def test_block_shuffle_sampler_reads_each_block_once_per_epoch(mixed_extxyz, tmp_path, monkeypatch):
+def _disk_dataset_logging_reads(mixed_extxyz, tmp_path, monkeypatch) -> tuple[H5Dataset, list[tuple[int, int]]]:
+    """A 30-structure cache read from disk in blocks of 4, and the list its reads go into."""
     out = tmp_path / "c.h5"
     run_preprocess(_config(mixed_extxyz, out))
-    disk = H5Dataset(out, in_memory_bytes=0, block_size=4)
-    reads = []
+    reads: list[tuple[int, int]] = []
     real_read = H5Dataset._read
     monkeypatch.setattr(H5Dataset, "_read", lambda self, a, b: reads.append((a, b)) or real_read(self, a, b))
+    return H5Dataset(out, in_memory_bytes=0, block_size=4), reads
+
+
+def test_block_shuffle_sampler_reads_each_block_once_per_epoch(mixed_extxyz, tmp_path, monkeypatch):
+    disk, reads = _disk_dataset_logging_reads(mixed_extxyz, tmp_path, monkeypatch)
     sampler = BlockShuffleSampler(disk, seed=3)
     first = sampler.order()
     assert sorted(first.tolist()) == list(range(len(disk)))
@@ -110,15 +115,10 @@ def test_block_shuffle_sampler_reads_each_block_once_per_epoch(mixed_extxyz, tmp
 
 
 def test_random_reads_from_disk_read_single_structures(mixed_extxyz, tmp_path, monkeypatch):
-    out = tmp_path / "c.h5"
-    run_preprocess(_config(mixed_extxyz, out))
-    disk = H5Dataset(out, in_memory_bytes=0, block_size=4)
-    reads = []
-    real_read = H5Dataset._read
-    monkeypatch.setattr(H5Dataset, "_read", lambda self, a, b: reads.append(b - a) or real_read(self, a, b))
+    disk, reads = _disk_dataset_logging_reads(mixed_extxyz, tmp_path, monkeypatch)
     for k in (0, 9, 17, 25, 5, 29, 13):  # every read in a block not asked for before
         disk[k]
-    assert reads == [1] * 7
+    assert [b - a for a, b in reads] == [1] * 7
 
 
 def test_interrupted_write_resumes_to_the_same_file(mixed_extxyz, tmp_path, monkeypatch):
