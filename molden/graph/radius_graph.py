@@ -62,7 +62,7 @@ def neighbor_list(
         the order within a system depends on the backend (module docstring).
     """
     positions = positions.detach()
-    device, dtype = positions.device, positions.dtype
+    device = positions.device
     if not cutoff > 0:
         raise MoldenInputError("radius_graph", f"cutoff must be positive, got {cutoff}")
     layout = system_layout(positions, cell, pbc, batch)
