@@ -121,19 +121,24 @@ def test_random_reads_from_disk_read_single_structures(mixed_extxyz, tmp_path, m
     assert [b - a for a, b in reads] == [1] * 7
 
 
+def _interrupted_after(n: int, src, out) -> None:
+    """Run preprocess in blocks of 7 structures and stop it after n, leaving a partial file."""
+
+    def interrupt(done, total):
+        if done >= n:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_preprocess(_config(src, out), progress=interrupt)
+
+
 def test_interrupted_write_resumes_to_the_same_file(mixed_extxyz, tmp_path, monkeypatch):
     monkeypatch.setattr(pp, "BLOCK_STRUCTURES", 7)
     reference = tmp_path / "ref.h5"
     run_preprocess(_config(mixed_extxyz, reference))
 
     out = tmp_path / "c.h5"
-
-    def interrupt(done, total):
-        if done >= 14:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_preprocess(_config(mixed_extxyz, out), progress=interrupt)
+    _interrupted_after(14, mixed_extxyz, out)
     assert not out.exists() and (tmp_path / "c.h5.partial").exists()
     with pytest.raises(MoldenInputError, match="interrupted"):
         H5Dataset(out)
@@ -148,16 +153,20 @@ def test_interrupted_write_resumes_to_the_same_file(mixed_extxyz, tmp_path, monk
             np.testing.assert_array_equal(f[name][()], g[name][()], err_msg=name)
 
 
+def test_a_mistyped_input_keeps_the_resumable_partial_file(mixed_extxyz, tmp_path, monkeypatch):
+    monkeypatch.setattr(pp, "BLOCK_STRUCTURES", 7)
+    out = tmp_path / "c.h5"
+    _interrupted_after(7, mixed_extxyz, out)
+    with pytest.raises(MoldenInputError, match="no such file"):
+        run_preprocess(_config(tmp_path / "mixed.extxyz.typo", out))
+    assert (tmp_path / "c.h5.partial").exists()
+    assert run_preprocess(_config(mixed_extxyz, out)).resumed_from == 7
+
+
 def test_changed_options_do_not_resume_a_stale_partial_file(mixed_extxyz, tmp_path, monkeypatch):
     monkeypatch.setattr(pp, "BLOCK_STRUCTURES", 7)
     out = tmp_path / "c.h5"
-
-    def interrupt(done, total):
-        if done >= 7:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_preprocess(_config(mixed_extxyz, out), progress=interrupt)
+    _interrupted_after(7, mixed_extxyz, out)
     config = PreprocessConfig(source="ase", inputs=[mixed_extxyz], out=out, cutoff_angstrom=3.0)
     summary = run_preprocess(config)
     assert summary.resumed_from == 0

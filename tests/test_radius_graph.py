@@ -214,6 +214,36 @@ def test_batch_of_overlapping_molecules_and_slabs_equals_per_system_graphs(backe
     np.testing.assert_array_equal(lexsorted(got), ase_batched_reference(systems, 3.5))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "systems",
+    [
+        # Regressions (review): vesin died with SIGFPE on long, thin non-periodic point sets,
+        # and float32 rounding bands wider than the gap between packed molecules joined them.
+        [molecule("H2O"), molecule("H2O")],
+        [Atoms("H2", positions=[[0.0, 0.0, 0.0], [0.7, 0.0, 0.0]]), Atoms("H2", positions=[[0.0, 0.0, 0.0], [0.0, 3e6, 0.0]])],
+    ],
+)
+@pytest.mark.parametrize("where", [0.0, 1e5])
+def test_far_apart_or_far_from_the_origin_molecules_match_ase(backend, systems, where):
+    systems = [a.copy() for a in systems]
+    systems[0].positions += where
+    systems[1].positions += [where, 2000.0 + where, 2000.0 + where]
+    for dtype in (torch.float64, torch.float32):
+        positions = torch.tensor(np.concatenate([a.positions for a in systems]), dtype=dtype)
+        batch = torch.tensor(np.repeat(np.arange(len(systems)), [len(a) for a in systems]))
+        edge_index, shifts = neighbor_list(positions, 3.0, batch=batch, backend=backend)
+        got = lexsorted(np.column_stack([edge_index.T.numpy(), shifts.numpy()]))
+        # The reference is ASE on the positions as the dtype holds them.
+        held = [Atoms(a.numbers, positions=p) for a, p in zip(systems, np.split(positions.double().numpy(), [len(systems[0])]))]
+        np.testing.assert_array_equal(got, ase_batched_reference(held, 3.0))
+
+
+def test_a_cutoff_too_small_for_vesin_still_gives_the_graph():
+    atoms = Atoms("H2", positions=[[0.0, 0.0, 0.0], [0.0, 0.0, 5e-7]])
+    assert_same_edges(atoms, 1e-6, "auto")
+
+
 def ase_truncated(atoms: Atoms, cutoff: float, k: int) -> set[tuple]:
     i, j, shifts, d = ase_neighbor_list("ijSd", atoms, cutoff)
     kept = set()

@@ -77,6 +77,18 @@ class PreprocessSummary(BaseModel):
     seconds: float
 
 
+def _check_inputs(config: PreprocessConfig) -> None:
+    """Fail on missing inputs before the writer exists: it would replace a resumable partial
+    file whose provenance (input paths) the typo changes."""
+    if config.source == "emt" or (config.source == "qm9" and not config.inputs):
+        return
+    if not config.inputs:
+        raise MoldenConfigError(f"source {config.source!r} needs at least one input file or folder")
+    for path in config.inputs:
+        if not Path(path).exists():
+            raise MoldenInputError(path, "no such file or directory")
+
+
 def _read_source(
     config: PreprocessConfig, writer: CacheWriter, progress: ProgressHook | None
 ) -> tuple[Iterator[Structure], int | None]:
@@ -97,11 +109,6 @@ def _read_source(
     if config.source == "qm9" and not config.inputs:
         stream, total = readers.read_qm9(None), readers.count_qm9(None)
     else:
-        if not config.inputs:
-            raise MoldenConfigError(f"source {config.source!r} needs at least one input file or folder")
-        for path in config.inputs:
-            if not Path(path).exists():
-                raise MoldenInputError(path, "no such file or directory")
         if config.source == "qm9":
             streams = [readers.read_qm9(p) for p in config.inputs]
         elif config.source == "oc20":
@@ -163,6 +170,7 @@ def run_preprocess(config: PreprocessConfig, progress: ProgressHook | None = Non
     start = time.perf_counter()
     where = ", ".join(str(p) for p in config.inputs) or config.source
     split = config.split or default_split(config.source)
+    _check_inputs(config)
     writer = CacheWriter(config.out, provenance(config), resume=config.resume)
     report = GraphReport()
     try:

@@ -66,9 +66,9 @@ def neighbor_list(
     if not cutoff > 0:
         raise MoldenInputError("radius_graph", f"cutoff must be positive, got {cutoff}")
     layout = system_layout(positions, cell, pbc, batch)
-    if _uses_vesin(device, backend):
-        edges, unit_shifts = vesin_backend.vesin_neighbor_list(positions.numpy(), layout, cutoff)
-        edge_index, shifts = torch.from_numpy(edges), torch.from_numpy(unit_shifts)
+    found = vesin_backend.vesin_neighbor_list(positions.numpy(), layout, cutoff) if _uses_vesin(device, backend) else None
+    if found is not None:
+        edge_index, shifts = torch.from_numpy(found[0]), torch.from_numpy(found[1])
     else:
         edge_index, shifts = _torch_neighbor_list(positions, layout, cutoff)
 
@@ -184,7 +184,7 @@ def _torch_neighbor_list(positions: torch.Tensor, layout: SystemLayout, cutoff: 
     unsure = (~keep & (approx < search)).nonzero(as_tuple=True)[0]
     if unsure.numel():
         exact = edge_lengths(positions, cell, batch, i[unsure], j[unsure], shifts[unsure])
-        keep[unsure] = exact < cutoff
+        keep[unsure] = exact.to(torch.float64) < cutoff  # a float32 cutoff would round
     if not bool(keep.all()):
         i, j, shifts = i[keep], j[keep], shifts[keep]
     return torch.stack([i, j]), shifts

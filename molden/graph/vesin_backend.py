@@ -3,7 +3,7 @@
 What makes this faster than calling vesin system by system (BENCHMARKS.md):
 - vesin computes a half list, mirrored here: half the distance tests and output writes;
 - every run of consecutive non-periodic systems (a batch of molecules) is one vesin call,
-  each molecule moved along x out of reach of the others;
+  the molecules packed on a grid out of reach of each other;
 - systems below 1,000 atoms run single-threaded vesin, which they use better than vesin's
   own threads (Python threads over the systems of a batch gained nothing: measured);
 - cells and bookkeeping stay in numpy: per-call torch overhead cost more than vesin's whole
@@ -27,9 +27,14 @@ try:  # the fastest CPU cell list known (PEERS.md); the torch backend is the fal
 except ImportError:  # pragma: no cover - exercised only where vesin is missing
     _vesin = None
 
-# Non-periodic systems searched in one vesin call are laid out along x this far apart beyond
-# the cutoff, so that no pair can join two of them.
+# Non-periodic systems searched in one vesin call are packed on a grid this far apart beyond
+# the cutoff; pairs joining two of them are dropped all the same (rounding bands can be wide
+# in float32 at large coordinates).
 _MERGE_GAP_ANGSTROM = 1.0
+# vesin 0.6 dies with SIGFPE on a non-periodic point set about 1e5 cutoffs long: sparser
+# inputs, and cutoffs vesin refuses, go to the torch backend instead.
+_MAX_SPAN_IN_CUTOFFS = 1e4
+_MIN_CUTOFF_ANGSTROM = 1e-4
 # A single system this large uses vesin's own threads; smaller ones run single-threaded.
 _VESIN_THREADS_MIN_ATOMS = 1_000
 
@@ -41,7 +46,9 @@ def vesin_available() -> bool:
     return _vesin is not None
 
 
-def vesin_neighbor_list(positions: np.ndarray, layout: SystemLayout, cutoff: float) -> tuple[np.ndarray, np.ndarray]:
+def vesin_neighbor_list(
+    positions: np.ndarray, layout: SystemLayout, cutoff: float
+) -> tuple[np.ndarray, np.ndarray] | None:
     """Edges of every system of the batch, as `neighbor_list` returns them.
 
     Args:
@@ -51,17 +58,27 @@ def vesin_neighbor_list(positions: np.ndarray, layout: SystemLayout, cutoff: flo
     Returns:
         (edge_index [2, E] int64, unit_shifts [E, 3] int32), systems in batch order; within a
         periodic system vesin's half list then its mirror, within a run of molecules sorted by
-        centre atom.
+        centre atom. None when vesin cannot take the input (a non-periodic system spanning
+        more than `_MAX_SPAN_IN_CUTOFFS` cutoffs, a cutoff below `_MIN_CUTOFF_ANGSTROM`):
+        the caller uses the torch backend.
     """
+    if cutoff < _MIN_CUTOFF_ANGSTROM:
+        return None
     offsets, counts, flags = layout.offsets, layout.counts, layout.pbc
     periodic = flags.any(axis=1)
     pos64 = positions.astype(np.float64, copy=False)
-    tasks = [
-        (lo, hi, None if periodic[lo] or hi - lo == 1 else _separated_x(pos64, offsets, counts, lo, hi, cutoff))
-        for lo, hi in _system_runs(periodic)
-    ]
+    tasks = []
+    for lo, hi in _system_runs(periodic):
+        a, b = int(offsets[lo]), int(offsets[hi])
+        if periodic[lo] or b - a < 2:
+            tasks.append((lo, hi, None))
+            continue
+        points = pos64[a:b] if hi - lo == 1 else _packed(pos64, offsets, counts, lo, hi, cutoff)
+        if float((points.max(axis=0) - points.min(axis=0)).max()) > _MAX_SPAN_IN_CUTOFFS * cutoff:
+            return None
+        tasks.append((lo, hi, points if hi - lo > 1 else None))
     # The band covers both roundings: the exact test's (in the positions' dtype) and vesin's
-    # (float64, on the moved coordinates of merged molecules).
+    # (float64, on the moved coordinates of packed molecules).
     scale = cutoff + float(np.abs(positions).max(initial=0.0)) + float(np.abs(layout.cells).sum(axis=(1, 2)).max(initial=0.0))
     moved = max((float(np.abs(x).max(initial=0.0)) for _, _, x in tasks if x is not None), default=0.0)
     band = 256 * (float(np.finfo(positions.dtype).eps) * scale + float(np.finfo(np.float64).eps) * (scale + moved))
@@ -71,8 +88,8 @@ def vesin_neighbor_list(positions: np.ndarray, layout: SystemLayout, cutoff: flo
 
     parts = [
         part
-        for lo, hi, moved_x in tasks
-        if (part := _search(positions, pos64, layout, lo, hi, moved_x, cutoff, band, search)) is not None
+        for lo, hi, packed in tasks
+        if (part := _search(positions, pos64, layout, lo, hi, packed, cutoff, band, search)) is not None
     ]
     if not parts:
         return np.zeros((2, 0), dtype=np.int64), np.zeros((0, 3), dtype=np.int32)
@@ -81,7 +98,7 @@ def vesin_neighbor_list(positions: np.ndarray, layout: SystemLayout, cutoff: flo
     return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts])
 
 
-def _search(positions, pos64, layout, lo, hi, moved_x, cutoff, band, search):
+def _search(positions, pos64, layout, lo, hi, packed, cutoff, band, search):
     """Edges of systems lo..hi-1 (one periodic system, or a run of non-periodic ones)."""
     a, b = int(layout.offsets[lo]), int(layout.offsets[hi])
     flags = layout.pbc[lo]
@@ -91,25 +108,30 @@ def _search(positions, pos64, layout, lo, hi, moved_x, cutoff, band, search):
         # Zeroed vacuum vectors: vesin would bin along a tilted one too.
         box, points = layout.cells[lo].astype(np.float64) * flags[:, None], pos64[a:b]
     else:
-        box = np.zeros((3, 3))
-        points = pos64[a:b] if moved_x is None else np.column_stack([moved_x, pos64[a:b, 1:]])
+        box, points = np.zeros((3, 3)), pos64[a:b] if packed is None else packed
     threads = 0 if b - a >= _VESIN_THREADS_MIN_ATOMS else 1  # 0: vesin's default, all cores
     pairs, shifts, dist = _calculator(search, threads).compute(points, box, flags, "PSd", copy=False)
     if not len(pairs):
         return None
     pairs = pairs.view(np.int64)  # uint64 indices, far below 2**63
+    if packed is not None:
+        system = np.repeat(np.arange(hi - lo), layout.counts[lo:hi])
+        joined = system[pairs[:, 0]] != system[pairs[:, 1]]
+        if joined.any():
+            pairs, shifts, dist = pairs[~joined], shifts[~joined], dist[~joined]
     unsure = np.flatnonzero(dist >= cutoff - band)
     if len(unsure):
         local = positions[a:b]
         i, j = pairs[unsure, 0], pairs[unsure, 1]
         vectors = (local[j] - local[i]) + shifts[unsure].astype(positions.dtype) @ layout.cells[lo]
-        outside = unsure[np.sqrt((vectors * vectors).sum(axis=1)) >= cutoff]
+        # Compared in float64, as the torch backend does: a float32 cutoff would round.
+        outside = unsure[np.sqrt((vectors * vectors).sum(axis=1)).astype(np.float64) >= cutoff]
         if len(outside):
             keep = np.ones(len(pairs), dtype=bool)
             keep[outside] = False
             pairs, shifts = pairs[keep], shifts[keep]
     edges, unit_shifts = _both_directions(pairs, shifts, a)
-    if moved_x is not None:  # molecules of a run come out interleaved: group them by centre
+    if packed is not None:  # molecules of a run come out interleaved: group them by centre
         order = np.argsort(edges[0], kind="stable")
         edges, unit_shifts = edges[:, order], unit_shifts[order]
     return edges, unit_shifts
@@ -140,18 +162,21 @@ def _system_runs(periodic: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(starts.tolist(), np.append(starts[1:], len(periodic)).tolist()))
 
 
-def _separated_x(pos64: np.ndarray, offsets: np.ndarray, counts: np.ndarray, lo: int, hi: int, cutoff: float) -> np.ndarray:
-    """x coordinates (Å) of the atoms of systems lo..hi-1, each system moved along x to
-    `cutoff + _MERGE_GAP_ANGSTROM` beyond the previous one's extent."""
+def _packed(pos64: np.ndarray, offsets: np.ndarray, counts: np.ndarray, lo: int, hi: int, cutoff: float) -> np.ndarray:
+    """[n, 3] positions (Å) of the atoms of systems lo..hi-1, each system translated onto its
+    own site of a cubic grid whose pitch is the largest system extent plus
+    `cutoff + _MERGE_GAP_ANGSTROM`: compact (vesin bins the bounding box) and out of reach."""
     a, b = int(offsets[lo]), int(offsets[hi])
-    x = pos64[a:b, 0]
+    points = pos64[a:b]
     n = counts[lo:hi]
     filled = n > 0
     starts = (offsets[lo:hi] - a)[filled]
-    low = np.minimum.reduceat(x, starts)
-    width = np.maximum.reduceat(x, starts) - low + cutoff + _MERGE_GAP_ANGSTROM
-    place = np.concatenate([[0.0], np.cumsum(width)[:-1]])
-    return x + np.repeat(place - low, n[filled])
+    low = np.minimum.reduceat(points, starts, axis=0)
+    pitch = float((np.maximum.reduceat(points, starts, axis=0) - low).max()) + cutoff + _MERGE_GAP_ANGSTROM
+    site = np.arange(len(starts))
+    side = max(1, math.ceil(len(starts) ** (1 / 3)))
+    grid = np.stack([site % side, (site // side) % side, site // (side * side)], axis=1) * pitch
+    return points + np.repeat(grid - low, n[filled], axis=0)
 
 
 def _calculator(search: float, threads: int):
