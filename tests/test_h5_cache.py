@@ -114,6 +114,21 @@ def test_block_shuffle_sampler_reads_each_block_once_per_epoch(mixed_extxyz, tmp
     assert len({int(k) // 4 for k in first[:8]}) > 1
 
 
+@pytest.mark.parametrize("in_memory_bytes", [0, 1 << 30])
+def test_threads_reading_one_dataset_get_the_same_structures(mixed_extxyz, tmp_path, in_memory_bytes):
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = tmp_path / "c.h5"
+    run_preprocess(_config(mixed_extxyz, out))
+    expected = [s.positions for s in H5Dataset(out)]
+    data = H5Dataset(out, in_memory_bytes=in_memory_bytes, block_size=4)
+    order = np.random.default_rng(1).integers(0, len(data), size=400)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda k: data[int(k)].positions, order))
+    for k, positions in zip(order, got):
+        np.testing.assert_array_equal(positions, expected[k])
+
+
 def test_random_reads_from_disk_read_single_structures(mixed_extxyz, tmp_path, monkeypatch):
     disk, reads = _disk_dataset_logging_reads(mixed_extxyz, tmp_path, monkeypatch)
     for k in (0, 9, 17, 25, 5, 29, 13):  # every read in a block not asked for before

@@ -12,6 +12,8 @@ at close to in-memory speed, and a fully random order does not pay for whole blo
 from __future__ import annotations
 
 import json
+import os
+import threading
 from collections import OrderedDict, deque
 from pathlib import Path
 
@@ -26,6 +28,17 @@ from molden.errors import MoldenInputError
 DEFAULT_IN_MEMORY_BYTES = 2 << 30
 CHUNK_CACHE_BYTES = 64 << 20
 DEFAULT_BLOCK_SIZE = 256
+# Serialises loading and the block cache across threads (h5py serialises its calls anyway):
+# one thread must not close the handle another is reading through.
+_READ_LOCK = threading.RLock()
+
+
+def _new_lock_in_child() -> None:  # a fork while another thread held the lock must not deadlock
+    global _READ_LOCK
+    _READ_LOCK = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
 # Blocks kept in memory when reading from disk: enough for a DataLoader batch to straddle blocks.
 CACHED_BLOCKS = 4
 
@@ -157,25 +170,28 @@ class H5Dataset(Dataset):
 
     def _source(self, i: int) -> tuple[dict[str, np.ndarray], int]:
         """(arrays holding structure i, the file position of their first structure)."""
-        if self._in_memory:
-            if self._arrays is None:
-                self._arrays = self._read(0, len(self._atom_offsets) - 1)
-                self.close()
+        if self._in_memory and self._arrays is not None:  # the common case needs no lock
             return self._arrays, 0
-        block = i // self.block_size
-        recent = block in self._recent_blocks
-        self._recent_blocks.append(block)
-        arrays = self._blocks.get(block)
-        if arrays is not None:
-            self._blocks.move_to_end(block)
-            return arrays, block * self.block_size
-        if not recent:  # no sign of block-local access: the structure alone is cheaper
-            return self._read(i, i + 1), i
-        start = block * self.block_size
-        arrays = self._blocks[block] = self._read(start, min(start + self.block_size, len(self._atom_offsets) - 1))
-        if len(self._blocks) > CACHED_BLOCKS:
-            self._blocks.popitem(last=False)
-        return arrays, start
+        with _READ_LOCK:
+            if self._in_memory:
+                if self._arrays is None:
+                    self._arrays = self._read(0, len(self._atom_offsets) - 1)
+                    self.close()
+                return self._arrays, 0
+            block = i // self.block_size
+            recent = block in self._recent_blocks
+            self._recent_blocks.append(block)
+            arrays = self._blocks.get(block)
+            if arrays is not None:
+                self._blocks.move_to_end(block)
+                return arrays, block * self.block_size
+            if not recent:  # no sign of block-local access: the structure alone is cheaper
+                return self._read(i, i + 1), i
+            start = block * self.block_size
+            arrays = self._blocks[block] = self._read(start, min(start + self.block_size, len(self._atom_offsets) - 1))
+            if len(self._blocks) > CACHED_BLOCKS:
+                self._blocks.popitem(last=False)
+            return arrays, start
 
     def __len__(self) -> int:
         return len(self.indices)
