@@ -9,7 +9,8 @@ from ase.io import read
 from ase.neighborlist import neighbor_list
 
 from molden.data import H5Dataset, collate
-from molden.data.preprocess import PreprocessConfig, run_preprocess
+from molden.graph import edge_vectors
+from molden.pipeline.preprocess import PreprocessConfig, run_preprocess
 
 
 @pytest.fixture
@@ -42,7 +43,7 @@ def test_edge_vectors_equal_ase_distance_vectors(cache, mixed_extxyz):
     data = H5Dataset(cache)
     frames = read(mixed_extxyz, ":6")
     batch = collate([data[k] for k in range(6)], dtype=torch.float64)
-    lengths = batch.edge_vectors().norm(dim=1)
+    lengths = edge_vectors(batch).norm(dim=1)
     ref = np.concatenate([np.sort(neighbor_list("d", a, 4.0)) for a in frames])
     ours = np.concatenate(
         [np.sort(lengths[batch.batch[batch.edge_index[0]] == k].numpy()) for k in range(6)]
@@ -54,7 +55,7 @@ def test_noised_positions_keep_the_clean_graph_and_are_differentiable(cache):
     data = H5Dataset(cache)
     batch = collate([data[k] for k in range(3)], dtype=torch.float64)
     noised = (batch.positions + 0.02 * torch.randn_like(batch.positions)).requires_grad_()
-    vectors = batch.edge_vectors(noised)
+    vectors = edge_vectors(batch, noised)
     assert vectors.shape == (int(batch.n_edge.sum()), 3)
     vectors.norm(dim=1).sum().backward()
     assert noised.grad is not None and torch.isfinite(noised.grad).all()

@@ -173,7 +173,7 @@ def test_interrupted_emt_preprocess_resumes_to_the_same_file(tmp_path, monkeypat
     import h5py
 
     from molden.data import emt
-    from molden.data import preprocess as pp
+    from molden.pipeline import preprocess as pp
 
     monkeypatch.setattr(pp, "BLOCK_STRUCTURES", 16)
     config = dict(source="emt", emt=TINY.model_copy(update={"n_systems": 6}))

@@ -9,8 +9,8 @@ from ase.io import read
 from ase.neighborlist import neighbor_list
 
 from molden.data import H5Dataset
-from molden.data import preprocess as pp
-from molden.data.preprocess import PreprocessConfig, run_preprocess
+from molden.pipeline import preprocess as pp
+from molden.pipeline.preprocess import PreprocessConfig, run_preprocess
 from molden.data.sampling import BlockShuffleSampler
 from molden.errors import MoldenInputError
 

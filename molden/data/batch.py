@@ -2,8 +2,8 @@
 
 A `Batch` is an immutable, typed container of tensors for B graphs with N atoms and E edges
 in total (jraph's GraphsTuple, with the fields atomistic models need). Edge vectors are never
-stored: `edge_vectors` recomputes them from positions, cell and integer shifts, so noised
-positions can never disagree with the cached graph.
+stored: `molden.graph.edge_vectors(batch)` recomputes them from positions, cell and integer
+shifts, so noised positions can never disagree with the cached graph.
 """
 
 from __future__ import annotations
@@ -65,20 +65,6 @@ class Batch:
     @property
     def num_graphs(self) -> int:
         return int(self.n_node.shape[0])
-
-    def edge_shifts(self) -> Tensor:
-        """[E, 3] Cartesian image offsets, Å: unit_shifts @ cell of the edge's graph."""
-        cell = self.cell.to(self.positions.dtype)[self.batch[self.edge_index[0]]]
-        return torch.einsum("ek,ekx->ex", self.unit_shifts.to(self.positions.dtype), cell)
-
-    def edge_vectors(self, positions: Tensor | None = None) -> Tensor:
-        """[E, 3] vectors pos[j] + shift - pos[i], Å, from `positions` (default: the batch's).
-
-        Pass noised positions to get the noised edge vectors over the clean graph.
-        """
-        pos = self.positions if positions is None else positions
-        i, j = self.edge_index
-        return pos[j] - pos[i] + self.edge_shifts()
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Batch:
         """A copy on `device`; floating-point fields cast to `dtype` when given."""

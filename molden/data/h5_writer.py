@@ -25,7 +25,11 @@ from molden.data.statistics import write_statistics
 from molden.data.structure import Structure
 from molden.errors import MoldenInputError
 
-COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
+# fletcher32 stores a checksum per chunk, so corruption fails the read instead of returning
+# garbage; every dataset carries it (HDF5 builds always include the filter) except the
+# variable-length system ids, which HDF5 cannot filter.
+CHECKSUM = dict(fletcher32=True)
+COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True, **CHECKSUM)
 
 SplitAssigner = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """Maps (system ids [S] str, structure indices [S]) to split names [S] for structures without one."""
@@ -207,7 +211,7 @@ class CacheWriter:
         for code, name in enumerate(names):
             if name in group:
                 del group[name]
-            group.create_dataset(name, data=np.flatnonzero(codes == code).astype(np.int64))
+            group.create_dataset(name, data=np.flatnonzero(codes == code).astype(np.int64), **CHECKSUM)
         write_statistics(f, extra_stats or {})
         f.attrs["complete"] = True
         f.close()

@@ -64,7 +64,7 @@ def write_statistics(f: h5py.File, extra: dict) -> None:
     element_counts = np.zeros(N_ELEMENTS, np.int64)
     for start, stop in _blocks(n_atoms, 1 << 22):
         element_counts += np.bincount(f[S.NUMBERS][start:stop], minlength=N_ELEMENTS)
-    g.create_dataset("element_counts", data=element_counts)
+    g.create_dataset("element_counts", data=element_counts, fletcher32=True)
     g.attrs["n_structures"] = n_structures
     g.attrs["n_atoms"] = n_atoms
     g.attrs["n_edges"] = n_edges
@@ -77,8 +77,8 @@ def write_statistics(f: h5py.File, extra: dict) -> None:
     if S.TARGETS in f:
         targets = f[S.TARGETS][:]
         names = json.loads(f.attrs["target_names"])
-        g.create_dataset("targets_mean", data=np.nanmean(targets, axis=0))
-        g.create_dataset("targets_std", data=np.nanstd(targets, axis=0))
+        g.create_dataset("targets_mean", data=np.nanmean(targets, axis=0), fletcher32=True)
+        g.create_dataset("targets_std", data=np.nanstd(targets, axis=0), fletcher32=True)
         g["targets_mean"].attrs["names"] = json.dumps(names)
         g["targets_std"].attrs["names"] = json.dumps(names)
     if S.ENERGY in f:
@@ -86,7 +86,7 @@ def write_statistics(f: h5py.File, extra: dict) -> None:
         per_atom = energy / np.diff(f[S.ATOM_OFFSETS][:])
         g.attrs["energy_per_atom_mean_ev"] = float(np.nanmean(per_atom))
         g.attrs["energy_per_atom_std_ev"] = float(np.nanstd(per_atom))
-        g.create_dataset("element_reference_energy_ev", data=element_reference_energies(f, element_counts))
+        g.create_dataset("element_reference_energy_ev", data=element_reference_energies(f, element_counts), fletcher32=True)
     if S.FORCES in f:
         sq, count = 0.0, 0
         for start, stop in _blocks(n_atoms, 1 << 22):

@@ -26,6 +26,7 @@ import torch
 
 from molden.errors import MoldenInputError
 from molden.graph import cell_list, vesin_backend
+from molden.graph.edges import cartesian_shifts
 from molden.graph.periodic import complete_cells, image_offsets, shell_counts, wrap_positions
 from molden.graph.systems import SystemLayout, system_layout
 
@@ -101,8 +102,7 @@ def radius_graph(
     )
     cells = _cells_like(positions, cell, batch)
     system = batch[edge_index[0]] if batch is not None else torch.zeros_like(edge_index[0])
-    edge_shift = torch.einsum("ek,ekl->el", unit_shifts.to(positions.dtype), cells[system])
-    return edge_index, edge_shift
+    return edge_index, cartesian_shifts(unit_shifts, cells, system)
 
 
 def backend_for(device: torch.device | str, backend: str = "auto") -> str:
@@ -122,7 +122,7 @@ def edge_lengths(
     positions: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor, i: torch.Tensor, j: torch.Tensor, shifts: torch.Tensor
 ) -> torch.Tensor:
     """[E] |pos[j] - pos[i] + S @ cell|, Å, in ASE's order of operations."""
-    vectors = (positions[j] - positions[i]) + torch.einsum("ek,ekl->el", shifts.to(positions.dtype), cell[batch[i]])
+    vectors = (positions[j] - positions[i]) + cartesian_shifts(shifts, cell.to(positions.dtype), batch[i])
     return torch.sqrt((vectors * vectors).sum(dim=-1))
 
 

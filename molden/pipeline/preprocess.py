@@ -21,7 +21,7 @@ from molden.data.h5_writer import CacheWriter
 from molden.data.splits import QM9_SPLIT, SplitConfig, assign_splits
 from molden.data.structure import Structure
 from molden.errors import MoldenConfigError, MoldenInputError
-from molden.graph.structure_graphs import GraphReport, build_graphs
+from molden.pipeline.structure_graphs import GraphReport, build_graphs
 
 SourceName = Literal["qm9", "oc20", "pcqm4mv2", "ase", "emt"]
 

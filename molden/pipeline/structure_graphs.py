@@ -18,6 +18,7 @@ import torch
 
 from molden.data.structure import Structure
 from molden.errors import MoldenInputError
+from molden.graph.edges import cartesian_shifts
 from molden.graph.radius_graph import nearest_neighbors_mask, neighbor_list
 
 
@@ -64,7 +65,7 @@ def build_graphs(
         order = torch.from_numpy(np.argsort(edge_index[0].numpy().astype(np.int32), kind="stable"))
         edge_index, unit_shifts = edge_index[:, order], unit_shifts[order]
     i, j = edge_index
-    vectors = positions[j] - positions[i] + torch.einsum("ek,ekx->ex", unit_shifts.to(positions.dtype), cell[batch[i]])
+    vectors = positions[j] - positions[i] + cartesian_shifts(unit_shifts, cell, batch[i])
     distances = vectors.norm(dim=1)
 
     too_close = distances < min_distance_angstrom

@@ -1,0 +1,73 @@
+"""`molden preprocess`: options into a `PreprocessConfig`, then `run_preprocess`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from molden.cli.console import console, err_console, progress_bar, user_errors
+
+def preprocess(
+    source: str = typer.Argument(..., help="qm9 | oc20 | pcqm4mv2 | ase | emt"),
+    inputs: Optional[List[Path]] = typer.Argument(None, help="files or folders (none for emt; qm9 defaults to qm9pack)"),
+    out: Path = typer.Option(..., "--out", "-o", help="the .h5 cache to write"),
+    cutoff: Optional[float] = typer.Option(None, help="radius-graph cutoff, Å (default: 6 for oc20/emt, 5 otherwise)"),
+    max_neighbors: Optional[int] = typer.Option(None, help="keep the k nearest neighbours per atom (ties kept)"),
+    limit: Optional[int] = typer.Option(None, help="stop after this many structures"),
+    workers: int = typer.Option(1, help="processes for EMT relaxations, torch threads for graphs"),
+    seed: int = typer.Option(0, help="seed of the train/val/test split (and of EMT generation)"),
+    val: Optional[float] = typer.Option(None, help="validation systems: a count (>=1) or a fraction"),
+    test: Optional[float] = typer.Option(None, help="test systems: a count (>=1) or a fraction"),
+    split_by: Optional[str] = typer.Option(None, help="system | structure (default: structure for ase, else system)"),
+    emt_systems: Optional[int] = typer.Option(None, help="emt: number of adsorbate+slab systems to relax"),
+    oc20_frames: str = typer.Option("all", help="oc20 .traj: all | initial | final frames"),
+    pcqm4mv2_targets: Optional[Path] = typer.Option(None, help="pcqm4mv2: OGB data.csv(.gz) with homolumogap"),
+    resume: bool = typer.Option(True, help="resume an interrupted run from OUT.h5.partial"),
+) -> None:
+    """Read a dataset, build radius graphs and write an HDF5 graph cache."""
+    from molden.data.emt import EMTConfig
+    from molden.pipeline.preprocess import PreprocessConfig, default_split, run_preprocess
+    from molden.data.splits import SplitConfig
+
+    with user_errors():
+        split = None
+        if val is not None or test is not None or seed != 0 or split_by is not None:
+            changes = {"val": val, "test": test, "seed": seed, "group_by": split_by}
+            split = SplitConfig.model_validate(
+                default_split(source).model_dump() | {k: v for k, v in changes.items() if v is not None}
+            )
+        emt_update = {"seed": seed} | ({"n_systems": emt_systems} if emt_systems is not None else {})
+        config = PreprocessConfig(
+            source=source, out=out, inputs=inputs or [], cutoff_angstrom=cutoff, max_num_neighbors=max_neighbors,
+            limit=limit, workers=workers, split=split, resume=resume, oc20_frames=oc20_frames,
+            pcqm4mv2_targets=pcqm4mv2_targets, emt=EMTConfig.model_validate(emt_update),
+        )
+        with progress_bar(f"preprocess {source}") as hook:
+            summary = run_preprocess(config, progress=hook)
+    _print_preprocess_summary(summary)
+
+
+def _print_preprocess_summary(summary) -> None:
+    table = Table(title=f"wrote {summary.path}", show_header=False)
+    rows = [
+        ("source", summary.source),
+        ("structures", f"{summary.n_structures:,}"),
+        ("atoms", f"{summary.n_atoms:,}"),
+        ("edges", f"{summary.n_edges:,} ({summary.edges_per_atom:.1f} per atom, cutoff {summary.cutoff_angstrom} Å)"),
+        ("splits", ", ".join(f"{k} {v:,}" for k, v in summary.splits.items())),
+        ("time", f"{summary.seconds:.1f} s" + (f" (resumed after {summary.resumed_from:,})" if summary.resumed_from else "")),
+    ]
+    if summary.edges_dropped_by_max_neighbors:
+        rows.append(("dropped by max-neighbours", f"{summary.edges_dropped_by_max_neighbors:,} edges"))
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    if summary.isolated_atoms:
+        examples = ", ".join(summary.structures_with_isolated_atoms[:5])
+        err_console.print(
+            f"[yellow]warning:[/] {summary.isolated_atoms} atoms have no neighbour within the cutoff (e.g. {examples})",
+            highlight=False,
+        )
