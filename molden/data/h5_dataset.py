@@ -113,6 +113,16 @@ class H5Dataset(Dataset):
         """True when the whole cache is (or will be) read into memory."""
         return self._in_memory
 
+    @property
+    def atom_counts(self) -> np.ndarray:
+        """[len(self)] int64 atoms of each structure of the dataset, in dataset order."""
+        return (self._atom_offsets[1:] - self._atom_offsets[:-1])[self.indices]
+
+    @property
+    def edge_counts(self) -> np.ndarray:
+        """[len(self)] int64 edges of each structure's cached graph, in dataset order."""
+        return (self._edge_offsets[1:] - self._edge_offsets[:-1])[self.indices]
+
     def storage_index(self, index: int) -> int:
         """Position in the file of the dataset's `index`-th structure (blocks are by position)."""
         return int(self.indices[index])
@@ -215,6 +225,7 @@ class H5Dataset(Dataset):
             split=self.split_names[split_code] if split_code >= 0 else None,
             edge_index=src[S.EDGE_INDEX][e0:e1].T,
             unit_shifts=src[S.UNIT_SHIFTS][e0:e1],
+            cache_index=i,
         )
         for name in self.optional_fields:
             column = S.OPTIONAL[name]

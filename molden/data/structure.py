@@ -45,6 +45,8 @@ class Structure:
             the graph is built.
         unit_shifts: [E, 3] int32 integer lattice offsets of each edge, such that
             `positions[j] + unit_shifts @ cell - positions[i]` is the edge vector.
+        cache_index: position of this structure in the cache it was read from (so
+            predictions map back to records), or None when it did not come from a cache.
     """
 
     numbers: np.ndarray
@@ -63,6 +65,7 @@ class Structure:
     split: str | None = None
     edge_index: np.ndarray | None = None
     unit_shifts: np.ndarray | None = None
+    cache_index: int | None = None
 
     def __post_init__(self) -> None:
         # Normalise dtypes once here so that readers, the cache and collation agree.
