@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import sys
 
+from typing import Optional
+
 import typer
 
+from molden import __version__
 from molden.cli import demo, export, inspect, preprocess
 
 app = typer.Typer(
@@ -15,6 +18,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"molden {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Optional[bool] = typer.Option(
+        None, "--version", callback=_print_version, is_eager=True, help="print molden's version and exit"
+    ),
+) -> None:
+    """molden: denoising for molecular and materials graph neural networks."""
+
+
 app.command()(preprocess.preprocess)
 app.command()(inspect.inspect)
 app.command()(export.export)

@@ -7,11 +7,12 @@ stderr with exit code 1; Ctrl-C exits 130 and leaves resumable work in place.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from molden.errors import MoldenError
@@ -20,18 +21,39 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def error_line(message: str) -> None:
+    """Print one `error:` line on stderr."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def note_line(message: str) -> None:
+    """Print one `note:` line on stderr (what happened to existing files)."""
+    err_console.print(f"[yellow]note:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def invalid_option_message(error: ValidationError, option_names: Mapping[str, str] | None = None) -> str:
+    """`invalid --cutoff -1: must be greater than 0` from a config's validation error, naming
+    the command-line option (`option_names` maps config fields such as `emt.n_systems` to it)."""
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"])
+    name = (option_names or {}).get(field) or (f"--{field.replace('_', '-')}" if field else "options")
+    message = first["msg"].removeprefix("Value error, ")
+    message = message[:1].lower() + message[1:]
+    value = first.get("input")
+    shown = f" {value}" if field and isinstance(value, (int, float, str)) else ""
+    return f"invalid {name}{shown}: {message}"
+
+
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn molden's own errors into one line and a non-zero exit code."""
+def user_errors(option_names: Mapping[str, str] | None = None) -> Iterator[None]:
+    """Turn molden's own errors and invalid options into one line and exit code 1."""
     try:
         yield
     except MoldenError as error:
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        error_line(str(error))
         raise typer.Exit(1) from None
     except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        err_console.print(f"[bold red]error:[/] invalid option {where}: {first['msg']}", highlight=False, soft_wrap=True)
+        error_line(invalid_option_message(error, option_names))
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err_console.print("interrupted: run the same command again to resume", highlight=False)
@@ -49,3 +71,32 @@ def progress_bar(description: str) -> Iterator:
             progress.update(task, completed=done, total=total)
 
         yield hook
+
+
+def print_cache_summary(summary) -> None:
+    """The table `molden inspect` prints for a `CacheSummary` (the demo prints it too)."""
+    from rich.table import Table
+
+    table = Table(title=str(summary.path), show_header=False)
+    rows = [
+        ("source", summary.source),
+        ("size", f"{summary.size_bytes / 2**20:.2f} MiB"),
+        ("structures / systems", f"{summary.n_structures:,} / {summary.n_systems:,}"),
+        ("atoms", f"{summary.n_atoms:,}"),
+        ("edges", f"{summary.n_edges:,}"),
+        ("edges per atom", f"{summary.edges_per_atom:.2f}"),
+        ("cutoff", f"{summary.cutoff_angstrom} Å" + (f", max {summary.max_num_neighbors} neighbours" if summary.max_num_neighbors else "")),
+        ("fields", ", ".join(summary.fields)),
+        ("splits", ", ".join(f"{k} {v:,}" for k, v in summary.splits.items())),
+        ("elements", "  ".join(f"{k} {v:,}" for k, v in sorted(summary.element_histogram.items(), key=lambda kv: -kv[1]))),
+        ("molden / schema", f"{summary.molden_version} / {summary.schema_version}, created {summary.created}"),
+    ]
+    if summary.energy_per_atom_mean_ev is not None:
+        rows.append(("energy per atom", f"{summary.energy_per_atom_mean_ev:.4f} ± {summary.energy_per_atom_std_ev:.4f} eV"))
+    if summary.forces_rms_ev_per_angstrom is not None:
+        rows.append(("forces rms", f"{summary.forces_rms_ev_per_angstrom:.4f} eV/Å"))
+    for name, s in summary.targets.items():
+        rows.append((f"target {name}", f"{s['mean']:.6g} ± {s['std']:.6g}"))
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)

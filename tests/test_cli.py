@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -100,9 +101,92 @@ def test_unknown_source_is_one_line(tmp_path):
     assert result.exit_code == 1 and "source" in result.stderr
 
 
-@pytest.mark.slow
-def test_demo_runs_end_to_end_on_a_small_emt_set(tmp_path):
-    result = _run("demo", "--out-dir", tmp_path, "--systems", 6)
+def test_demo_runs_end_to_end_then_reuses_its_cache_and_says_what_next(tmp_path):
+    result = _run("demo", "--out-dir", tmp_path, "--emt-systems", 1)
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "emt.h5").exists()
+    cache = tmp_path / "emt.h5"
+    assert cache.exists()
     assert "edges per atom" in result.stdout
+    # What to do next: the commands and the Python snippet, naming this cache.
+    assert f"molden inspect {cache}" in result.stdout and f"molden export {cache}" in result.stdout
+    assert "H5Dataset(" in result.stdout
+    stamp = cache.stat().st_mtime_ns
+    # A rerun (also under the old option name) reuses the complete cache instead of redoing it.
+    again = _run("demo", "--out-dir", tmp_path, "--systems", 1)
+    assert again.exit_code == 0, again.output
+    assert "already complete" in again.output and cache.stat().st_mtime_ns == stamp
+    # Other settings are not silently reused, nor silently replaced.
+    other = _run("demo", "--out-dir", tmp_path, "--emt-systems", 2)
+    assert other.exit_code == 1 and "--overwrite" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+
+
+def test_demo_builds_a_preprocess_config_for_the_library(tmp_path, monkeypatch):
+    import molden.pipeline.preprocess as pp
+
+    seen = []
+
+    def fake_run(config, progress=None, notify=None):
+        seen.append(config)
+        raise pp.MoldenConfigError("stop here")
+
+    monkeypatch.setattr(pp, "run_preprocess", fake_run)
+    result = _run("demo", "--out-dir", tmp_path, "--emt-systems", 3, "--workers", 2)
+    assert result.exit_code == 1 and "stop here" in result.stderr
+    (config,) = seen
+    assert isinstance(config, pp.PreprocessConfig)
+    assert (config.source, config.out, config.emt.n_systems, config.workers) == ("emt", tmp_path / "emt.h5", 3, 2)
+
+
+def test_version_prints_the_package_version():
+    from molden import __version__
+
+    result = _run("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"molden {__version__}"
+
+
+def test_help_shows_the_real_defaults_of_val_test_and_emt_systems():
+    from molden.cli import preprocess as cli_preprocess
+    from molden.data.emt import EMTConfig
+    from molden.data.splits import QM9_SPLIT, SplitConfig
+
+    assert EMTConfig().n_systems == cli_preprocess.EMT_SYSTEMS_DEFAULT
+    shown = cli_preprocess.HELD_OUT_DEFAULT
+    assert f"qm9 {QM9_SPLIT.val:,.0f}" in shown and f"{SplitConfig().val:g}" in shown
+    assert QM9_SPLIT.val == QM9_SPLIT.test and SplitConfig().val == SplitConfig().test
+    for command, options in (("preprocess", ["--val", "--test", "--emt-systems"]), ("demo", ["--emt-systems"])):
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0
+        text = " ".join(result.stdout.replace("│", " ").split())  # the help as one line, unwrapped
+        for option in options:
+            entry = re.search(rf" {option} .*?(?= --[a-z]|$)", text).group(0)
+            assert "[default: " in entry, entry
+        if command == "demo":
+            assert "--systems" not in text  # the old name still works, hidden
+    text = " ".join(runner.invoke(app, ["preprocess", "--help"]).stdout.replace("│", " ").split())
+    assert f"[default: ({shown})]" in text and f"[default: ({EMTConfig().n_systems})]" in text
+
+
+def test_emt_refuses_input_files(mixed_extxyz, tmp_path):
+    result = _run("preprocess", "emt", mixed_extxyz, "--out", tmp_path / "e.h5")
+    assert result.exit_code == 1
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "emt" in result.stderr and "mixed.extxyz" in result.stderr
+    assert list(tmp_path.glob("e.h5*")) == []
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--max-neighbors", 0], "invalid --max-neighbors 0"),
+        (["--cutoff", -1], "invalid --cutoff -1"),
+        (["--workers", 0], "invalid --workers 0"),
+        (["--emt-systems", 0], "invalid --emt-systems 0"),
+    ],
+)
+def test_bad_option_names_the_command_line_option(args, expected, mixed_extxyz, tmp_path):
+    result = _run("preprocess", "ase", mixed_extxyz, "--out", tmp_path / "x.h5", *args)
+    assert result.exit_code == 1, result.output
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and message.startswith("error: " + expected), message
+    assert list(tmp_path.glob("x.h5*")) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -23,9 +24,36 @@ TINY = EMTConfig(
 ADS_NUMBERS = {1, 6, 7, 8}
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _generate_logging(config: EMTConfig) -> tuple[list[Structure], list[logging.LogRecord]]:
+    """Every frame, and what the generator logged while making them."""
+    logger = logging.getLogger("molden.data.emt")
+    handler, level = _Records(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        return list(generate_emt(config)), handler.records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 @pytest.fixture(scope="module")
-def frames() -> list[Structure]:
-    return list(generate_emt(TINY))
+def generated() -> tuple[list[Structure], list[logging.LogRecord]]:
+    return _generate_logging(TINY)
+
+
+@pytest.fixture(scope="module")
+def frames(generated) -> list[Structure]:
+    return generated[0]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +84,38 @@ def test_two_workers_match_one_worker_and_report_progress(frames):
     assert done == sorted(done) and done[-1] == TINY.n_systems
 
 
-def test_most_systems_survive_and_every_structure_validates(frames, systems):
-    assert len(systems) >= TINY.n_systems - 2  # skips are allowed, but rare on these adsorbates
+def _skipped(records: list[logging.LogRecord]) -> list[str]:
+    return [r.getMessage() for r in records if r.levelno == logging.WARNING and "skipped" in r.getMessage()]
+
+
+def test_every_requested_system_is_kept_or_logged_as_skipped(generated, systems):
+    frames_, records = generated
+    skipped = _skipped(records)
+    assert len(systems) + len(skipped) == TINY.n_systems
+    summary = [r.getMessage() for r in records if r.getMessage().startswith("EMT: ")]
+    assert summary and summary[-1].startswith(f"EMT: {len(systems)} systems, {len(frames_)} frames, ")
+    assert f"{len(skipped)} skipped" in summary[-1]
+
+
+def test_a_system_whose_every_attempt_fails_is_skipped_and_logged(monkeypatch):
+    from molden.data import emt
+
+    config = TINY.model_copy(update={"n_systems": 3, "max_steps": 5, "max_attempts": 2})
+    calls: list[int] = []
+
+    def fail_system_one(initial, *args):
+        calls.append(1)
+        return "dissociated" if len(calls) <= config.max_attempts else None  # system 0's attempts fail
+
+    monkeypatch.setattr(emt, "relaxation_anomaly", fail_system_one)
+    frames_, records = _generate_logging(config)
+    kept = {s.system_id for s in frames_}
+    assert kept == {"emt_000001", "emt_000002"}
+    skipped = _skipped(records)
+    assert len(skipped) == 1 and "dissociated" in skipped[0]
+
+
+def test_every_structure_validates(frames):
     for s in frames:
         s.validate()
         assert tuple(s.pbc) == (True, True, False)
@@ -87,7 +145,7 @@ def test_converged_systems_end_below_fmax_and_others_ran_out_of_steps(systems):
     for frames_ in systems.values():
         last = frames_[-1]
         fmax = np.linalg.norm(last.forces[~last.fixed], axis=1).max()
-        if last.targets["converged"] == 1.0:
+        if last.converged:
             assert fmax <= TINY.fmax_ev_per_angstrom
         else:
             assert len(frames_) == TINY.max_steps + 1 and fmax > TINY.fmax_ev_per_angstrom
@@ -113,7 +171,7 @@ def test_relaxed_fields_come_from_the_last_frame(systems):
         for s in frames_:
             np.testing.assert_array_equal(s.relaxed_positions, last.positions)
             assert s.relaxed_energy == last.energy
-            assert (s.split, s.targets) == (last.split, last.targets)
+            assert (s.split, s.targets, s.converged) == (last.split, last.targets, last.converged)
         assert np.isfinite(last.targets["adsorption_energy"])
 
 
@@ -201,3 +259,23 @@ def test_interrupted_emt_preprocess_resumes_to_the_same_file(tmp_path, monkeypat
         f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
         for name in names:
             np.testing.assert_array_equal(f[name][()], g[name][()], err_msg=name)
+
+
+def test_converged_is_a_per_system_flag_in_the_cache_not_a_target(frames, tmp_path):
+    import h5py
+
+    from molden.data import H5Dataset
+    from molden.data.h5_writer import CacheWriter
+
+    assert all(set(s.targets) == {"adsorption_energy"} and isinstance(s.converged, bool) for s in frames)
+    writer = CacheWriter(tmp_path / "emt.h5", {"source": "emt"})
+    no_edges = dict(edge_index=np.zeros((2, 0), np.int64), unit_shifts=np.zeros((0, 3), np.int32))
+    writer.write([s.with_graph(**no_edges) for s in frames])
+    path = writer.finalize(lambda ids, index: np.full(len(ids), "train", dtype=object))
+    with h5py.File(path) as f:
+        assert f["structures/converged"].dtype == bool
+        np.testing.assert_array_equal(f["structures/converged"][:], [s.converged for s in frames])
+        assert f.attrs["target_names"] == '["adsorption_energy"]'
+        assert f["stats/targets_mean"].shape == (1,)
+    dataset = H5Dataset(path, in_memory_bytes=0)
+    assert [dataset[i].converged for i in range(len(dataset))] == [s.converged for s in frames]

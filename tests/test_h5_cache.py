@@ -12,7 +12,7 @@ from molden.data import H5Dataset
 from molden.pipeline import preprocess as pp
 from molden.pipeline.preprocess import PreprocessConfig, run_preprocess
 from molden.data.sampling import BlockShuffleSampler
-from molden.errors import MoldenInputError
+from molden.errors import MoldenConfigError, MoldenInputError
 
 
 def _config(src, out, **kw) -> PreprocessConfig:
@@ -178,12 +178,15 @@ def test_a_mistyped_input_keeps_the_resumable_partial_file(mixed_extxyz, tmp_pat
     assert run_preprocess(_config(mixed_extxyz, out)).resumed_from == 7
 
 
-def test_changed_options_do_not_resume_a_stale_partial_file(mixed_extxyz, tmp_path, monkeypatch):
+def test_changed_options_replace_a_stale_partial_file_only_with_overwrite(mixed_extxyz, tmp_path, monkeypatch):
     monkeypatch.setattr(pp, "BLOCK_STRUCTURES", 7)
     out = tmp_path / "c.h5"
     _interrupted_after(7, mixed_extxyz, out)
     config = PreprocessConfig(source="ase", inputs=[mixed_extxyz], out=out, cutoff_angstrom=3.0)
-    summary = run_preprocess(config)
+    with pytest.raises(MoldenConfigError, match="overwrite"):
+        run_preprocess(config)
+    assert out.with_name("c.h5.partial").exists()
+    summary = run_preprocess(config.model_copy(update={"overwrite": True}))
     assert summary.resumed_from == 0
     assert H5Dataset(out).cutoff_angstrom == 3.0
 

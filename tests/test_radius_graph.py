@@ -327,3 +327,102 @@ def test_regression_vacuum_vector_nearly_parallel_to_a_periodic_axis_is_ignored(
 def test_regression_single_atom_systems_have_only_periodic_self_images(backend):
     assert_same_edges(Atoms("H", positions=[[0.0, 0.0, 0.0]]), 3.0, backend)
     assert_same_edges(Atoms("H", positions=[[0.0, 0.0, 0.0]], cell=np.eye(3) * 2.5, pbc=True), 3.0, backend)
+
+
+# Tests that must also run where a GPU exists: the torch backend is the only CUDA path.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+def mixed_batch(device: str, dtype=torch.float64):
+    """A molecule in a box (pbc False), a slab, a bulk crystal (unwrapped) and a bare molecule."""
+    systems = [molecule("CH4"), fcc111("Pt", (2, 2, 3), vacuum=6.0), bulk("Si", "diamond", a=5.43), molecule("H2O")]
+    systems[0].cell = np.eye(3) * 9.0
+    systems[2].positions += 9.0
+    positions = torch.tensor(np.concatenate([a.positions for a in systems]), dtype=dtype, device=device)
+    cell = torch.tensor(np.stack([a.cell.array for a in systems]), dtype=dtype, device=device)
+    pbc = torch.tensor(np.stack([a.pbc for a in systems]), device=device)
+    n_node = [len(a) for a in systems]
+    return systems, positions, cell, pbc, n_node
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_n_node_gives_the_same_graph_as_batch(device, backend):
+    systems, positions, cell, pbc, n_node = mixed_batch(device)
+    batch = torch.repeat_interleave(torch.arange(len(n_node), device=device), torch.tensor(n_node, device=device))
+    by_batch = neighbor_list(positions, 4.0, cell=cell, pbc=pbc, batch=batch, backend=backend)
+    for given in (n_node, np.array(n_node), torch.tensor(n_node), torch.tensor(n_node, device=device)):
+        by_n_node = neighbor_list(positions, 4.0, cell=cell, pbc=pbc, n_node=given, backend=backend)
+        assert torch.equal(by_n_node[0], by_batch[0]) and torch.equal(by_n_node[1], by_batch[1])
+    got = np.column_stack([by_batch[0].T.cpu().numpy(), by_batch[1].cpu().numpy()])
+    np.testing.assert_array_equal(lexsorted(got), ase_batched_reference(systems, 4.0))
+
+
+@pytest.mark.parametrize("n_node", [[5, 5], [20, 20, 1], [-1, 41]])
+def test_n_node_that_does_not_cover_the_atoms_raises_molden_input_error(n_node):
+    positions = torch.zeros(40, 3)
+    positions[:, 0] = torch.arange(40.0)
+    with pytest.raises(MoldenInputError, match="n_node"):
+        neighbor_list(positions, 1.5, n_node=n_node)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_radius_graph_shifts_equal_unit_shifts_times_the_cell_of_each_edge(device, backend):
+    if device != "cpu" and backend == "auto":
+        pytest.skip("auto is the torch backend on a device")
+    _, positions, cell, pbc, n_node = mixed_batch(device)
+    cell.requires_grad_(True)
+    edge_index, unit_shifts = neighbor_list(positions, 4.0, cell=cell, pbc=pbc, n_node=n_node, backend=backend)
+    edge_index_rg, shifts = radius_graph(positions, 4.0, cell=cell, pbc=pbc, n_node=n_node, backend=backend)
+    assert torch.equal(edge_index_rg, edge_index)
+    system = torch.repeat_interleave(torch.arange(len(n_node), device=device), torch.tensor(n_node, device=device))
+    expected = torch.einsum("ek,ekx->ex", unit_shifts.double(), cell[system[edge_index[0]]])
+    torch.testing.assert_close(shifts, expected, rtol=0, atol=1e-12)
+    assert (unit_shifts != 0).any(), "the batch must exercise periodic images"
+    weights = torch.randn_like(expected)
+    (got,) = torch.autograd.grad((shifts * weights).sum(), cell)
+    (want,) = torch.autograd.grad((expected * weights).sum(), cell)
+    torch.testing.assert_close(got, want)
+
+
+class _HostReads:
+    """Records scalar reads (`float(t)`, `bool(t)`, `.item()`) and copies of per-atom or
+    per-edge tensors from a device to the host while active."""
+
+    def __init__(self, min_numel: int):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        watcher = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    watcher.reads.append("scalar read")
+                source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                if (
+                    isinstance(out, torch.Tensor) and source is not None and out.device.type == "cpu"
+                    and source.device.type != "cpu" and source.numel() >= min_numel
+                ):
+                    watcher.reads.append(f"{func} of {source.numel()} values to the host")
+                return out
+
+        self.mode, self.reads = Mode(), []
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_backend_reads_no_scalar_and_copies_no_per_atom_tensor_to_the_host(device):
+    # Small systems (brute force): every size comes from n_node and the cells on the host;
+    # the only waits left are the data-dependent selections (nonzero).
+    _, positions, cell, pbc, n_node = mixed_batch(device)
+    with _HostReads(min_numel=len(positions)) as watch:
+        radius_graph(positions, 4.0, cell=cell, pbc=pbc, n_node=n_node, backend="torch")
+    assert watch.reads == []

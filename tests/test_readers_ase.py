@@ -119,8 +119,53 @@ def test_garbled_number(tmp_path):
 
 
 def test_missing_file_and_unknown_format(tmp_path):
-    with pytest.raises(MoldenInputError, match=r"missing\.extxyz: no such file"):
+    with pytest.raises(MoldenInputError, match=r"missing\.extxyz: no such file or folder"):
         list(read_ase(tmp_path / "missing.extxyz"))
     (tmp_path / "notes.unknownext").write_text("hello\n")
     with pytest.raises(MoldenInputError, match=r"notes\.unknownext.*cannot read"):
         list(read_ase(tmp_path / "notes.unknownext"))
+
+
+# --- folders -------------------------------------------------------------------------------------
+
+
+def test_folder_reads_the_files_ase_knows_in_natural_order_and_names_the_rest(tmp_path, caplog):
+    frames = labelled_frames(3)
+    ase.io.write(tmp_path / "10.extxyz", frames[:1])
+    ase.io.write(tmp_path / "2.traj", frames[1:])
+    (tmp_path / "notes.txt").write_text("not a structure\n")
+    (tmp_path / "sub").mkdir()
+    with caplog.at_level("WARNING"):
+        got = list(read_ase(tmp_path))
+    assert [(s.system_id, s.frame) for s in got] == [("2", 0), ("2", 1), ("10", 0)]
+    np.testing.assert_allclose(got[2].positions, frames[0].positions, rtol=0, atol=1e-8)
+    assert "skipped 2" in caplog.text and "notes.txt" in caplog.text and "sub" in caplog.text
+    assert [s.frame for s in read_ase(tmp_path, limit=2)] == [0, 1]
+    assert count_ase(tmp_path) is None  # the extxyz has no index
+    (tmp_path / "10.extxyz").unlink()
+    assert count_ase(tmp_path) == 2
+
+
+def test_folder_without_readable_files_says_what_it_lacks(tmp_path):
+    with pytest.raises(MoldenInputError, match="no file in this folder that ASE can read.*empty"):
+        list(read_ase(tmp_path))
+    (tmp_path / "notes.txt").write_text("hello\n")
+    with pytest.raises(MoldenInputError, match="no file in this folder that ASE can read.*found only notes.txt"):
+        list(read_ase(tmp_path))
+
+
+def test_preprocess_ase_of_a_folder_through_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from molden.cli.app import app
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    ase.io.write(folder / "a.extxyz", labelled_frames(4))
+    ase.io.write(folder / "b.extxyz", labelled_frames(4))
+    out = tmp_path / "x.h5"
+    result = CliRunner().invoke(app, ["preprocess", "ase", str(folder), "--out", str(out), "--val", "1", "--test", "1"])
+    assert result.exit_code == 0, result.output
+    from molden.data.h5_dataset import H5Dataset
+
+    assert sorted({H5Dataset(out)[k].system_id for k in range(8)}) == ["a", "b"]

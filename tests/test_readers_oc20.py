@@ -165,10 +165,22 @@ def test_s2ef_folder_reads_chunks_in_numeric_order(s2ef):
         list(read_oc20(folder, frames="initial"))
 
 
-def test_missing_txt_is_a_clear_error(s2ef):
+def test_missing_txt_is_a_clear_error_naming_the_cli_command(s2ef):
     (s2ef[0] / "0.txt").unlink()
-    with pytest.raises(MoldenInputError, match=r"no OC20 metadata file 0\.txt or 0\.txt\.xz.*read_ase"):
+    with pytest.raises(MoldenInputError, match=r"no OC20 metadata file 0\.txt or 0\.txt\.xz.*`molden preprocess ase`"):
         list(read_oc20(s2ef[0] / "0.extxyz"))
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_non_utf8_metadata_is_one_error_naming_the_line(trajs, tmp_path, compress):
+    frames = ase.io.read(trajs / "random10.traj", ":")
+    lines = write_s2ef(tmp_path, "5", frames, compress=compress)
+    data = ("\n".join(lines) + "\n").encode().replace(b"random1007", b"random1\xff07")
+    txt = tmp_path / ("5.txt.xz" if compress else "5.txt")
+    txt.write_bytes(lzma.compress(data) if compress else data)
+    with pytest.raises(MoldenInputError, match=r"5\.txt(\.xz)?, record line 2: not UTF-8 text: byte 0xff at line 2"):
+        list(read_oc20(tmp_path / ("5.extxyz.xz" if compress else "5.extxyz")))
+    assert count_oc20(tmp_path) is None
 
 
 def test_txt_with_fewer_or_more_lines_than_frames(s2ef):

@@ -155,3 +155,23 @@ def test_missing_file_and_v3000(tmp_path):
     path.write_text("\n     RDKit          3D\n\n  0  0  0  0  0  0  0  0  0  0999 V3000\nM  END\n$$$$\n")
     with pytest.raises(MoldenInputError, match="V3000"):
         list(read_pcqm4mv2(path))
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_non_utf8_sdf_is_one_error_naming_record_and_line(sdf, compress):
+    lines = sdf.read_bytes().split(b"\n")
+    second = lines.index(b"$$$$") + 2  # the title line of record 1, 0-based
+    lines[second] = b"caf\xe9"  # Latin-1, not UTF-8
+    data = b"\n".join(lines)
+    path = sdf.with_name(sdf.name + ".gz") if compress else sdf
+    path.write_bytes(gzip.compress(data) if compress else data)
+    with pytest.raises(MoldenInputError, match=rf"record 1: not UTF-8 text: byte 0xe9 at line {second + 1}, column 4"):
+        list(read_pcqm4mv2(path))
+
+
+def test_non_utf8_targets_csv_names_the_line(sdf, tmp_path):
+    path = write_targets_csv(tmp_path / "data.csv.gz", [1.0, 2.0, 3.0, 4.0, 5.0])
+    data = gzip.decompress(path.read_bytes()).replace(b"2,C,3.0", b"2,C\xff,3.0")
+    path.write_bytes(gzip.compress(data))
+    with pytest.raises(MoldenInputError, match=r"data\.csv\.gz, record line 4: not UTF-8 text: byte 0xff at line 4"):
+        list(read_pcqm4mv2(sdf, targets_csv=path))

@@ -225,3 +225,65 @@ def test_missing_qm9pack_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(MoldenInputError, match=r"pip install molden\[qm9\]"):
         list(read_qm9())
+
+
+# --- bytes that are not UTF-8 (a broken download, another encoding) ------------------------------
+
+
+def _with_bad_byte(text: str) -> bytes:
+    """The file's bytes with a Latin-1 'é' (0xe9, not UTF-8) in the SMILES line."""
+    lines = text.encode().split(b"\n")
+    lines[-3] = lines[-3] + b"\xe9"
+    return b"\n".join(lines)
+
+
+def test_non_utf8_xyz_in_a_folder_is_one_error_naming_file_and_line(xyz_folder, tmp_path):
+    text = (xyz_folder / "dsgdb9nsd_000001.xyz").read_text()
+    (tmp_path / "dsgdb9nsd_000001.xyz").write_bytes(_with_bad_byte(text))
+    n_lines = len(text.splitlines())
+    match = rf"record dsgdb9nsd_000001\.xyz: not UTF-8 text: byte 0xe9 at line {n_lines - 1}"
+    with pytest.raises(MoldenInputError, match=match):
+        list(read_qm9(tmp_path))
+    with pytest.raises(MoldenInputError, match=match):
+        list(read_qm9(tmp_path / "dsgdb9nsd_000001.xyz"))
+
+
+@pytest.mark.parametrize("mode", ["w:bz2", "w"])
+def test_non_utf8_xyz_in_an_archive_is_one_error_naming_the_member(xyz_folder, tmp_path, mode):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    files = sorted(xyz_folder.iterdir())[:3]
+    for file in files:
+        data = file.read_bytes()
+        (bad / file.name).write_bytes(_with_bad_byte(data.decode()) if file == files[1] else data)
+    archive = tmp_path / ("dsgdb9nsd.xyz.tar.bz2" if mode == "w:bz2" else "dsgdb9nsd.xyz.tar")
+    with tarfile.open(archive, mode) as tar:
+        for file in sorted(bad.iterdir()):
+            tar.add(file, arcname=file.name)
+    with pytest.raises(MoldenInputError, match=rf"record {files[1].name}: not UTF-8 text: byte 0xe9"):
+        list(read_qm9(archive))
+
+
+def test_non_utf8_qm9pack_csv_names_the_line(tmp_path):
+    lines = _csv_files()[0].open().read(6000).splitlines()[:3]
+    data = "\n".join(lines).encode() + b"\n"
+    data = data.replace(lines[2].encode()[:20], lines[2].encode()[:10] + b"\xff" + lines[2].encode()[11:20])
+    (tmp_path / "qm9_part1.csv").write_bytes(data)
+    with pytest.raises(MoldenInputError, match=r"qm9_part1\.csv, record line 3: not UTF-8 text: byte 0xff at line 3, column 11"):
+        list(read_qm9(tmp_path / "qm9_part1.csv"))
+
+
+def test_non_utf8_xyz_through_the_cli_is_one_line(xyz_folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from molden.cli.app import app
+
+    folder = tmp_path / "dsgdb9nsd"
+    folder.mkdir()
+    (folder / "dsgdb9nsd_000001.xyz").write_bytes(_with_bad_byte((xyz_folder / "dsgdb9nsd_000001.xyz").read_text()))
+    out = str(tmp_path / "x.h5")
+    result = CliRunner().invoke(app, ["preprocess", "qm9", str(folder), "--out", out, "--val", "0", "--test", "0"])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "UnicodeDecodeError" not in result.output
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1 and "dsgdb9nsd_000001.xyz" in message and "not UTF-8" in message

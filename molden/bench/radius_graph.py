@@ -1,9 +1,12 @@
-"""Radius-graph benchmark: molden against the peers of PEERS.md on the same systems.
+"""Radius-graph benchmark: molden's public `radius_graph` against the peers listed in
+BENCHMARKS.md, on the same systems.
 
 Run as `python -m molden.bench.radius_graph --out bench.json`. Each case first checks that
-molden and every peer find the same number of edges, then times molden and the peer
+every peer finds the same set of pairs (i, j, S) as molden, then times molden and the peer
 alternately, repeat by repeat (so that drifting machine load hits both alike), after a
-warm-up, as medians. ratio = peer time / molden time (> 1 means molden is faster).
+warm-up, as medians. ratio = peer time / molden time (> 1 means molden is faster). molden is
+timed as a user calls it: `radius_graph` with Cartesian shifts, one call per case.
+Peers that are not installed get a row saying how to install them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from ase.build import add_adsorbate, bulk, fcc111, molecule
 from ase.collections import g2
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
-from molden.graph import backend_for, neighbor_list
+from molden.graph import backend_for, neighbor_list, radius_graph
 
 
 @dataclass(frozen=True)
@@ -81,45 +84,119 @@ def _interleaved_ms(runs: list[Callable[[], object]], repeats: int) -> list[floa
     return [1e3 * statistics.median(t) for t in times]
 
 
-def _molden_runner(case: Case, device: str) -> Callable[[], int]:
+def _molden_runner(case: Case, device: str) -> tuple[Callable[[], object], np.ndarray]:
+    """A runner of the public `radius_graph` on the case, and molden's (i, j, S) rows."""
     systems = case.systems
     positions = torch.tensor(np.concatenate([a.positions for a in systems]), device=device)
     cell = torch.tensor(np.stack([a.cell.array for a in systems]), device=device)
     pbc = torch.tensor(np.stack([a.pbc for a in systems]), device=device)
-    batch = torch.tensor(np.repeat(np.arange(len(systems)), [len(a) for a in systems]), device=device)
+    n_node = [len(a) for a in systems]
 
-    def run() -> int:
-        edge_index, _ = neighbor_list(positions, case.cutoff, cell=cell, pbc=pbc, batch=batch)
+    def run() -> object:
+        found = radius_graph(positions, case.cutoff, cell=cell, pbc=pbc, n_node=n_node)
         if device != "cpu":
             torch.cuda.synchronize()
-        return edge_index.shape[1]
+        return found
 
-    return run
+    edge_index, unit_shifts = neighbor_list(positions, case.cutoff, cell=cell, pbc=pbc, n_node=n_node)
+    edge_index_rg, shifts = run()
+    # The timed function gives the same graph, with shifts = unit_shifts @ cell.
+    assert torch.equal(edge_index_rg, edge_index)
+    system = torch.repeat_interleave(torch.arange(len(systems), device=device), torch.tensor(n_node, device=device))
+    expected = torch.einsum("ek,ekx->ex", unit_shifts.to(cell.dtype), cell[system[edge_index[0]]])
+    assert torch.allclose(shifts, expected, rtol=0, atol=1e-9)
+    rows = np.column_stack([edge_index.T.cpu().numpy(), unit_shifts.cpu().numpy()]).astype(np.int64)
+    return run, _lexsorted(rows)
 
 
-def _peer_runners(case: Case, device: str) -> dict[str, Callable[[], int] | str]:
-    """Per peer a runner returning the edge count, or a string saying why it is not run."""
+def _lexsorted(rows: np.ndarray) -> np.ndarray:
+    """[E, 5] rows (i, j, S0, S1, S2) sorted lexicographically."""
+    return rows[np.lexsort(rows.T[::-1])] if len(rows) else rows.reshape(0, 5)
+
+
+def _batched_rows(systems: list[Atoms], per_system: Callable[[int, Atoms], tuple]) -> np.ndarray:
+    """Rows of a peer run system by system: (i, j, S) with atom indices offset as in a batch."""
+    offsets = np.cumsum([0] + [len(a) for a in systems])
+    rows = []
+    for k, atoms in enumerate(systems):
+        i, j, shifts = per_system(k, atoms)
+        rows.append(np.column_stack([i + offsets[k], j + offsets[k], shifts]).astype(np.int64))
+    return _lexsorted(np.concatenate(rows))
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A peer's timed call and the (i, j, S) rows it finds, or why it is not run."""
+
+    run: Callable[[], object] | None = None
+    rows: Callable[[], np.ndarray] | None = None
+    note: str = ""
+
+
+def _peer_runners(case: Case, device: str) -> dict[str, Peer]:
+    """Per peer (BENCHMARKS.md lists them) its runner and rows, or a note saying why not run."""
     systems, cutoff = case.systems, case.cutoff
-    peers: dict[str, Callable[[], int] | str] = {}
+    peers: dict[str, Peer] = {}
     if importlib.util.find_spec("vesin"):
         import vesin
 
         calculator = vesin.NeighborList(cutoff=cutoff, full_list=True)
-        peers["vesin"] = lambda: sum(len(calculator.compute(a.positions, a.cell.array, a.pbc, "ijS")[0]) for a in systems)
+        peers["vesin"] = Peer(
+            lambda: [calculator.compute(a.positions, a.cell.array, a.pbc, "ijS") for a in systems],
+            lambda: _batched_rows(systems, lambda _, a: calculator.compute(a.positions, a.cell.array, a.pbc, "ijS")),
+        )
     else:
-        peers["vesin"] = "not installed"
+        peers["vesin"] = Peer(note="not installed: pip install vesin")
     if importlib.util.find_spec("matscipy"):
         from matscipy.neighbours import neighbour_list
 
         # matscipy needs an invertible cell; a box around a non-periodic molecule changes nothing.
         boxed = [_with_box(a, cutoff) for a in systems]
-        peers["matscipy"] = lambda: sum(len(neighbour_list("i", a, cutoff)) for a in boxed)
+        peers["matscipy"] = Peer(
+            lambda: [neighbour_list("ijS", a, cutoff) for a in boxed],
+            lambda: _batched_rows(boxed, lambda _, a: neighbour_list("ijS", a, cutoff)),
+        )
     else:
-        peers["matscipy"] = "not installed"
-    peers["ase"] = lambda: sum(len(ase_neighbor_list("i", a, cutoff)) for a in systems)
-    peers["vesin.torch"] = "not installed" if not _importable("vesin.torch") else "installed, not wired in yet"
-    peers["nvalchemiops"] = "not installed" if not _importable("nvalchemiops") else "installed, not wired in yet"
+        peers["matscipy"] = Peer(note="not installed: pip install matscipy (or molden[bench])")
+    peers["ase"] = Peer(
+        lambda: [ase_neighbor_list("ijS", a, cutoff) for a in systems],
+        lambda: _batched_rows(systems, lambda _, a: ase_neighbor_list("ijS", a, cutoff)),
+    )
+    peers["torch-cluster"] = _torch_cluster_peer(case, device)
+    peers["vesin.torch"] = Peer(note="not installed: pip install vesin-torch" if not _importable("vesin.torch") else "installed, not wired in yet")
+    peers["nvalchemiops"] = Peer(
+        note="not installed: pip install nvalchemi-toolkit-ops" if not _importable("nvalchemiops") else "installed, not wired in yet"
+    )
     return peers
+
+
+def _torch_cluster_peer(case: Case, device: str) -> Peer:
+    """torch-cluster's `radius_graph` (PyG): batched, no periodic images, so molecules only."""
+    if not _importable("torch_cluster"):
+        return Peer(note="not installed: pip install molden[pyg] (compiles torch-cluster for minutes)")
+    if any(a.pbc.any() for a in case.systems):
+        return Peer(note="no periodic images: molecules only")
+    from torch_cluster import radius_graph as cluster_radius_graph
+
+    systems = case.systems
+    positions = torch.tensor(np.concatenate([a.positions for a in systems]), device=device)
+    batch = torch.repeat_interleave(
+        torch.arange(len(systems), device=device), torch.tensor([len(a) for a in systems], device=device)
+    )
+    # Every pair: no neighbour cap (torch-cluster keeps 32 per atom by default).
+    cap = max(len(a) for a in systems)
+
+    def run() -> torch.Tensor:
+        found = cluster_radius_graph(positions, case.cutoff, batch=batch, loop=False, max_num_neighbors=cap)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        return found
+
+    def rows() -> np.ndarray:
+        j, i = run().cpu().numpy()  # flow source_to_target: row 0 is the neighbour
+        return _lexsorted(np.column_stack([i, j, np.zeros((len(i), 3), dtype=np.int64)]))
+
+    return Peer(run, rows)
 
 
 def _importable(module: str) -> bool:
@@ -139,31 +216,32 @@ def _with_box(atoms: Atoms, cutoff: float) -> Atoms:
 
 
 def run_radius_graph_benchmark(device: str = "cpu", repeats: int = 7, quick: bool = False) -> list[dict]:
-    """Time molden and each installed peer on every case; one row per (case, peer)."""
+    """Time molden's `radius_graph` and each installed peer on every case; one row per
+    (case, peer). `agree` says whether the peer found exactly molden's pairs (i, j, S)."""
     rows = []
     for case in benchmark_cases(quick):
         n_atoms = sum(len(a) for a in case.systems)
-        molden_run = _molden_runner(case, device)
-        n_edges = molden_run()
+        molden_run, molden_rows = _molden_runner(case, device)
         base = {
             "case": case.name,
             "n_systems": len(case.systems),
             "n_atoms": n_atoms,
             "cutoff_angstrom": case.cutoff,
-            "n_edges": n_edges,
+            "n_edges": len(molden_rows),
+            "molden_function": "radius_graph",
             "molden_path": backend_for(device),
         }
-        for peer, runner in _peer_runners(case, device).items():
-            if isinstance(runner, str):
-                rows.append({**base, "molden_ms": None, "peer": peer, "peer_ms": None, "ratio": None, "agree": None, "note": runner})
+        for name, peer in _peer_runners(case, device).items():
+            if peer.run is None:
+                rows.append({**base, "molden_ms": None, "peer": name, "peer_ms": None, "ratio": None, "agree": None, "note": peer.note})
                 continue
+            agree = bool(np.array_equal(peer.rows(), molden_rows))
             # ASE is pure numpy: one repeat on large systems keeps the run short.
-            peer_repeats = 1 if peer == "ase" and n_atoms > 5_000 else repeats
-            agree = runner() == n_edges
-            molden_ms, peer_ms = _interleaved_ms([molden_run, runner], peer_repeats)
+            peer_repeats = 1 if name == "ase" and n_atoms > 5_000 else repeats
+            molden_ms, peer_ms = _interleaved_ms([molden_run, peer.run], peer_repeats)
             note = "1 repeat" if peer_repeats == 1 else ""
             rows.append(
-                {**base, "molden_ms": molden_ms, "peer": peer, "peer_ms": peer_ms, "ratio": peer_ms / molden_ms, "agree": agree, "note": note}
+                {**base, "molden_ms": molden_ms, "peer": name, "peer_ms": peer_ms, "ratio": peer_ms / molden_ms, "agree": agree, "note": note}
             )
     return rows
 

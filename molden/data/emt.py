@@ -16,9 +16,11 @@ ForceNet, Hu et al. 2021, App. B):
   (0.95–1.15 × the metal–binding-atom covalent radius sum) from the nearest slab atom; the
   molecule is turned by a random angle about z and tilted up to 30°.
 - `targets["adsorption_energy"]` (eV) = E(relaxed system) − E(relaxed clean slab, same fixed
-  atoms) − Σ gas references (OC20's H2/H2O/CO/N2 scheme). `targets["converged"]` is 1.0 when
-  the final max force on free atoms is ≤ `fmax_ev_per_angstrom`, else 0.0 (kept, and counted
-  in the logged summary).
+  atoms) − Σ gas references (OC20's H2/H2O/CO/N2 scheme). `converged` (a per-system flag, not
+  a target) is True when the final max force on free atoms is ≤ `fmax_ev_per_angstrom`;
+  unconverged systems are kept and counted in the logged summary.
+- `relaxed_positions` / `relaxed_energy` are the last frame's, repeated on every frame of
+  the system (as OC20's IS2RS/IS2RE pairs), and so are `targets`, `converged` and `split`.
 - Rejection (`molden.data.adsorbates.relaxation_anomaly`, after OC20's anomaly checks): non-
   finite results, energy rising, surface reconstruction, dissociation, desorption or
   intercalation. The system then retries a new placement (same metal, facet and adsorbate)
@@ -242,7 +244,8 @@ def relax_system(config: EMTConfig, index: int, split: str) -> tuple[list[Struct
     fmax = float(np.linalg.norm(final_forces[free], axis=1).max())
     e_ads = relaxed_e - clean_slab_energy(metal, facet, config) - reference_energy(
         initial.get_chemical_symbols()[len(slab):])
-    targets = {"adsorption_energy": e_ads, "converged": float(fmax <= config.fmax_ev_per_angstrom)}
+    targets = {"adsorption_energy": e_ads}
+    converged = fmax <= config.fmax_ev_per_angstrom
     system_id = SYSTEM_ID_FORMAT.format(index)
     out = []
     for k, (pos, energy, forces) in enumerate(frames):
@@ -250,7 +253,8 @@ def relax_system(config: EMTConfig, index: int, split: str) -> tuple[list[Struct
         frame.positions = pos
         frame.calc = SinglePointCalculator(frame, energy=energy, forces=forces)
         out.append(structure_from_atoms(frame, system_id=system_id, frame=k, relaxed_positions=relaxed_pos,
-                                        relaxed_energy=relaxed_e, targets=dict(targets), split=split))
+                                        relaxed_energy=relaxed_e, converged=converged, targets=dict(targets),
+                                        split=split))
     return out, None
 
 
@@ -320,7 +324,7 @@ def generate_emt(
             continue
         if frames:  # a resumed system may have had all its frames written already
             n_frames += len(frames)
-            n_unconverged += frames[-1].targets["converged"] == 0.0
+            n_unconverged += not frames[-1].converged
             yield from frames
     logger.info("EMT: %d systems, %d frames, %d not converged, %d skipped %s",
                 config.n_systems - len(skipped), n_frames, n_unconverged, len(skipped),

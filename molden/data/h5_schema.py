@@ -23,6 +23,7 @@ SPLIT_CODE = "structures/split"
 ENERGY = "structures/energy"
 RELAXED_ENERGY = "structures/relaxed_energy"
 TARGETS = "structures/targets"
+CONVERGED = "structures/converged"
 
 # Per-atom arrays (length N, concatenated over structures).
 NUMBERS = "atoms/numbers"
@@ -86,6 +87,8 @@ OPTIONAL = {
     "tags": Column(TAGS, np.dtype(np.int8), (), ATOM_CHUNK),
     "forces": Column(FORCES, np.dtype(np.float64), (3,), ATOM_CHUNK),
     "relaxed_positions": Column(RELAXED_POSITIONS, np.dtype(np.float64), (3,), ATOM_CHUNK),
+    # A flag of the system's relaxation (EMT: reached fmax), not a target: no mean or std.
+    "converged": Column(CONVERGED, np.dtype(bool), (), STRUCTURE_CHUNK),
 }
 
-PER_STRUCTURE = {"energy", "relaxed_energy"}
+PER_STRUCTURE = {"energy", "relaxed_energy", "converged"}

@@ -23,7 +23,7 @@ from molden import __version__
 from molden.data import h5_schema as S
 from molden.data.statistics import write_statistics
 from molden.data.structure import Structure
-from molden.errors import MoldenInputError
+from molden.errors import MoldenConfigError, MoldenInputError
 
 # fletcher32 stores a checksum per chunk, so corruption fails the read instead of returning
 # garbage; every dataset carries it (HDF5 builds always include the filter) except the
@@ -35,22 +35,52 @@ SplitAssigner = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """Maps (system ids [S] str, structure indices [S]) to split names [S] for structures without one."""
 
 
+def fingerprint(record: dict) -> str:
+    """A provenance (or settings) record as the canonical JSON stored in, and compared with,
+    the file's `provenance` (`settings`) attribute."""
+    return json.dumps(record, sort_keys=True, default=str)
+
+
 class CacheWriter:
     """Append `Structure`s that carry graphs to a cache file; see docs/FORMAT.md."""
 
-    def __init__(self, path: str | Path, provenance: dict, *, resume: bool = True):
+    def __init__(
+        self,
+        path: str | Path,
+        provenance: dict,
+        *,
+        resume: bool = True,
+        overwrite: bool = False,
+        settings: dict | None = None,
+        notify: Callable[[str], None] | None = None,
+    ):
+        """Open `path`.partial: resume it when its provenance matches, else start a new one.
+
+        A partial file that holds committed structures from other settings is never discarded
+        silently: it raises `MoldenConfigError` unless `overwrite` (or `resume=False`) says to.
+        `settings` are stored beside the provenance (as the `settings` attribute) without
+        deciding a resume (the split, say: it is assigned at `finalize`). `notify` receives
+        one-line notes about what happened to an existing partial file.
+        """
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.provenance = provenance
-        self._fingerprint = json.dumps(provenance, sort_keys=True, default=str)
+        self._fingerprint = fingerprint(provenance)
+        self._notify = notify or (lambda message: None)
         self._file: h5py.File | None = None
         self.resumed_from = 0
-        if resume and self.partial.exists():
-            self._try_resume()
+        if self.partial.exists():
+            if resume:
+                self._try_resume(overwrite)
+            else:
+                self._notify(f"{self.partial}: discarded an interrupted run (--no-resume)")
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = h5py.File(self.partial, "w")
             self._init_attrs()
+            # Flushed at once, so a run killed before its first block leaves a readable file.
+            self._file.flush()
+        self._file.attrs["settings"] = fingerprint(settings or {})
 
     # ---------------------------------------------------------------- state
     @property
@@ -79,14 +109,25 @@ class CacheWriter:
             value = self.provenance.get(key)
             a[key] = -1 if value is None else value
 
-    def _try_resume(self) -> None:
+    def _try_resume(self, overwrite: bool) -> None:
         try:
             f = h5py.File(self.partial, "r+")
         except OSError:  # a partial file killed mid-write can be unreadable: start over
+            self._notify(f"{self.partial}: unreadable (killed mid-write?), starting over")
             self.partial.unlink()
             return
         if f.attrs.get("provenance") != self._fingerprint or f.attrs.get("schema_version") != S.SCHEMA_VERSION:
+            committed = int(f.attrs.get("n_structures", 0))
+            stored = f.attrs.get("provenance", "{}")
             f.close()
+            if committed and not overwrite:
+                raise MoldenConfigError(
+                    f"{self.partial} holds {committed:,} structures of an interrupted run with other settings "
+                    f"({describe_differences(stored, self._fingerprint)}): rerun with those settings to resume, "
+                    "or pass --overwrite (or --no-resume) to discard it"
+                )
+            if committed:
+                self._notify(f"{self.partial}: discarded {committed:,} structures written with other settings (--overwrite)")
             self.partial.unlink()
             return
         self._file = f
@@ -145,7 +186,7 @@ class CacheWriter:
         for k, s in enumerate(structures):
             record = s.system_id or first_index + k
             if s.edge_index is None:
-                raise ValueError(f"structure {record} has no graph")
+                raise MoldenInputError(where, "has no graph (edge_index): build one before writing", record)
             missing = [name for name in optional if getattr(s, name) is None]
             if missing:
                 raise MoldenInputError(where, f"has no {missing[0]} although earlier structures have", record)
@@ -190,14 +231,33 @@ class CacheWriter:
         f.flush()
 
     # ---------------------------------------------------------------- closing
+    @property
+    def all_structures_written(self) -> bool:
+        """True for a resumed file whose every structure was written (a finalize failed or was
+        interrupted): only `finalize` is left to run, nothing needs reading again."""
+        return bool(self._file.attrs.get("all_structures_written", False))
+
     def finalize(self, assign_splits: SplitAssigner, extra_stats: dict | None = None) -> Path:
-        """Write splits and statistics, mark complete and rename into place."""
+        """Write splits and statistics, mark complete and rename into place.
+
+        If `assign_splits` raises, the file is left as it was (every structure written), so a
+        writer resuming it can finalize with other split settings without reading anything.
+        """
         f = self._file
         if "optional_fields" not in f.attrs:
             raise MoldenInputError(self.provenance.get("inputs") or self.provenance.get("source"), "no structures to write")
+        if "source_split_names" not in f.attrs:
+            # Splits named by the source, before any assignment: a finalize run again (other
+            # split settings after a failed or interrupted one) re-assigns everything else,
+            # with the statistics of the run that read the structures.
+            f.attrs["source_split_names"] = f.attrs["split_names"]
+            f.attrs["pending_stats"] = json.dumps(extra_stats or {}, default=lambda v: v.item())
+            f.attrs["all_structures_written"] = True
+            f.flush()
+        extra_stats = json.loads(f.attrs["pending_stats"])
+        names: list[str] = json.loads(f.attrs["source_split_names"])
         codes = f[S.SPLIT_CODE][:]
-        names: list[str] = json.loads(f.attrs["split_names"])
-        unassigned = codes == S.UNASSIGNED_SPLIT
+        unassigned = (codes == S.UNASSIGNED_SPLIT) | (codes >= len(names))
         if unassigned.any():
             system_ids = f[S.SYSTEM_ID].asstr()[:]
             assigned = assign_splits(system_ids[unassigned], np.flatnonzero(unassigned))
@@ -207,12 +267,16 @@ class CacheWriter:
             codes[unassigned] = np.array([names.index(n) for n in assigned], np.int8)
             f[S.SPLIT_CODE][:] = codes
         f.attrs["split_names"] = json.dumps(names)
-        group = f.require_group(S.SPLITS)
+        if S.SPLITS in f:
+            del f[S.SPLITS]
+        group = f.create_group(S.SPLITS)
         for code, name in enumerate(names):
-            if name in group:
-                del group[name]
             group.create_dataset(name, data=np.flatnonzero(codes == code).astype(np.int64), **CHECKSUM)
-        write_statistics(f, extra_stats or {})
+        write_statistics(f, extra_stats)
+        from molden.data.cache_verify import write_system_id_digest  # system ids cannot carry fletcher32
+        write_system_id_digest(f)
+        for key in ("source_split_names", "pending_stats", "all_structures_written"):  # only for a rerun
+            del f.attrs[key]
         f.attrs["complete"] = True
         f.close()
         self._file = None
@@ -228,6 +292,33 @@ class CacheWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def describe_differences(old: str | dict, new: str | dict, limit: int = 3) -> str:
+    """The first `limit` settings that differ between two provenance records (JSON or dicts),
+    as `key old → new`; for messages that say why a file was not reused."""
+
+    def flat(value, prefix: str = "") -> dict:
+        if isinstance(value, str) and not prefix:
+            try:
+                value = json.loads(value)
+            except ValueError:
+                value = {"provenance": value}
+        if not isinstance(value, dict):
+            return {prefix: value}
+        out: dict = {}
+        for key, item in value.items():
+            out.update(flat(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+
+    a, b = flat(old), flat(new)
+    changed = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+    # "config.cutoff_angstrom" repeats a change of the top-level "cutoff_angstrom": name it once.
+    changed = [k for k in changed if not (k.startswith("config.") and k[len("config."):] in changed)]
+    parts = [f"{k} {a.get(k)} → {b.get(k)}" for k in changed[:limit]]
+    if len(changed) > limit:
+        parts.append(f"{len(changed) - limit} more")
+    return ", ".join(parts) or "schema version"
 
 
 def _datasets(group: h5py.Group):

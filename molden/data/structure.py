@@ -37,6 +37,9 @@ class Structure:
         frame: index of this frame in its trajectory (0 for single structures).
         relaxed_positions: [N, 3] relaxed positions, Å, for IS2RS pairs, or None.
         relaxed_energy: relaxed energy, eV, for IS2RE pairs, or None.
+        converged: whether the system's relaxation reached its force threshold (EMT: the
+            last frame's max force on free atoms <= fmax), the same on every frame of the
+            system; None when unknown. A flag, not a target.
         targets: graph-level scalar targets by name (QM9 properties, in the units that
             `molden.data.readers` documents per source), or empty.
         split: name of the split this record belongs to when the source defines one
@@ -61,6 +64,7 @@ class Structure:
     frame: int = 0
     relaxed_positions: np.ndarray | None = None
     relaxed_energy: float | None = None
+    converged: bool | None = None
     targets: dict[str, float] = field(default_factory=dict)
     split: str | None = None
     edge_index: np.ndarray | None = None
@@ -88,6 +92,8 @@ class Structure:
             value = getattr(self, name)
             if value is not None:
                 set_(self, name, float(value))
+        if self.converged is not None:
+            set_(self, "converged", bool(self.converged))
         if self.edge_index is not None:
             set_(self, "edge_index", np.asarray(self.edge_index, dtype=np.int64).reshape(2, -1))
         if self.unit_shifts is not None:

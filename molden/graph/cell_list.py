@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from molden.graph.periodic import face_spacings, image_offsets
+from molden.graph.periodic import image_offsets
 
 # Candidate slots evaluated at once (centres x 27 bins x max occupancy): bounds memory to
 # a few tens of MB whatever the system size.
@@ -23,17 +23,21 @@ def torch_cell_list_candidates(
     pbc: torch.Tensor,
     shells: list[int],
     search_cutoff: float,
+    *,
+    inverse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pairs from a device-agnostic cell list over the atoms and their nearby images.
 
     Images ("ghosts") are kept when they lie within the cutoff of the cell in face-normal
     units; all points are binned on a grid aligned with the lattice planes, whose bins are
     at least one cutoff wide, so every neighbour of a centre lies in the 27 bins around it.
+    `inverse` ([3, 3] float64) is the completed cell's inverse when known. On a device the bin
+    grid and the densest bin are sized from two small reads (the data decide them).
     """
     device, dtype = wrapped.device, wrapped.dtype
     n_atoms = wrapped.shape[0]
-    inverse = torch.linalg.inv(full_cell.to(torch.float64))
-    spacing = face_spacings(full_cell[None])[0]  # [3] Å
+    inverse = torch.linalg.inv(full_cell.to(torch.float64)) if inverse is None else inverse.to(torch.float64)
+    spacing = 1.0 / torch.linalg.vector_norm(inverse, dim=-2)  # [3] Å between lattice planes
     frac = wrapped.to(torch.float64) @ inverse
     images = image_offsets(shells, device)
     zero_image = images.shape[0] // 2
@@ -46,8 +50,8 @@ def torch_cell_list_candidates(
     points = wrapped[source] + (images.to(dtype) @ full_cell.to(dtype))[image_of_point]
     normal_coords = frac_images[image_of_point, source] * spacing  # Å along face normals
 
-    low = normal_coords.min(dim=0).values
-    span = (normal_coords.max(dim=0).values - low).tolist()
+    low, high = normal_coords.aminmax(dim=0)
+    span = (high - low).tolist()
     bins = [max(1, int(s // search_cutoff)) for s in span]
     # A sparse molecule spread over a large box would otherwise allocate mostly empty bins.
     while math.prod(bins) > 4 * points.shape[0] + 64:

@@ -79,14 +79,16 @@ def face_spacings(full_cell: torch.Tensor) -> torch.Tensor:
     return 1.0 / torch.linalg.vector_norm(inverse, dim=-2)
 
 
-def shell_counts(full_cell: torch.Tensor, pbc: torch.Tensor, cutoff: float) -> torch.Tensor:
-    """[B, 3] long: how many image shells each axis needs for wrapped positions.
+def shell_counts_np(full_cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> np.ndarray:
+    """[B, 3] int64: how many image shells each axis needs for wrapped positions.
 
-    For wrapped fractional coordinates |Δf_k| < 1, so |S_k| < 1 + cutoff / h_k; floor + 1
-    covers that bound with slack for rounding.
+    For wrapped fractional coordinates |Δf_k| < 1, so |S_k| < 1 + cutoff / h_k (h_k the face
+    spacing); floor + 1 covers that bound with slack for rounding. Computed on the host from
+    the completed cells, so that no device value is read to size the search.
     """
-    shells = torch.floor(cutoff / face_spacings(full_cell)).long() + 1
-    return torch.where(pbc, shells, torch.zeros_like(shells))
+    spacing = 1.0 / np.linalg.norm(np.linalg.inv(np.asarray(full_cell, dtype=np.float64)), axis=-2)
+    shells = np.floor(cutoff / spacing).astype(np.int64) + 1
+    return np.where(pbc, shells, 0)
 
 
 def image_offsets(max_shells: list[int], device: torch.device) -> torch.Tensor:
@@ -96,20 +98,25 @@ def image_offsets(max_shells: list[int], device: torch.device) -> torch.Tensor:
 
 
 def wrap_positions(
-    positions: torch.Tensor, batch: torch.Tensor, full_cell: torch.Tensor, pbc: torch.Tensor
+    positions: torch.Tensor,
+    batch: torch.Tensor,
+    full_cell: torch.Tensor,
+    pbc: torch.Tensor,
+    inverse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Wrap positions into their system's cell along periodic axes only.
 
     Args:
         positions: [N, 3] Å; batch: [N] system index; full_cell: [B, 3, 3] completed cells;
-        pbc: [B, 3] bool.
+        pbc: [B, 3] bool; inverse: [B, 3, 3] float64 inverse of the completed cells when
+        already known (computed on the host, it spares a device inversion, which syncs).
     Returns:
         (wrapped [N, 3] Å, cells_moved [N, 3] long) with `positions = wrapped + cells_moved @ cell`;
         non-periodic axes are never moved.
     """
     full64 = full_cell.to(torch.float64)
-    inverse = torch.linalg.inv(full64)[batch]
-    frac = torch.einsum("nk,nkl->nl", positions.to(torch.float64), inverse)
+    inverse = torch.linalg.inv(full64) if inverse is None else inverse.to(torch.float64)
+    frac = torch.einsum("nk,nkl->nl", positions.to(torch.float64), inverse[batch])
     moved = torch.where(pbc[batch], torch.floor(frac), torch.zeros_like(frac))
     shift = torch.einsum("nk,nkl->nl", moved, full64[batch])
     return (positions.to(torch.float64) - shift).to(positions.dtype), moved.long()

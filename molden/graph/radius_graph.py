@@ -21,13 +21,15 @@ own result depends on its BLAS, so edges there are not promised to match ASE.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 
 from molden.errors import MoldenInputError
 from molden.graph import cell_list, vesin_backend
 from molden.graph.edges import cartesian_shifts
-from molden.graph.periodic import complete_cells, image_offsets, shell_counts, wrap_positions
+from molden.graph.periodic import complete_cells, image_offsets, shell_counts_np, wrap_positions
 from molden.graph.systems import SystemLayout, system_layout
 
 # Pair-images (atoms^2 x images) a brute-force group may hold at once: ~40 MB in float64.
@@ -43,6 +45,7 @@ def neighbor_list(
     cell: torch.Tensor | None = None,
     pbc: torch.Tensor | None = None,
     batch: torch.Tensor | None = None,
+    n_node: torch.Tensor | Sequence[int] | np.ndarray | None = None,
     max_num_neighbors: int | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,6 +57,9 @@ def neighbor_list(
         cell: [3, 3] or [B, 3, 3] lattice vectors as rows, Å; None means no cell.
         pbc: [3] or [B, 3] bool periodicity; None means not periodic (ASE's default).
         batch: [N] system index per atom, sorted and contiguous; None means one system.
+        n_node: [B] atoms per system (systems contiguous, in order), instead of `batch`: on
+            a device, give it on the host (a list, array or CPU tensor) and `batch` is never
+            read, which saves a copy to the host.
         max_num_neighbors: keep per centre only its k nearest neighbours plus every
             neighbour within 1e-6 Å of the k-th distance (`nearest_neighbors_mask`).
         backend: "auto" (vesin for CPU tensors when installed, else torch) or "torch".
@@ -62,23 +68,7 @@ def neighbor_list(
         unit_shifts [E, 3] int32 (as the cache stores them); systems one after another,
         the order within a system depends on the backend (module docstring).
     """
-    positions = positions.detach()
-    device = positions.device
-    if not cutoff > 0:
-        raise MoldenInputError("radius_graph", f"cutoff must be positive, got {cutoff}")
-    layout = system_layout(positions, cell, pbc, batch)
-    found = vesin_backend.vesin_neighbor_list(positions.numpy(), layout, cutoff) if _uses_vesin(device, backend) else None
-    if found is not None:
-        edge_index, shifts = torch.from_numpy(found[0]), torch.from_numpy(found[1])
-    else:
-        edge_index, shifts = _torch_neighbor_list(positions, layout, cutoff)
-
-    if max_num_neighbors is not None:
-        cells = torch.from_numpy(layout.cells).to(device)
-        batch = _batch_of(layout, device)
-        lengths = edge_lengths(positions, cells, batch, edge_index[0], edge_index[1], shifts)
-        mask = nearest_neighbors_mask(edge_index[0], lengths, max_num_neighbors, num_nodes=len(positions))
-        edge_index, shifts = edge_index[:, mask], shifts[mask]
+    edge_index, shifts, _, _ = _neighbor_list(positions, cutoff, cell, pbc, batch, n_node, max_num_neighbors, backend)
     return edge_index, shifts
 
 
@@ -89,20 +79,61 @@ def radius_graph(
     cell: torch.Tensor | None = None,
     pbc: torch.Tensor | None = None,
     batch: torch.Tensor | None = None,
+    n_node: torch.Tensor | Sequence[int] | np.ndarray | None = None,
     max_num_neighbors: int | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`neighbor_list` with Cartesian shifts: (edge_index [2, E], edge_shift [E, 3] Å).
 
     The edge vector is `positions[j] + edge_shift - positions[i]`; edge_shift is
-    `unit_shifts @ cell[system of i]`, differentiable with respect to `cell`.
+    `unit_shifts @ cell[system of i]` (`cartesian_shifts`), in the positions' dtype,
+    differentiable with respect to `cell`.
     """
-    edge_index, unit_shifts = neighbor_list(
-        positions, cutoff, cell=cell, pbc=pbc, batch=batch, max_num_neighbors=max_num_neighbors, backend=backend
+    edge_index, unit_shifts, layout, edge_counts = _neighbor_list(
+        positions, cutoff, cell, pbc, batch, n_node, max_num_neighbors, backend
     )
-    cells = _cells_like(positions, cell, batch)
-    system = batch[edge_index[0]] if batch is not None else torch.zeros_like(edge_index[0])
-    return edge_index, cartesian_shifts(unit_shifts, cells, system)
+    device, dtype = positions.device, positions.dtype
+    if cell is None or not layout.pbc.any():  # every shift is zero: nothing to multiply
+        return edge_index, torch.zeros(unit_shifts.shape[0], 3, dtype=dtype, device=device)
+    cells = torch.as_tensor(cell).to(device=device, dtype=dtype)
+    if cells.ndim == 3 and cells.shape[0] > 1:
+        periodic = layout.pbc.any(axis=1)
+        if not periodic.all() and layout.cells[~periodic].any():  # boxes of molecules: S is 0
+            cells = cells * torch.from_numpy(periodic).to(device=device, dtype=dtype)[:, None, None]
+    edge_graph = None
+    if edge_counts is None and layout.n_systems > 1:
+        offsets = torch.from_numpy(layout.offsets).to(device)
+        edge_graph = torch.searchsorted(offsets, edge_index[0], right=True) - 1
+    return edge_index, cartesian_shifts(unit_shifts, cells, edge_graph, edge_counts=edge_counts)
+
+
+def _neighbor_list(positions, cutoff, cell, pbc, batch, n_node, max_num_neighbors, backend):
+    """(edge_index, unit_shifts, layout, edge counts per system on the host or None)."""
+    positions = positions.detach()
+    device = positions.device
+    if not cutoff > 0:
+        raise MoldenInputError("radius_graph", f"cutoff must be positive, got {cutoff}")
+    layout = system_layout(positions, cell, pbc, batch, n_node)
+    found = vesin_backend.vesin_neighbor_list(positions.numpy(), layout, cutoff) if _uses_vesin(device, backend) else None
+    if found is not None:
+        edge_index, shifts, edge_counts = torch.from_numpy(found[0]), torch.from_numpy(found[1]), found[2]
+    else:
+        edge_index, shifts = _torch_neighbor_list(positions, layout, cutoff)
+        edge_counts = _sorted_edge_counts(edge_index[0], layout) if device.type == "cpu" else None
+
+    if max_num_neighbors is not None:
+        cells = torch.from_numpy(layout.cells).to(device)
+        system = _batch_of(layout, device)
+        lengths = edge_lengths(positions, cells, system, edge_index[0], edge_index[1], shifts)
+        mask = nearest_neighbors_mask(edge_index[0], lengths, max_num_neighbors, num_nodes=len(positions))
+        edge_index, shifts = edge_index[:, mask], shifts[mask]
+        edge_counts = None
+    return edge_index, shifts, layout, edge_counts
+
+
+def _sorted_edge_counts(centres: torch.Tensor, layout: SystemLayout) -> np.ndarray:
+    """[B] edges per system from centre indices sorted in ascending order (CPU)."""
+    return np.diff(np.searchsorted(centres.numpy(), layout.offsets))
 
 
 def backend_for(device: torch.device | str, backend: str = "auto") -> str:
@@ -159,51 +190,54 @@ def nearest_neighbors_mask(
 
 
 def _batch_of(layout: SystemLayout, device: torch.device) -> torch.Tensor:
-    """[N] long system index of every atom."""
+    """[N] long system index of every atom, built on the device from host counts (no sync)."""
     counts = torch.from_numpy(layout.counts).to(device)
-    return torch.repeat_interleave(torch.arange(layout.n_systems, device=device), counts)
+    system = torch.arange(layout.n_systems, device=device)
+    return torch.repeat_interleave(system, counts, output_size=int(layout.offsets[-1]))
 
 
 def _torch_neighbor_list(positions: torch.Tensor, layout: SystemLayout, cutoff: float):
-    """(edge_index, unit_shifts) from the torch candidates and one exact test."""
+    """(edge_index, unit_shifts) from the torch candidates and one exact test.
+
+    Every size and bound comes from the host-side layout, so the only synchronisations on a
+    device are the data-dependent ones: selecting candidate pairs (and, for large systems,
+    sizing the cell list's bins).
+    """
     device, dtype = positions.device, positions.dtype
-    cell = torch.from_numpy(layout.cells).to(device)
+    full_np = complete_cells(layout.cells, layout.pbc)
+    full_cell = torch.from_numpy(full_np).to(device=device, dtype=dtype)
     pbc = torch.from_numpy(layout.pbc).to(device)
-    full_cell = torch.from_numpy(complete_cells(layout.cells, layout.pbc)).to(device=device, dtype=dtype)
     batch = _batch_of(layout, device)
-    counts = torch.from_numpy(layout.counts).to(device)
     # Candidates are searched slightly beyond the cutoff so that rounding (wrapping, another
     # backend's arithmetic) can never lose a pair; the exact test below removes the extras.
-    scale = cutoff + float(positions.abs().max()) + float(np.abs(layout.cells).sum(axis=(1, 2)).max()) if len(positions) else cutoff
+    scale = cutoff + layout.position_bound + float(np.abs(layout.cells).sum(axis=(1, 2)).max(initial=0.0))
     band = 256 * torch.finfo(dtype).eps * scale
     search = cutoff + band
-    offsets = layout.offsets.tolist()
-    i, j, shifts, approx = _torch_pairs(positions, batch, counts, offsets, full_cell, pbc, search)
+    shells = shell_counts_np(full_np, layout.pbc, search)
+    inverse = torch.from_numpy(np.linalg.inv(full_np)).to(device)
+    i, j, shifts, approx = _torch_pairs(positions, batch, layout, full_cell, inverse, pbc, shells, search)
     # One exact test in ASE's arithmetic, only where the candidate distance is within the band.
-    keep = approx < cutoff - band
-    unsure = (~keep & (approx < search)).nonzero(as_tuple=True)[0]
+    unsure = (approx >= cutoff - band).nonzero(as_tuple=True)[0]
     if unsure.numel():
+        cell = torch.from_numpy(layout.cells).to(device)
         exact = edge_lengths(positions, cell, batch, i[unsure], j[unsure], shifts[unsure])
-        keep[unsure] = exact.to(torch.float64) < cutoff  # a float32 cutoff would round
-    if not bool(keep.all()):
-        i, j, shifts = i[keep], j[keep], shifts[keep]
+        outside = (approx[unsure] >= search) | (exact.to(torch.float64) >= cutoff)  # a float32 cutoff would round
+        drop = unsure[outside]
+        if drop.numel():
+            keep = torch.ones_like(approx, dtype=torch.bool)
+            keep[drop] = False
+            i, j, shifts = i[keep], j[keep], shifts[keep]
     return torch.stack([i, j]), shifts
 
 
-def _cells_like(positions: torch.Tensor, cell: torch.Tensor | None, batch: torch.Tensor | None) -> torch.Tensor:
-    n_systems = 1 if batch is None or batch.numel() == 0 else int(batch.max()) + 1
-    if cell is None:
-        return torch.zeros(n_systems, 3, 3, dtype=positions.dtype, device=positions.device)
-    cell = torch.as_tensor(cell).to(device=positions.device, dtype=positions.dtype)
-    return cell.expand(n_systems, 3, 3) if cell.ndim == 2 else cell
-
-
-def _torch_pairs(positions, batch, counts, offsets, full_cell, pbc, search):
+def _torch_pairs(positions, batch, layout, full_cell, inverse, pbc, shells, search):
     """Candidates of every system in torch: brute force for groups of small systems, a cell
-    list for large ones. Returns (i, j, S, distance) sorted by (i, j, S)."""
-    wrapped, moved = wrap_positions(positions, batch, full_cell, pbc)
-    shells = shell_counts(full_cell, pbc, search)
-    n_list, k_list = counts.tolist(), torch.prod(2 * shells + 1, dim=1).tolist()
+    list for large ones. Returns (i, j, S, distance) sorted by (i, j, S).
+
+    `shells` is the host-side [B, 3] int64 array of image shells per axis."""
+    wrapped, moved = wrap_positions(positions, batch, full_cell, pbc, inverse)
+    offsets = layout.offsets.tolist()
+    n_list, k_list = layout.counts.tolist(), np.prod(2 * shells + 1, axis=1).tolist()
     parts: list[tuple[torch.Tensor, ...]] = []
     group: list[int] = []
     group_n = group_k = 0
@@ -211,15 +245,17 @@ def _torch_pairs(positions, batch, counts, offsets, full_cell, pbc, search):
     def flush() -> None:
         nonlocal group, group_n, group_k
         if group:
-            parts.append(_brute_force(wrapped, full_cell, shells, counts, offsets, group, search))
+            parts.append(_brute_force(wrapped, full_cell, shells, layout.counts, offsets, group, search))
         group, group_n, group_k = [], 0, 0
 
     for b, (n, k) in enumerate(zip(n_list, k_list)):
         if n > _CELL_LIST_MIN_ATOMS or n * n * k > _BRUTE_FORCE_BUDGET:
             flush()
             sl = slice(offsets[b], offsets[b + 1])
-            pairs = cell_list.torch_cell_list_candidates(wrapped[sl], full_cell[b], pbc[b], shells[b].tolist(), search)
-            parts.append(_sorted_pairs(*pairs, n, shells[b], offsets[b]))
+            pairs = cell_list.torch_cell_list_candidates(
+                wrapped[sl], full_cell[b], pbc[b], shells[b].tolist(), search, inverse=inverse[b]
+            )
+            parts.append(_sorted_pairs(*pairs, n, shells[b].tolist(), offsets[b]))
             continue
         # Groups are bounded by their padded size, so one big system never inflates the others.
         if (len(group) + 1) * max(n, group_n) ** 2 * max(k, group_k) > _BRUTE_FORCE_BUDGET:
@@ -229,7 +265,7 @@ def _torch_pairs(positions, batch, counts, offsets, full_cell, pbc, search):
     flush()
     if not parts:
         empty = torch.zeros(0, dtype=torch.long, device=positions.device)
-        return empty, empty, torch.zeros(0, 3, dtype=torch.long, device=positions.device), positions.new_zeros(0)
+        return empty, empty, torch.zeros(0, 3, dtype=torch.int32, device=positions.device), positions.new_zeros(0)
     i, j, wrapped_shift, approx = (torch.cat(x) for x in zip(*parts))
     # positions = wrapped + moved @ cell, so the shift for the given positions is:
     return i, j, (wrapped_shift + moved[i] - moved[j]).to(torch.int32), approx
@@ -239,19 +275,19 @@ def _brute_force(wrapped, full_cell, shells, counts, offsets, group, search):
     """Candidates for a group of small systems, every pair against every image at once.
 
     The pair tensor is laid out [system, i, j, image] so that nonzero() already yields the
-    documented (i, j, S) order.
+    documented (i, j, S) order. `shells` and `counts` are host arrays: sizes need no sync.
     """
     device, dtype = wrapped.device, wrapped.dtype
-    systems = torch.tensor(group, device=device)
-    n_max = int(counts[systems].max())
-    group_shells = shells[systems]
-    images = image_offsets(group_shells.max(dim=0).values.tolist(), device)
-    image_ok = (images.abs()[None] <= group_shells[:, None, :]).all(dim=-1)  # [G, K]
+    n_max = int(counts[group].max())
+    group_shells = shells[group]
+    images = image_offsets(group_shells.max(axis=0).tolist(), device)
+    image_ok = (images.abs()[None] <= torch.from_numpy(group_shells).to(device)[:, None, :]).all(dim=-1)  # [G, K]
     slots = torch.arange(n_max, device=device)
     start = torch.tensor([offsets[b] for b in group], device=device)
-    atom_ok = slots < counts[systems][:, None]
+    atom_ok = slots < torch.from_numpy(counts[group]).to(device)[:, None]
     atoms = torch.where(atom_ok, start[:, None] + slots, 0)
     points = wrapped[atoms]  # [G, n, 3]
+    systems = torch.tensor(group, device=device)
     image_vectors = images.to(dtype) @ full_cell[systems].to(dtype)  # [G, K, 3]
     delta = points[:, None, :, None, :] - points[:, :, None, None, :] + image_vectors[:, None, None]
     dist2 = (delta * delta).sum(dim=-1)  # [G, i, j, K]
@@ -263,10 +299,12 @@ def _brute_force(wrapped, full_cell, shells, counts, offsets, group, search):
 
 
 def _sorted_pairs(i, j, wrapped_shift, approx, n_atoms, shells, offset):
-    """Order one system's candidates by (i, j, S) and make atom indices absolute."""
-    span = 2 * shells + 1
+    """Order one system's candidates by (i, j, S) and make atom indices absolute.
+
+    `shells` is a host list of 3 ints."""
+    span = [2 * s + 1 for s in shells]
     code = ((wrapped_shift[:, 0] + shells[0]) * span[1] + wrapped_shift[:, 1] + shells[1]) * span[2] + wrapped_shift[:, 2] + shells[2]
-    n_codes = int(span.prod())
+    n_codes = span[0] * span[1] * span[2]
     if n_atoms * n_atoms * n_codes < 2**62:
         key = (i * n_atoms + j) * n_codes + code
         if key.device.type == "cpu":  # numpy's timsort is several times faster than torch's here

@@ -22,7 +22,7 @@ import numpy as np
 
 from molden.graph.systems import SystemLayout
 
-try:  # the fastest CPU cell list known (PEERS.md); the torch backend is the fallback
+try:  # the fastest CPU cell list known (BENCHMARKS.md, peers); the torch backend is the fallback
     import vesin as _vesin
 except ImportError:  # pragma: no cover - exercised only where vesin is missing
     _vesin = None
@@ -48,7 +48,7 @@ def vesin_available() -> bool:
 
 def vesin_neighbor_list(
     positions: np.ndarray, layout: SystemLayout, cutoff: float
-) -> tuple[np.ndarray, np.ndarray] | None:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """Edges of every system of the batch, as `neighbor_list` returns them.
 
     Args:
@@ -56,9 +56,9 @@ def vesin_neighbor_list(
         layout: the batch's systems (`system_layout`).
         cutoff: Å, strict.
     Returns:
-        (edge_index [2, E] int64, unit_shifts [E, 3] int32), systems in batch order; within a
-        periodic system vesin's half list then its mirror, within a run of molecules sorted by
-        centre atom. None when vesin cannot take the input (a non-periodic system spanning
+        (edge_index [2, E] int64, unit_shifts [E, 3] int32, edges per system [B] int64),
+        systems in batch order; within a periodic system vesin's half list then its mirror,
+        within a run of molecules sorted by centre atom. None when vesin cannot take the input (a non-periodic system spanning
         more than `_MAX_SPAN_IN_CUTOFFS` cutoffs, a cutoff below `_MIN_CUTOFF_ANGSTROM`):
         the caller uses the torch backend.
     """
@@ -79,23 +79,29 @@ def vesin_neighbor_list(
         tasks.append((lo, hi, points if hi - lo > 1 else None))
     # The band covers both roundings: the exact test's (in the positions' dtype) and vesin's
     # (float64, on the moved coordinates of packed molecules).
-    scale = cutoff + float(np.abs(positions).max(initial=0.0)) + float(np.abs(layout.cells).sum(axis=(1, 2)).max(initial=0.0))
+    scale = cutoff + layout.position_bound + float(np.abs(layout.cells).sum(axis=(1, 2)).max(initial=0.0))
     moved = max((float(np.abs(x).max(initial=0.0)) for _, _, x in tasks if x is not None), default=0.0)
     band = 256 * (float(np.finfo(positions.dtype).eps) * scale + float(np.finfo(np.float64).eps) * (scale + moved))
     # Rounded up to a 1e-6 Å grid so that repeated calls reuse one calculator: vesin keeps its
     # buffers between calls, and a fresh one costs about half a search on large systems.
     search = math.ceil((cutoff + band) * 1e6) / 1e6
 
-    parts = [
-        part
-        for lo, hi, packed in tasks
-        if (part := _search(positions, pos64, layout, lo, hi, packed, cutoff, band, search)) is not None
-    ]
+    edge_counts = np.zeros(layout.n_systems, dtype=np.int64)
+    parts = []
+    for lo, hi, packed in tasks:
+        part = _search(positions, pos64, layout, lo, hi, packed, cutoff, band, search)
+        if part is None:
+            continue
+        parts.append(part)
+        if hi - lo == 1:
+            edge_counts[lo] = part[0].shape[1]
+        else:  # a run of molecules comes sorted by centre atom
+            edge_counts[lo:hi] = np.diff(np.searchsorted(part[0][0], offsets[lo : hi + 1]))
     if not parts:
-        return np.zeros((2, 0), dtype=np.int64), np.zeros((0, 3), dtype=np.int32)
+        return np.zeros((2, 0), dtype=np.int64), np.zeros((0, 3), dtype=np.int32), edge_counts
     if len(parts) == 1:
-        return parts[0]
-    return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts])
+        return parts[0][0], parts[0][1], edge_counts
+    return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts]), edge_counts
 
 
 def _search(positions, pos64, layout, lo, hi, packed, cutoff, band, search):

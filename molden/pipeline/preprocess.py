@@ -7,18 +7,22 @@ Memory is bounded by one block, whatever the size of the source.
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal
 
+import h5py
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from molden import __version__
 from molden.data.emt import EMTConfig
-from molden.data.h5_writer import CacheWriter
-from molden.data.splits import QM9_SPLIT, SplitConfig, assign_splits
+from molden.data import h5_schema as S
+from molden.data.h5_writer import CacheWriter, describe_differences, fingerprint
+from molden.data.splits import QM9_SPLIT, NoTrainSplitError, SplitConfig, assign_splits, check_train_left
 from molden.data.structure import Structure
 from molden.errors import MoldenConfigError, MoldenInputError
 from molden.pipeline.structure_graphs import GraphReport, build_graphs
@@ -30,6 +34,9 @@ DEFAULT_CUTOFF_ANGSTROM: dict[str, float] = {"qm9": 5.0, "pcqm4mv2": 5.0, "ase":
 
 BLOCK_ATOMS = 65536
 BLOCK_STRUCTURES = 4096
+# The first block is small and each next one twice as large (up to BLOCK_ATOMS), so progress
+# and the cutoff's edge estimate come within a second, not after 65,536 atoms.
+FIRST_BLOCK_ATOMS = 4096
 
 ProgressHook = Callable[[int, int | None], None]
 """Called with (done, total or None): structures written, or for `emt` systems relaxed."""
@@ -50,6 +57,10 @@ class PreprocessConfig(BaseModel):
     split: SplitConfig | None = None
     min_distance_angstrom: float = Field(0.1, ge=0, description="closer atoms are reported as overlapping")
     resume: bool = True
+    # Not part of the provenance (exclude): how to treat an existing output, not how it is made.
+    overwrite: bool = Field(
+        False, exclude=True, description="replace an existing cache, or a partial file of other settings"
+    )
     emt: EMTConfig = Field(default_factory=EMTConfig)
     oc20_frames: Literal["all", "initial", "final"] = "all"
     pcqm4mv2_targets: Path | None = None
@@ -75,18 +86,87 @@ class PreprocessSummary(BaseModel):
     splits: dict[str, int]
     resumed_from: int
     seconds: float
+    reused: bool = Field(False, description="the output was already a complete cache of these settings")
+    notes: list[str] = Field(default_factory=list, description="what happened to existing files")
 
 
 def _check_inputs(config: PreprocessConfig) -> None:
     """Fail on missing inputs before the writer exists: it would replace a resumable partial
     file whose provenance (input paths) the typo changes."""
-    if config.source == "emt" or (config.source == "qm9" and not config.inputs):
+    if config.source == "emt":
+        if config.inputs:
+            names = ", ".join(str(p) for p in config.inputs)
+            raise MoldenConfigError(
+                f"source 'emt' generates its structures and reads no input files (got {names}): "
+                "drop them, or use source ase for files"
+            )
+        return
+    if config.source == "qm9" and not config.inputs:
         return
     if not config.inputs:
         raise MoldenConfigError(f"source {config.source!r} needs at least one input file or folder")
     for path in config.inputs:
         if not Path(path).exists():
             raise MoldenInputError(path, "no such file or directory")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links too
+    except OSError:
+        return False
+
+
+def _check_output(config: PreprocessConfig, provenance_json: str, settings_json: str) -> bool:
+    """Check `config.out` before any work; True when it already is a complete cache of these
+    settings (nothing to do). Refuses an output that is one of the inputs, a directory, a file
+    that is not a molden cache, or a cache of other settings unless `config.overwrite`."""
+    out = Path(config.out)
+    for path in config.inputs:
+        if _same_file(out, Path(path)):
+            raise MoldenConfigError(f"--out {out} is one of the inputs: give the cache another path")
+    if out.is_dir():
+        raise MoldenConfigError(f"--out {out} is a directory: give a file path, such as {out / 'cache.h5'}")
+    if not out.exists():
+        return False
+    try:
+        with h5py.File(out, "r") as f:
+            attrs = {key: f.attrs[key] for key in ("format", "complete", "schema_version", "provenance", "settings") if key in f.attrs}
+    except OSError:
+        attrs = {}
+    if attrs.get("format") != S.FORMAT_NAME:
+        raise MoldenConfigError(
+            f"--out {out} exists and is not a molden cache: refusing to replace it (choose another path or remove it)"
+        )
+    if config.overwrite:
+        return False
+    complete = bool(attrs.get("complete", False)) and int(attrs.get("schema_version", -1)) == S.SCHEMA_VERSION
+    # Caches written before the `settings` attribute kept the split inside the provenance.
+    if complete and attrs.get("provenance") == provenance_json and attrs.get("settings", settings_json) == settings_json:
+        return True
+    if not complete:
+        why = "an incomplete molden cache or one of another schema version"
+    else:
+        old = json.loads(attrs.get("provenance", "{}")) | json.loads(attrs.get("settings", "{}"))
+        new = json.loads(provenance_json) | json.loads(settings_json)
+        why = f"a molden cache made with other settings ({describe_differences(old, new)})"
+    raise MoldenConfigError(f"--out {out} is {why}: pass --overwrite to replace it, or choose another --out")
+
+
+def _existing_summary(config: PreprocessConfig, start: float) -> PreprocessSummary:
+    from molden.data.cache_summary import summarize_cache
+
+    cache = summarize_cache(config.out)
+    return PreprocessSummary(
+        path=config.out, source=cache.source, cutoff_angstrom=cache.cutoff_angstrom, n_structures=cache.n_structures,
+        n_atoms=cache.n_atoms, n_edges=cache.n_edges, edges_per_atom=cache.edges_per_atom,
+        edges_dropped_by_max_neighbors=cache.edges_dropped_by_max_neighbors, isolated_atoms=cache.isolated_atoms,
+        structures_with_isolated_atoms=[], splits=cache.splits, resumed_from=0,
+        seconds=time.perf_counter() - start, reused=True,
+        notes=[f"{config.out} is already complete with these settings: nothing to do (--overwrite rebuilds it)"],
+    )
 
 
 def _read_source(
@@ -123,13 +203,13 @@ def _read_source(
 
 def _blocks(structures: Iterable[Structure]) -> Iterator[list[Structure]]:
     block: list[Structure] = []
-    atoms = 0
+    atoms, limit = 0, FIRST_BLOCK_ATOMS
     for s in structures:
         block.append(s)
         atoms += s.n_atoms
-        if atoms >= BLOCK_ATOMS or len(block) >= BLOCK_STRUCTURES:
+        if atoms >= min(limit, BLOCK_ATOMS) or len(block) >= BLOCK_STRUCTURES:
             yield block
-            block, atoms = [], 0
+            block, atoms, limit = [], 0, limit * 2
     if block:
         yield block
 
@@ -154,27 +234,92 @@ def default_split(source: str) -> SplitConfig:
 
 
 def provenance(config: PreprocessConfig) -> dict:
-    """What the cache records about how it was made; also decides whether a resume matches."""
+    """What the cache records about how it was made; also decides whether a resume matches.
+
+    The split settings are left out (the writer's `settings` hold them): splits are assigned
+    only at finalize, so a run that stopped there (`NoTrainSplitError`) finishes from its
+    partial file with other --val/--test.
+    """
     return {
         "source": config.source,
         "inputs": [str(Path(p).resolve()) for p in config.inputs],
         "cutoff_angstrom": config.cutoff,
         "max_num_neighbors": config.max_num_neighbors,
-        "config": config.model_dump(mode="json", exclude={"out", "resume", "workers"}),
+        "config": config.model_dump(mode="json", exclude={"out", "resume", "workers", "split"}),
         "molden_version": __version__,
     }
 
 
-def run_preprocess(config: PreprocessConfig, progress: ProgressHook | None = None) -> PreprocessSummary:
-    """Read `config.source`, build graphs and write `config.out` atomically; resumable."""
+def _systems_at_most(config: PreprocessConfig) -> int | None:
+    """An upper bound of the systems (and structures) the source yields, where cheap to know:
+    `limit`, and the molecule count of QM9 (one system per molecule)."""
+    bound = config.limit
+    if config.source == "qm9":
+        from molden.data.readers import count_qm9
+
+        counts = [count_qm9(None)] if not config.inputs else [count_qm9(p) for p in config.inputs]
+        if None not in counts:
+            bound = sum(counts) if bound is None else min(bound, sum(counts))
+    return bound
+
+
+def _check_split(config: PreprocessConfig, split: SplitConfig) -> None:
+    """Fail before any work on split settings that cannot work: held-out counts that take every
+    system of a source whose size is bounded up front, or --val/--test for emt."""
+    if config.source == "emt":
+        default = default_split("emt")
+        if config.split is not None and (split.val, split.test, split.group_by) != (default.val, default.test, default.group_by):
+            raise MoldenConfigError(
+                "emt assigns its own OC20-like splits (train, val_id, test_id, test_ood_*; EMTConfig.split_fractions): "
+                "--val, --test and --split-by do not apply to it"
+            )
+        return
+    n = _systems_at_most(config)
+    if n is not None:
+        check_train_left(split, n)
+
+
+def run_preprocess(
+    config: PreprocessConfig, progress: ProgressHook | None = None, notify: Callable[[str], None] | None = None
+) -> PreprocessSummary:
+    """Read `config.source`, build graphs and write `config.out` atomically; resumable.
+
+    Checks inputs and output before any work: an existing complete cache of the same settings
+    is returned as it is (`reused`); `notify` receives one-line notes (a partial file resumed
+    or discarded) as they happen, which the summary's `notes` repeat."""
     start = time.perf_counter()
     where = ", ".join(str(p) for p in config.inputs) or config.source
     split = config.split or default_split(config.source)
+    notes: list[str] = []
+
+    def note(message: str) -> None:
+        notes.append(message)
+        if notify is not None:
+            notify(message)
+
     _check_inputs(config)
-    writer = CacheWriter(config.out, provenance(config), resume=config.resume)
+    _check_split(config, split)
+    record = provenance(config)
+    # The split is assigned at the end, so it decides whether a complete cache can be reused
+    # but not whether a partial one resumes.
+    settings = {"split": split.model_dump(mode="json")}
+    if _check_output(config, fingerprint(record), fingerprint(settings)):
+        summary = _existing_summary(config, start)
+        for message in summary.notes:
+            if notify is not None:
+                notify(message)
+        return summary
+    writer = CacheWriter(
+        config.out, record, resume=config.resume, overwrite=config.overwrite, settings=settings, notify=note
+    )
+    if writer.resumed_from:
+        note(f"resuming {writer.partial} after {writer.resumed_from:,} structures")
     report = GraphReport()
     try:
-        structures, total = _read_source(config, writer, progress)
+        if writer.all_structures_written:  # an earlier run stopped in finalize: only that is left
+            structures, total = iter(()), writer.n_structures
+        else:
+            structures, total = _read_source(config, writer, progress)
         if config.limit is not None:
             structures = itertools.islice(structures, max(config.limit - writer.resumed_from, 0))
             total = config.limit if total is None else min(total, config.limit)
@@ -201,8 +346,17 @@ def run_preprocess(config: PreprocessConfig, progress: ProgressHook | None = Non
         }
         path = writer.finalize(lambda ids, index: assign_splits(ids, index, split), extra)
     except KeyboardInterrupt:
-        writer.close()  # keep the partial file: the same command resumes from it
+        if writer.n_structures:
+            writer.close()  # keep the partial file: the same command resumes from it
+        else:
+            writer.abort()  # nothing committed: nothing worth resuming
         raise
+    except NoTrainSplitError as error:
+        writer.close()  # every structure is written: a rerun with other --val/--test only finalizes
+        raise NoTrainSplitError(
+            f"{error} (the {n_structures:,} structures read are kept in {writer.partial}: "
+            "rerun with new --val/--test to finish without reading them again)"
+        ) from None
     except BaseException:
         writer.abort()
         raise
@@ -225,4 +379,5 @@ def run_preprocess(config: PreprocessConfig, progress: ProgressHook | None = Non
         splits=splits,
         resumed_from=writer.resumed_from,
         seconds=time.perf_counter() - start,
+        notes=notes,
     )

@@ -3,11 +3,17 @@
 Energies and forces come from the file's calculator results or the usual extxyz keys (eV, eV/Å),
 tags and FixAtoms are kept (see `molden.data.ase_convert`). system_id is the file stem; frame is
 the frame's index in the file (for a negative or unbounded-from-the-end `index`, the count of
-frames read so far).
+frames read so far). Files written by `molden export` carry their own system id, frame, split,
+targets and relaxed_* fields, which win.
+
+A folder is read file by file, in natural name order ("2.xyz" before "10.xyz"), taking the
+files whose format ASE recognises from their name or content; the others (and sub-folders) are
+skipped and named in one logged warning.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +21,45 @@ from pathlib import Path
 import ase.db
 from ase.io import iread
 from ase.io.trajectory import Trajectory
-from ase.io.formats import string2index
+from ase.io.formats import UnknownFileTypeError, filetype, string2index
 
 from molden.data.ase_convert import structure_from_atoms
 from molden.data.readers.element_symbols import SYMBOL_TO_NUMBER
 from molden.data.structure import Structure
 from molden.errors import MoldenInputError
+
+
+logger = logging.getLogger(__name__)
+
+
+def _natural_key(path: Path) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name))
+
+
+def ase_files_in(folder: str | Path) -> tuple[list[Path], list[Path]]:
+    """(files of `folder` ASE can read, in natural name order; everything else in it)."""
+    readable, skipped = [], []
+    for path in sorted(Path(folder).iterdir(), key=_natural_key):
+        try:
+            # guess=False: only formats named by the file's ending or recognised from its
+            # content, so notes.txt or a .h5 cache are not taken for xyz.
+            ok = path.is_file() and filetype(str(path), read=True, guess=False) is not None
+        except (UnknownFileTypeError, OSError, ValueError):
+            ok = False
+        (readable if ok else skipped).append(path)
+    return readable, skipped
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    readable, skipped = ase_files_in(folder)
+    if not readable:
+        found = ", ".join(p.name for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        lacks = f"found only {found}" if skipped else "the folder is empty"
+        raise MoldenInputError(folder, f"no file in this folder that ASE can read (extxyz, traj, db, cif, ...): {lacks}")
+    if skipped:
+        names = ", ".join(p.name for p in skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+        logger.warning("%s: skipped %d entries that ASE cannot read: %s", folder, len(skipped), names)
+    return readable
 
 
 def _stem(path: Path) -> str:
@@ -52,14 +91,31 @@ def read_ase(
 ) -> Iterator[Structure]:
     """Stream the frames of an ASE-readable file as validated `Structure`s (Å, eV, eV/Å).
 
-    `index` selects frames as in `ase.io.iread` (":" all, "-1" last, "::10" every tenth);
-    `format` overrides ASE's guess from the file name.
+    `path` is a file or a folder of files (see the module docstring). `index` selects frames
+    of each file as in `ase.io.iread` (":" all, "-1" last, "::10" every tenth); `format`
+    overrides ASE's guess from the file name.
     """
     path = Path(path)
+    if path.is_dir():
+        files = _folder_files(path)
+        if limit is not None and limit <= 0:
+            return
+        count = 0
+        for file in files:
+            for structure in _read_file(file, None if limit is None else limit - count, index, format):
+                yield structure
+                count += 1
+            if limit is not None and count >= limit:
+                return
+        return
     if not path.is_file():
-        raise MoldenInputError(path, "no such file")
+        raise MoldenInputError(path, "no such file or folder")
     if limit is not None and limit <= 0:
         return
+    yield from _read_file(path, limit, index, format)
+
+
+def _read_file(path: Path, limit: int | None, index: str | int | slice, format: str | None) -> Iterator[Structure]:
     stem = _stem(path)
     first, step = _frame_numbers(index)
     try:
@@ -82,8 +138,15 @@ def read_ase(
 
 
 def count_ase(path: str | Path) -> int | None:
-    """Frames in an ASE trajectory or database, read from its index; None for other formats."""
+    """Frames in an ASE trajectory or database (or a folder of them), read from their index;
+    None for other formats."""
     path = Path(path)
+    if path.is_dir():
+        try:
+            counts = [count_ase(file) for file in ase_files_in(path)[0]]
+        except OSError:
+            return None
+        return None if not counts or None in counts else sum(counts)
     try:
         if path.suffix == ".traj":
             with Trajectory(str(path)) as traj:

@@ -8,7 +8,8 @@
   The extxyz energy is the raw DFT total energy (eV) and stays in `energy`; the line's reference
   energy goes to `targets["reference_energy"]` (eV), so `energy - reference_energy` is the
   S2EF target. A missing metadata file is an error: without it there is no system id, frame
-  index or reference; use `read_ase` for extxyz files that carry no OC20 metadata.
+  index or reference; extxyz files that carry no OC20 metadata are read by
+  `molden preprocess ase` (`read_ase` in Python).
 
 Every frame must have tags (0 sub-surface, 1 surface, 2 adsorbate), energy and forces; fixed
 atoms come from FixAtoms (traj) or extxyz `move_mask` (fixed = not movable).
@@ -28,6 +29,7 @@ from ase.io.trajectory import Trajectory
 import numpy as np
 
 from molden.data.ase_convert import structure_from_atoms
+from molden.data.readers.text_decoding import not_utf8
 from molden.data.structure import Structure
 from molden.errors import MoldenConfigError, MoldenInputError
 
@@ -101,7 +103,7 @@ def _read_traj(path: Path, frames: Frames) -> Iterator[Structure]:
 
 
 def _open_text(path: Path) -> TextIO:
-    return lzma.open(path, "rt") if path.suffix == ".xz" else open(path)
+    return lzma.open(path, "rt", encoding="utf-8") if path.suffix == ".xz" else open(path, encoding="utf-8")
 
 
 def _metadata_path(path: Path) -> Path:
@@ -110,7 +112,9 @@ def _metadata_path(path: Path) -> Path:
         if candidate.is_file():
             return candidate
     raise MoldenInputError(
-        path, f"no OC20 metadata file {stem}.txt or {stem}.txt.xz beside it (use read_ase for plain extxyz)"
+        path,
+        f"no OC20 metadata file {stem}.txt or {stem}.txt.xz beside it; "
+        "extxyz without OC20 metadata is read by `molden preprocess ase` (read_ase in Python)",
     )
 
 
@@ -133,6 +137,13 @@ def _parse_metadata(line: str, where: Path, line_number: int) -> tuple[str, int,
 
 def _read_s2ef(path: Path) -> Iterator[Structure]:
     meta_path = _metadata_path(path)
+    try:
+        yield from _read_s2ef_frames(path, meta_path)
+    except UnicodeDecodeError:  # ASE's own decoding errors are caught per frame: this is the .txt
+        raise not_utf8(meta_path) from None
+
+
+def _read_s2ef_frames(path: Path, meta_path: Path) -> Iterator[Structure]:
     with _open_text(meta_path) as meta:
         frames = ase.io.iread(str(path), index=":", format="extxyz")
         i = 0
@@ -210,6 +221,6 @@ def count_oc20(path: str | Path, *, frames: Frames = "all") -> int | None:
             try:
                 with _open_text(_metadata_path(file)) as meta:
                     total += sum(1 for line in meta if line.strip())
-            except (MoldenInputError, OSError, lzma.LZMAError):
+            except (MoldenInputError, OSError, lzma.LZMAError, UnicodeDecodeError):
                 return None
     return total

@@ -26,6 +26,7 @@ from typing import TextIO
 import numpy as np
 
 from molden.data.readers.element_symbols import numbers_from_symbols
+from molden.data.readers.text_decoding import not_utf8
 from molden.data.structure import Structure
 from molden.errors import MoldenInputError
 
@@ -33,7 +34,7 @@ N_PCQM4MV2_TRAIN_3D = 3_378_606
 
 
 def _open_text(path: Path) -> TextIO:
-    return gzip.open(path, "rt") if path.suffix == ".gz" else open(path)
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
 
 def parse_molblock(lines: list[str], where: str | Path, record: int, first_line: int) -> Structure:
@@ -96,6 +97,13 @@ def _data_fields(lines: list[str]) -> dict[str, float]:
 
 def _molblocks(path: Path) -> Iterator[tuple[int, int, list[str]]]:
     """(record index, first line number, lines) for each `$$$$`-terminated record."""
+    try:
+        yield from _molblock_lines(path)
+    except UnicodeDecodeError:
+        raise not_utf8(path, lambda line, records: records, count_prefix=b"$$$$") from None
+
+
+def _molblock_lines(path: Path) -> Iterator[tuple[int, int, list[str]]]:
     with _open_text(path) as handle:
         lines: list[str] = []
         first = 1
@@ -116,6 +124,13 @@ def _gap_rows(targets_csv: Path) -> Iterator[tuple[int, str, int]]:
     """(idx, homolumogap text, line number) from OGB's data.csv(.gz)."""
     if not targets_csv.is_file():
         raise MoldenInputError(targets_csv, "no such targets file")
+    try:
+        yield from _gap_csv_rows(targets_csv)
+    except UnicodeDecodeError:
+        raise not_utf8(targets_csv) from None
+
+
+def _gap_csv_rows(targets_csv: Path) -> Iterator[tuple[int, str, int]]:
     with _open_text(targets_csv) as handle:
         rows = csv.reader(handle)
         header = next(rows, [])

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from molden.data.readers.element_symbols import numbers_from_symbols
+from molden.data.readers.text_decoding import decode_utf8, not_utf8
 from molden.data.structure import Structure
 from molden.errors import MoldenInputError
 
@@ -76,7 +77,14 @@ def _gdb_float(text: str) -> float:
 
 
 def _read_qm9pack_csv(path: Path) -> Iterator[Structure]:
-    with open(path, newline="") as handle:
+    try:
+        yield from _read_qm9pack_rows(path)
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
+
+
+def _read_qm9pack_rows(path: Path) -> Iterator[Structure]:
+    with open(path, newline="", encoding="utf-8") as handle:
         rows = csv.reader(handle)
         header = next(rows, None)
         if header is None:
@@ -153,7 +161,7 @@ def _read_xyz_folder(folder: Path) -> Iterator[Structure]:
     if not files:
         raise MoldenInputError(folder, "no dsgdb9nsd_*.xyz files in this folder")
     for file in files:
-        yield parse_gdb9_xyz(file.read_text(), folder, file.name)
+        yield parse_gdb9_xyz(decode_utf8(file.read_bytes(), folder, file.name), folder, file.name)
 
 
 def _read_xyz_archive(archive: Path) -> Iterator[Structure]:
@@ -166,8 +174,9 @@ def _read_xyz_archive(archive: Path) -> Iterator[Structure]:
                     continue
                 found = True
                 handle = tar.extractfile(member)
-                text = handle.read().decode("utf-8") if handle is not None else ""
-                yield parse_gdb9_xyz(text, archive, Path(member.name).name)
+                name = Path(member.name).name
+                text = decode_utf8(handle.read(), archive, name) if handle is not None else ""
+                yield parse_gdb9_xyz(text, archive, name)
     except (tarfile.TarError, EOFError, OSError) as error:
         raise MoldenInputError(archive, f"cannot read archive: {error}") from None
     if not found:
@@ -193,7 +202,7 @@ def read_qm9(path: str | Path | None = None, *, limit: int | None = None) -> Ite
         elif path.is_file() and ".tar" in "".join(path.suffixes[-2:]):
             source = _read_xyz_archive(path)
         elif path.is_file() and XYZ_NAME.match(path.name):
-            source = iter([parse_gdb9_xyz(path.read_text(), path, path.name)])
+            source = iter([parse_gdb9_xyz(decode_utf8(path.read_bytes(), path, path.name), path, path.name)])
         elif path.is_file() and path.suffix == ".csv":
             source = _read_qm9pack_csv(path)
         elif not path.exists():
