@@ -56,7 +56,7 @@ def preprocess(
     """Read a dataset, build radius graphs and write an HDF5 graph cache."""
     from molden.data.emt import EMTConfig
     from molden.data.splits import SplitConfig
-    from molden.pipeline.preprocess import PreprocessConfig, default_split, run_preprocess
+    from molden.pipeline.preprocess import PreprocessConfig, default_split
 
     with user_errors(OPTION_NAMES):
         split = None

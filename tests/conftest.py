@@ -26,6 +26,9 @@ def _frames(n: int, seed: int = 0) -> list[Atoms]:
             atoms = molecule("CH4")
             atoms.center(vacuum=4.0)
             atoms.pbc = False
+        # Every frame carries tags (zeros where ASE built none): a cache keeps only the fields
+        # of its first structure, and refuses later structures that have more.
+        atoms.set_tags(atoms.get_tags())
         atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
         atoms.calc = EMT()
         atoms.get_potential_energy()

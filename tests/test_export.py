@@ -303,3 +303,12 @@ def test_cli_export_with_ref_keys_and_a_note_about_fixed_atoms(slab_cache, tmp_p
                   "--forces-key", "REF_forces")
     assert result.exit_code == 0 and "note" not in result.stderr, result.output
     assert "REF_forces" in ase.io.read(tmp_path / "b.extxyz", 0).arrays
+
+
+def test_export_into_a_missing_folder_creates_it(tmp_path, mixed_extxyz):
+    from molden.data.export import export_cache
+    from molden.pipeline.preprocess import PreprocessConfig, run_preprocess
+
+    cache = run_preprocess(PreprocessConfig(source="ase", inputs=[mixed_extxyz], out=tmp_path / "c.h5")).path
+    summary = export_cache(cache, tmp_path / "new" / "dir" / "x.extxyz")
+    assert summary.path.exists()

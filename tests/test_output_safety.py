@@ -223,3 +223,39 @@ def test_a_partial_file_of_other_settings_raises_a_config_error_in_the_library(m
     _interrupted_after(7, _config(mixed_extxyz, out))
     with pytest.raises(MoldenConfigError, match="7 structures"):
         run_preprocess(_config(mixed_extxyz, out, cutoff_angstrom=3.0))
+
+
+# ------------------------------------------------------------------ found in review
+def test_a_later_structure_with_a_field_the_first_lacks_is_refused_not_dropped(mixed_extxyz, tmp_path):
+    import ase.io
+    from ase.build import bulk
+
+    bare = bulk("Cu", "fcc", a=3.6, cubic=True)
+    src = tmp_path / "bare_first.extxyz"
+    ase.io.write(src, [bare] + ase.io.read(mixed_extxyz, ":3"))
+    message = _refused(_run("preprocess", "ase", src, "--out", tmp_path / "x.h5"), "bare_first.extxyz", "first structure")
+    assert "has" in message
+    assert list(tmp_path.glob("x.h5*")) == []
+
+
+def test_a_cache_is_not_reused_after_its_input_file_changed(mixed_extxyz, tmp_path):
+    import ase.io
+
+    src = tmp_path / "in.extxyz"
+    shutil.copy(mixed_extxyz, src)
+    out = tmp_path / "in.h5"
+    first = run_preprocess(_config(src, out))
+    ase.io.write(src, ase.io.read(mixed_extxyz, ":6"))
+    with pytest.raises(MoldenConfigError, match="overwrite"):
+        run_preprocess(_config(src, out))
+    again = run_preprocess(_config(src, out, overwrite=True))
+    assert first.n_structures == 30 and again.n_structures == 6
+
+
+def test_a_file_added_to_an_input_folder_changes_the_provenance(mixed_extxyz, tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    shutil.copy(mixed_extxyz, folder / "a.extxyz")
+    before = pp.provenance(_config(folder, tmp_path / "x.h5"))
+    shutil.copy(mixed_extxyz, folder / "b.extxyz")
+    assert pp.provenance(_config(folder, tmp_path / "x.h5")) != before

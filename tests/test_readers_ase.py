@@ -169,3 +169,23 @@ def test_preprocess_ase_of_a_folder_through_the_cli(tmp_path):
     from molden.data.h5_dataset import H5Dataset
 
     assert sorted({H5Dataset(out)[k].system_id for k in range(8)}) == ["a", "b"]
+
+
+def test_bad_bytes_in_an_extxyz_name_the_line_not_frame_zero(tmp_path, mixed_extxyz):
+    data = mixed_extxyz.read_bytes().splitlines(keepends=True)
+    bad_line = 60  # well past the first frames
+    data[bad_line - 1] = data[bad_line - 1].rstrip(b"\n") + b" \xe9\n"
+    src = tmp_path / "bad.extxyz"
+    src.write_bytes(b"".join(data))
+    with pytest.raises(MoldenInputError, match=rf"line {bad_line}\b.*0xe9|0xe9.*line {bad_line}\b"):
+        list(read_ase(src))
+
+
+def test_a_readme_in_a_data_folder_is_skipped(tmp_path, mixed_extxyz):
+    import shutil
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    shutil.copy(mixed_extxyz, folder / "frames.extxyz")
+    (folder / "README.md").write_text("# notes\n")
+    assert len(list(read_ase(folder))) == 30

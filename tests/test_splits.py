@@ -113,3 +113,21 @@ def test_counts_beyond_the_frames_read_fail_at_the_end_and_a_corrected_rerun_rea
     with h5py.File(out) as f, h5py.File(reference) as g:
         assert dict(f["stats"].attrs) == dict(g["stats"].attrs)
         assert set(f.attrs) == set(g.attrs)
+
+
+def test_both_fractions_are_taken_of_every_system():
+    names = assign_splits(_ids(1000), np.arange(1000), SplitConfig(val=0.2, test=0.2))
+    assert (names == "val").sum() == 200 and (names == "test").sum() == 200
+
+
+def test_a_seed_changes_the_split_of_an_ase_source_without_discarding_its_work(mixed_extxyz, tmp_path):
+    out = tmp_path / "s.h5"
+    too_many = [mixed_extxyz, "--val", 30, "--out", out]
+    runner = CliRunner()
+    assert runner.invoke(app, ["preprocess", "ase", *map(str, too_many)]).exit_code == 1
+    assert out.with_name("s.h5.partial").exists()
+    result = runner.invoke(app, ["preprocess", "ase", str(mixed_extxyz), "--val", "2", "--seed", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "emt" not in result.output
+    with h5py.File(out) as f:
+        assert len(f["splits/val"]) == 2

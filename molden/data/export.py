@@ -107,6 +107,7 @@ def export_cache(
         if per_atom:
             raise MoldenInputError(path, f"an ASE trajectory cannot hold {per_atom[0]}; export to .extxyz instead")
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _partial_name(out)
     fixed_with_forces = 0
     try:

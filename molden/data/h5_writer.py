@@ -190,6 +190,16 @@ class CacheWriter:
             missing = [name for name in optional if getattr(s, name) is None]
             if missing:
                 raise MoldenInputError(where, f"has no {missing[0]} although earlier structures have", record)
+            # The first structure decides the cache's fields: a field it lacks would be dropped
+            # silently from every later structure.
+            extra = [name for name in S.OPTIONAL if name not in optional and getattr(s, name) is not None]
+            if extra:
+                raise MoldenInputError(
+                    where,
+                    f"has {extra[0]} although the first structure has none; every structure needs the same "
+                    "fields (drop or complete the structures without it)",
+                    record,
+                )
             if list(s.targets) != target_names:
                 raise MoldenInputError(where, f"targets {list(s.targets)} differ from earlier {target_names}", record)
             if s.unit_shifts.size and np.abs(s.unit_shifts).max() > np.iinfo(np.int16).max:

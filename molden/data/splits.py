@@ -65,8 +65,9 @@ def _size(value: float, n: int) -> int:
 
 def held_out_sizes(config: SplitConfig, n: int) -> tuple[int, int]:
     """(validation, test) sizes for `n` systems (or structures, by `config.group_by`)."""
+    # Both fractions are of all n (10 % val and 10 % test of 100 is 10 and 10, as documented).
     n_val = _size(config.val, n)
-    return n_val, _size(config.test, n - n_val)
+    return n_val, min(_size(config.test, n), n - n_val)
 
 
 def _no_train_message(config: SplitConfig, n: int, *, at_most: bool = False) -> str:

@@ -240,14 +240,31 @@ def provenance(config: PreprocessConfig) -> dict:
     only at finalize, so a run that stopped there (`NoTrainSplitError`) finishes from its
     partial file with other --val/--test.
     """
+    exclude = {"out", "resume", "workers", "split"} | ({"emt"} if config.source != "emt" else set())
     return {
         "source": config.source,
         "inputs": [str(Path(p).resolve()) for p in config.inputs],
+        # Paths alone would reuse (or resume) a cache after its input file was replaced.
+        "input_files": [input_fingerprint(p) for p in config.inputs],
         "cutoff_angstrom": config.cutoff,
         "max_num_neighbors": config.max_num_neighbors,
-        "config": config.model_dump(mode="json", exclude={"out", "resume", "workers", "split"}),
+        "config": config.model_dump(mode="json", exclude=exclude),
         "molden_version": __version__,
     }
+
+
+def input_fingerprint(path: str | Path) -> list:
+    """[name, size in bytes, mtime in ns] of a file, or of every file in a folder (recursive,
+    sorted), so that a changed, added or removed input file changes the provenance."""
+    path = Path(path)
+    if not path.exists():
+        return [str(path), None, None]
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append([str(f.relative_to(path)) if path.is_dir() else f.name, st.st_size, st.st_mtime_ns])
+    return out
 
 
 def _systems_at_most(config: PreprocessConfig) -> int | None:

@@ -25,6 +25,7 @@ from ase.io.formats import UnknownFileTypeError, filetype, string2index
 
 from molden.data.ase_convert import structure_from_atoms
 from molden.data.readers.element_symbols import SYMBOL_TO_NUMBER
+from molden.data.readers.text_decoding import not_utf8
 from molden.data.structure import Structure
 from molden.errors import MoldenInputError
 
@@ -36,10 +37,18 @@ def _natural_key(path: Path) -> tuple:
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name))
 
 
+# Endings that ASE maps to a structure format but that in a data folder are almost always
+# documents (CASTEP's .md); pass such a file by name to read it.
+_DOCUMENT_SUFFIXES = {".md", ".txt", ".rst", ".csv", ".pdf", ".png"}
+
+
 def ase_files_in(folder: str | Path) -> tuple[list[Path], list[Path]]:
     """(files of `folder` ASE can read, in natural name order; everything else in it)."""
     readable, skipped = [], []
     for path in sorted(Path(folder).iterdir(), key=_natural_key):
+        if path.suffix.lower() in _DOCUMENT_SUFFIXES:  # README.md is not a CASTEP .md file
+            skipped.append(path)
+            continue
         try:
             # guess=False: only formats named by the file's ending or recognised from its
             # content, so notes.txt or a .h5 cache are not taken for xyz.
@@ -58,7 +67,7 @@ def _folder_files(folder: Path) -> list[Path]:
         raise MoldenInputError(folder, f"no file in this folder that ASE can read (extxyz, traj, db, cif, ...): {lacks}")
     if skipped:
         names = ", ".join(p.name for p in skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
-        logger.warning("%s: skipped %d entries that ASE cannot read: %s", folder, len(skipped), names)
+        logger.warning("note: %s: skipped %d entries that ASE cannot read: %s", folder, len(skipped), names)
     return readable
 
 
@@ -120,6 +129,8 @@ def _read_file(path: Path, limit: int | None, index: str | int | slice, format: 
     first, step = _frame_numbers(index)
     try:
         frames = iread(str(path), index=index, format=format)
+    except UnicodeDecodeError:
+        raise not_utf8(path) from None
     except Exception as error:  # e.g. an unknown format is raised before the first frame
         raise MoldenInputError(path, f"cannot read: {_explain(error)}") from None
     count = 0
@@ -129,6 +140,9 @@ def _read_file(path: Path, limit: int | None, index: str | int | slice, format: 
             atoms = next(frames)
         except StopIteration:
             break
+        except UnicodeDecodeError:
+            # Text is decoded in buffers ahead of the frame being parsed: name the line instead.
+            raise not_utf8(path) from None
         except Exception as error:  # truncated or garbled: ASE's message, our record
             raise MoldenInputError(path, f"cannot read frame ({count} read so far): {_explain(error)}", frame) from None
         structure = structure_from_atoms(atoms, system_id=stem, frame=frame)
