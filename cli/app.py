@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 
-from typing import Optional
 
 import typer
 
@@ -28,8 +27,8 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Optional[bool] = typer.Option(
-        None, "--version", callback=_print_version, is_eager=True, help="print molden's version and exit"
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="print molden's version and exit"
     ),
 ) -> None:
     """molden: denoising for molecular and materials graph neural networks."""

@@ -34,6 +34,7 @@ def random_edges(counts: list[int], seed: int, device: str, zero_cells: tuple[in
     ("counts", "zero_cells"),
     [
         ([700], ()),  # one cell: one matmul
+        ([20_000], ()),  # one cell, several host blocks
         ([600, 0, 900, 1200], ()),  # large graphs: one matmul per graph, one without edges
         ([600, 5, 900, 1200], (1, 3)),  # graphs without a cell cost nothing
         ([3] * 200, ()),  # many small graphs: one gather
@@ -78,3 +79,12 @@ def test_cartesian_shifts_need_the_graph_of_each_edge_for_several_cells():
     unit_shifts, cell, _ = random_edges([3, 4], 0, "cpu")
     with pytest.raises(ValueError, match="edge_graph"):
         cartesian_shifts(unit_shifts, cell)
+
+
+def test_cartesian_shifts_of_consecutive_graphs_sharing_a_cell_equal_the_per_edge_product():
+    # Graphs 0-1 and 3-4 share cells (one product per run), graph 2 has none, 5 has no edges.
+    counts = [700, 900, 40, 20_000, 1_300, 0]
+    unit_shifts, cell, edge_graph = random_edges(counts, 5, "cpu", zero_cells=(2,))
+    cell[1], cell[4], cell[5] = cell[0], cell[3], cell[3]
+    got = cartesian_shifts(unit_shifts, cell, edge_counts=counts)
+    torch.testing.assert_close(got, reference(unit_shifts, cell, edge_graph), rtol=1e-15, atol=1e-12)

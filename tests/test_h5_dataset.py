@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from multiprocessing.reduction import ForkingPickler
 
 import ase.io
@@ -176,3 +177,27 @@ def test_multi_worker_loader_reads_a_disk_cache_and_stops_cleanly(cache, tmp_pat
     assert run.stdout.strip().endswith("ok")
     for sign in ("terminate called", "killed by signal", "Traceback"):
         assert sign not in run.stderr, run.stderr[-2000:]
+
+
+class _SlowToPickle:
+    """Stands for a batch whose pickling (torch's share_fd) is still running at worker exit."""
+
+    def __reduce__(self):
+        time.sleep(0.3)
+        return (int, (0,))
+
+
+def test_a_dataloader_worker_waits_at_exit_for_its_queue_feeder(monkeypatch):
+    import torch.utils.data
+
+    from molden.data import h5_dataset
+
+    queue = multiprocessing.get_context("spawn").Queue()
+    queue.put(_SlowToPickle())
+    queue.cancel_join_thread()  # what a DataLoader worker told to stop does
+    queue.close()
+    feeder = queue._thread
+    assert feeder.is_alive()
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    h5_dataset._join_queue_feeders()  # the exit hook every unpickled H5Dataset registers
+    assert not feeder.is_alive()

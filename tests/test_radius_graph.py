@@ -426,3 +426,23 @@ def test_torch_backend_reads_no_scalar_and_copies_no_per_atom_tensor_to_the_host
     with _HostReads(min_numel=len(positions)) as watch:
         radius_graph(positions, 4.0, cell=cell, pbc=pbc, n_node=n_node, backend="torch")
     assert watch.reads == []
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_repeated_calls_follow_a_cell_changed_in_place(backend):
+    # Per-system checks are reused while the inputs repeat: a cell edited in place between
+    # calls must still give its own graph, and a cell made degenerate must still be refused.
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    positions = torch.tensor(atoms.positions)
+    cell = torch.tensor(atoms.cell.array)
+    pbc = torch.tensor([True] * 3)
+    for scale in (1.0, 1.1, 1.0):
+        cell.copy_(torch.tensor(atoms.cell.array) * scale)
+        scaled = atoms.copy()
+        scaled.set_cell(atoms.cell.array * scale, scale_atoms=False)
+        edge_index, shifts = neighbor_list(positions, 4.0, cell=cell, pbc=pbc, backend=backend)
+        got = lexsorted(np.column_stack([edge_index.T.numpy(), shifts.numpy()]))
+        np.testing.assert_array_equal(got, ase_reference(scaled, 4.0))
+    cell[2] = cell[0]
+    with pytest.raises(MoldenInputError, match="degenerate"):
+        neighbor_list(positions, 4.0, cell=cell, pbc=pbc, backend=backend)

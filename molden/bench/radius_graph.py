@@ -72,15 +72,20 @@ def benchmark_cases(quick: bool = False) -> list[Case]:
 
 
 def _interleaved_ms(runs: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Median ms of each run, timed alternately within every repeat, after one warm-up each."""
+    """Median ms of each run, timed alternately within every repeat, after one warm-up each.
+
+    The order flips every repeat: a run that follows another pays for what that one left
+    behind (vesin's OpenMP threads spin for a while after a call), so none always goes first.
+    """
     for run in runs:
         run()
     times: list[list[float]] = [[] for _ in runs]
-    for _ in range(repeats):
-        for run, bucket in zip(runs, times):
+    for repeat in range(repeats):
+        order = list(range(len(runs)))
+        for k in order if repeat % 2 == 0 else order[::-1]:
             start = time.perf_counter()
-            run()
-            bucket.append(time.perf_counter() - start)
+            runs[k]()
+            times[k].append(time.perf_counter() - start)
     return [1e3 * statistics.median(t) for t in times]
 
 

@@ -34,7 +34,6 @@ import atexit
 import fcntl
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import threading
@@ -211,6 +210,10 @@ class H5Dataset(Dataset):
         block_size: structures per disk read when the file stays on disk.
         sidecar: a folder for a decompressed, memory-mapped copy (written if missing),
             shared by every process on the machine; overrides `in_memory_bytes`.
+
+    Attributes:
+        storage: "memory", "mmap" or "disk" (see the module docstring).
+        nbytes: the decompressed size of the arrays, bytes.
     """
 
     def __init__(
@@ -359,8 +362,7 @@ class H5Dataset(Dataset):
         self.__dict__.update(state)
         if self._shared is not None:
             self._arrays = _numpy_views(self._shared)
-        if multiprocessing.parent_process() is not None:
-            _join_queue_feeders_at_exit()
+        _join_queue_feeders_at_exit()  # unpickled: perhaps in a spawned DataLoader worker
 
     def _handle(self) -> h5py.File:
         if self._file is not None and self._file_pid != os.getpid():
@@ -473,12 +475,13 @@ class H5Dataset(Dataset):
 # the C++ frame calls std::terminate: "terminate called without an active exception" and a
 # worker killed by SIGABRT (seen in a core dump). Letting the feeder finish first avoids it.
 # Forked workers leave through os._exit and never reach this point.
-FEEDER_JOIN_SECONDS = 10.0
+# The main process terminates a worker that has not exited 5 s after shutdown: wait no longer.
+FEEDER_JOIN_SECONDS = 5.0
 _exit_hook = False
 
 
 def _join_queue_feeders_at_exit() -> None:
-    """In a spawned child, wait at exit (bounded) for multiprocessing queue feeder threads."""
+    """Register (once) a bounded wait at exit for the queue feeder threads of a DataLoader worker."""
     global _exit_hook
     if not _exit_hook:
         _exit_hook = True

@@ -24,6 +24,9 @@ from molden.data.batch import Batch
 
 # Below this many edges per system on average, one gather beats a Python loop of matmuls.
 _MIN_EDGES_PER_MATMUL = 512
+_NUMPY_FLOATS = {torch.float64: np.float64, torch.float32: np.float32}
+# Edges per numpy matmul on the host: small enough that BLAS stays single-threaded.
+_HOST_BLOCK = 16_384
 
 
 def cartesian_shifts(
@@ -38,32 +41,42 @@ def cartesian_shifts(
     Args:
         unit_shifts: [E, 3] integer (any integer or float dtype) lattice offsets.
         cell: [3, 3] or [B, 3, 3] lattice vectors as rows, Å, on the shifts' device; its dtype
-            is the result's. One cell (or B = 1) is one matmul for every edge.
+            is the result's.
         edge_graph: [E] long graph index of each edge; needed when B > 1 and `edge_counts`
             is not on the host.
         edge_counts: [B] edges per graph, when edges come graph after graph (as
             `radius_graph` and `Batch` give them). Host counts (a CPU tensor, array or list)
-            with a CPU cell give one matmul per graph whose cell is not zero and no work for
-            graphs without a cell; counts on a device are not read (that would synchronise).
+            with a CPU cell replace the per-edge gather by work per graph, and graphs without
+            a cell cost nothing; counts on a device are not read (that would synchronise).
     Differentiable with respect to `cell`.
     """
-    dtype = cell.dtype
-    if cell.ndim == 2 or cell.shape[0] == 1:
-        return unit_shifts.to(dtype) @ cell.reshape(3, 3)
-    n_edges = unit_shifts.shape[0]
-    counts = _host_counts(edge_counts) if cell.device.type == "cpu" else None
-    if counts is not None and len(counts) == cell.shape[0] and int(counts.sum()) == n_edges:
-        with_cell = np.flatnonzero(cell.detach().numpy().reshape(-1, 9).any(axis=1) & (counts > 0))
+    n_edges, dtype = unit_shifts.shape[0], cell.dtype
+    cells = cell.reshape(-1, 3, 3)
+    on_host = cell.device.type == "cpu"
+    needs_grad = cell.requires_grad and torch.is_grad_enabled()
+    if on_host and not needs_grad and cells.shape[0] == 1 and dtype in _NUMPY_FLOATS:
+        if n_edges <= _HOST_BLOCK:  # one small product: the fixed cost matters here
+            return torch.from_numpy(unit_shifts.numpy().astype(_NUMPY_FLOATS[dtype]) @ cells.numpy()[0])
+        return torch.from_numpy(_host_product(unit_shifts.numpy(), cells.numpy(), np.array([n_edges]), np.array([0])))
+    counts = _host_counts(edge_counts) if on_host else None
+    if counts is None or len(counts) != cells.shape[0] or int(counts.sum()) != n_edges:
+        counts = np.array([n_edges]) if cells.shape[0] == 1 and on_host else None
+    if counts is not None:
+        with_cell = np.flatnonzero(cells.detach().numpy().reshape(-1, 9).any(axis=1) & (counts > 0))
+        if not needs_grad and _NUMPY_FLOATS.get(dtype) is not None:
+            return torch.from_numpy(_host_product(unit_shifts.numpy(), cells.detach().numpy(), counts, with_cell))
         if len(with_cell) == 0:
-            return torch.zeros(n_edges, 3, dtype=dtype, device=cell.device)
+            return torch.zeros(n_edges, 3, dtype=dtype)
         if len(with_cell) == 1 or n_edges >= _MIN_EDGES_PER_MATMUL * len(with_cell):
-            return _per_graph_matmuls(unit_shifts, cell, counts, with_cell)
+            return _per_graph_matmuls(unit_shifts, cells, counts, with_cell)
         if edge_graph is None:
             edge_graph = torch.repeat_interleave(torch.from_numpy(counts), output_size=n_edges)
+    if cells.shape[0] == 1:
+        return unit_shifts.to(dtype) @ cells[0]
     if edge_graph is None:
         raise ValueError("cartesian_shifts needs edge_graph or host edge_counts for several cells")
     # Per-edge gather: nine floats per edge, but no host synchronisation on a device.
-    return torch.bmm(unit_shifts.to(dtype).unsqueeze(1), cell[edge_graph]).squeeze(1)
+    return torch.bmm(unit_shifts.to(dtype).unsqueeze(1), cells[edge_graph]).squeeze(1)
 
 
 def _host_counts(edge_counts) -> np.ndarray | None:
@@ -73,28 +86,55 @@ def _host_counts(edge_counts) -> np.ndarray | None:
         if edge_counts.device.type != "cpu":
             return None
         return edge_counts.numpy().astype(np.int64, copy=False)
-    return np.asarray(edge_counts, dtype=np.int64)
+    return np.asarray(edge_counts, dtype=np.int64).reshape(-1)
 
 
-def _per_graph_matmuls(unit_shifts: Tensor, cell: Tensor, counts: np.ndarray, with_cell: np.ndarray) -> Tensor:
-    """One [E_b, 3] @ [3, 3] per graph b in `with_cell`; zero rows for the others."""
-    n_edges, dtype = unit_shifts.shape[0], cell.dtype
+def _host_product(shifts: np.ndarray, cells: np.ndarray, counts: np.ndarray, with_cell: np.ndarray) -> np.ndarray:
+    """[E, 3] shifts @ cell per graph, in numpy, in blocks of `_HOST_BLOCK` edges.
+
+    Blocks small enough for single-threaded BLAS on purpose: one [E, 3] @ [3, 3] call on
+    millions of edges woke BLAS or OpenMP threads that cost several times the product itself
+    whenever other work shared the cores (and torch faults its large allocations in 4 KiB
+    pages where numpy's get huge pages). Each block's float copy of the shifts stays in cache.
+    """
+    out = np.empty((len(shifts), 3), dtype=cells.dtype)
+    if len(with_cell) == 1 and len(shifts) <= _HOST_BLOCK and counts[with_cell[0]] == len(shifts):
+        return np.matmul(shifts.astype(cells.dtype), cells[with_cell[0]], out=out)
+    if len(with_cell) == 0:
+        out.fill(0.0)
+        return out
     stops = np.cumsum(counts)
     starts = stops - counts
-    if len(with_cell) == len(counts) or counts[with_cell].sum() == n_edges:
-        out = torch.empty(n_edges, 3, dtype=dtype)
-    else:
-        out = torch.zeros(n_edges, 3, dtype=dtype)
-    shifts = unit_shifts.to(dtype)
-    blocks = [(int(starts[b]), int(stops[b]), int(b)) for b in with_cell]
-    if cell.requires_grad and torch.is_grad_enabled():
-        # out= does not record autograd; keep the graph with a scatter of the blocks.
-        parts = [shifts[a:z] @ cell[b] for a, z, b in blocks]
-        index = torch.cat([torch.arange(a, z) for a, z, _ in blocks])
-        return out.index_put((index,), torch.cat(parts))
-    for a, z, b in blocks:
-        torch.matmul(shifts[a:z], cell[b], out=out[a:z])
+    # Consecutive graphs with the same cell (frames of one system, copies of a slab) form one
+    # run of edges: one product per run instead of one per graph.
+    flat = cells[with_cell].reshape(len(with_cell), 9)
+    new_run = np.ones(len(with_cell), dtype=bool)
+    new_run[1:] = (flat[1:] != flat[:-1]).any(axis=1) | (starts[with_cell[1:]] != stops[with_cell[:-1]])
+    first = np.flatnonzero(new_run)
+    last = np.append(first[1:], len(with_cell)) - 1
+    done = 0
+    for b, a, z in zip(with_cell[first].tolist(), starts[with_cell[first]].tolist(), stops[with_cell[last]].tolist()):
+        out[done:a] = 0.0  # graphs without a cell (or edges) in between
+        cell = cells[b]
+        for lo in range(a, z, _HOST_BLOCK):
+            hi = min(lo + _HOST_BLOCK, z)
+            np.matmul(shifts[lo:hi].astype(cells.dtype), cell, out=out[lo:hi])
+        done = z
+    out[done:] = 0.0
     return out
+
+
+def _per_graph_matmuls(unit_shifts: Tensor, cells: Tensor, counts: np.ndarray, with_cell: np.ndarray) -> Tensor:
+    """One [E_b, 3] @ [3, 3] per graph b in `with_cell`, zero rows for the others, kept in
+    the autograd graph of `cells`."""
+    stops = np.cumsum(counts)
+    shifts = unit_shifts.to(cells.dtype)
+    blocks = [(int(stops[b] - counts[b]), int(stops[b]), int(b)) for b in with_cell]
+    if len(blocks) == 1 and blocks[0][:2] == (0, len(shifts)):
+        return shifts @ cells[blocks[0][2]]
+    parts = torch.cat([shifts[a:z] @ cells[b] for a, z, b in blocks])
+    index = torch.cat([torch.arange(a, z) for a, z, _ in blocks])
+    return torch.zeros(len(shifts), 3, dtype=cells.dtype).index_put((index,), parts)
 
 
 def edge_vectors(batch: Batch, positions: Tensor | None = None) -> Tensor:

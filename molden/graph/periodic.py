@@ -16,6 +16,9 @@ from molden.errors import MoldenInputError
 # A periodic cell whose volume is below this fraction of the product of its periodic
 # lattice-vector lengths is treated as degenerate (its image shells would be unbounded).
 _DEGENERATE_RATIO = 1e-8
+# The last (cells, pbc) found valid: MD, relaxations and benchmarks search the same cell
+# call after call, and the test is a measurable part of a small system's search.
+_last_valid: tuple | None = None
 
 
 def complete_cells(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
@@ -52,7 +55,11 @@ def check_periodic_cells(cell: np.ndarray, pbc: np.ndarray) -> None:
     this runs on every `neighbor_list` call, where a few numpy operations are a measurable
     part of a small system's search.
     """
+    global _last_valid
     if not pbc.any():
+        return
+    key = (cell.shape, cell.dtype.str, cell.tobytes(), pbc.tobytes())
+    if key == _last_valid:
         return
     work = np.asarray(cell, dtype=np.float64) * pbc[..., None]
     norms2 = (work * work).sum(axis=-1)
@@ -67,6 +74,7 @@ def check_periodic_cells(cell: np.ndarray, pbc: np.ndarray) -> None:
             "periodic axes or set pbc False there",
             record=b,
         )
+    _last_valid = key
 
 
 def face_spacings(full_cell: torch.Tensor) -> torch.Tensor:

@@ -210,7 +210,7 @@ def _torch_neighbor_list(positions: torch.Tensor, layout: SystemLayout, cutoff: 
     batch = _batch_of(layout, device)
     # Candidates are searched slightly beyond the cutoff so that rounding (wrapping, another
     # backend's arithmetic) can never lose a pair; the exact test below removes the extras.
-    scale = cutoff + layout.position_bound + float(np.abs(layout.cells).sum(axis=(1, 2)).max(initial=0.0))
+    scale = cutoff + layout.position_bound + layout.cell_bound
     band = 256 * torch.finfo(dtype).eps * scale
     search = cutoff + band
     shells = shell_counts_np(full_np, layout.pbc, search)

@@ -5,7 +5,8 @@ What makes this faster than calling vesin system by system (BENCHMARKS.md):
 - every run of consecutive non-periodic systems (a batch of molecules) is one vesin call,
   the molecules packed on a grid out of reach of each other;
 - systems below 1,000 atoms run single-threaded vesin, which they use better than vesin's
-  own threads (Python threads over the systems of a batch gained nothing: measured);
+  own threads (Python threads over the systems of a batch gained nothing: measured again
+  2026-11-25 on 64 slabs, 0.8-0.9x of serial with other work on the cores);
 - cells and bookkeeping stay in numpy: per-call torch overhead cost more than vesin's whole
   search on OC20-sized slabs.
 vesin searches a rounding band beyond the cutoff; pairs within that band of the cutoff are
@@ -79,7 +80,7 @@ def vesin_neighbor_list(
         tasks.append((lo, hi, points if hi - lo > 1 else None))
     # The band covers both roundings: the exact test's (in the positions' dtype) and vesin's
     # (float64, on the moved coordinates of packed molecules).
-    scale = cutoff + layout.position_bound + float(np.abs(layout.cells).sum(axis=(1, 2)).max(initial=0.0))
+    scale = cutoff + layout.position_bound + layout.cell_bound
     moved = max((float(np.abs(x).max(initial=0.0)) for _, _, x in tasks if x is not None), default=0.0)
     band = 256 * (float(np.finfo(positions.dtype).eps) * scale + float(np.finfo(np.float64).eps) * (scale + moved))
     # Rounded up to a 1e-6 Å grid so that repeated calls reuse one calculator: vesin keeps its
@@ -89,30 +90,58 @@ def vesin_neighbor_list(
     edge_counts = np.zeros(layout.n_systems, dtype=np.int64)
     parts = []
     for lo, hi, packed in tasks:
-        part = _search(positions, pos64, layout, lo, hi, packed, cutoff, band, search)
+        part = _search(positions, pos64, layout, layout.boxes, lo, hi, packed, cutoff, band, search)
         if part is None:
             continue
+        if len(tasks) > 1 and part[2] is not None:  # vesin reuses its buffers on the next call
+            part = (part[0].copy(), part[1].copy(), part[2])
         parts.append(part)
         if hi - lo == 1:
-            edge_counts[lo] = part[0].shape[1]
+            edge_counts[lo] = part[0].shape[1] if part[2] is None else 2 * len(part[0])
         else:  # a run of molecules comes sorted by centre atom
             edge_counts[lo:hi] = np.diff(np.searchsorted(part[0][0], offsets[lo : hi + 1]))
-    if not parts:
-        return np.zeros((2, 0), dtype=np.int64), np.zeros((0, 3), dtype=np.int32), edge_counts
-    if len(parts) == 1:
-        return parts[0][0], parts[0][1], edge_counts
-    return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts]), edge_counts
+    return _assembled(parts, int(edge_counts.sum())) + (edge_counts,)
 
 
-def _search(positions, pos64, layout, lo, hi, packed, cutoff, band, search):
-    """Edges of systems lo..hi-1 (one periodic system, or a run of non-periodic ones)."""
+def _assembled(parts: list, n_edges: int) -> tuple[np.ndarray, np.ndarray]:
+    """(edge_index [2, E] int64, unit_shifts [E, 3] int32) written once from every part:
+    half lists (pairs [h, 2], shifts [h, 3], atom offset) become (i, j, S) then (j, i, -S);
+    full lists (edges, shifts, None) are copied as they are.
+
+    The exact test is symmetric (the vector of (j, i, -S) is exactly the negated vector of
+    (i, j, S) in floating point), so testing the half list decides both directions.
+    """
+    edges = np.empty((2, n_edges), dtype=np.int64)
+    unit_shifts = np.empty((n_edges, 3), dtype=np.int32)
+    at = 0
+    for first, shifts, offset in parts:
+        if offset is None:
+            n = first.shape[1]
+            edges[:, at : at + n] = first
+            unit_shifts[at : at + n] = shifts
+            at += n
+            continue
+        h = len(first)
+        np.add(first.T, offset, out=edges[:, at : at + h])
+        np.add(first.T[::-1], offset, out=edges[:, at + h : at + 2 * h])
+        unit_shifts[at : at + h] = shifts
+        np.negative(shifts, out=unit_shifts[at + h : at + 2 * h])
+        at += 2 * h
+    return edges, unit_shifts
+
+
+def _search(positions, pos64, layout, boxes, lo, hi, packed, cutoff, band, search):
+    """Edges of systems lo..hi-1 (one periodic system, or a run of non-periodic ones):
+    a periodic system's half list (pairs [h, 2], shifts [h, 3], atom offset), possibly views
+    of vesin's buffers; a run of molecules' full list (edges [2, E], shifts [E, 3], None)."""
     a, b = int(layout.offsets[lo]), int(layout.offsets[hi])
     flags = layout.pbc[lo]
-    if b - a < 2 and not flags.any():
+    periodic = flags.any()
+    if b - a < 2 and not periodic:
         return None
-    if flags.any():
+    if periodic:
         # Zeroed vacuum vectors: vesin would bin along a tilted one too.
-        box, points = layout.cells[lo].astype(np.float64) * flags[:, None], pos64[a:b]
+        box, points = boxes[lo], pos64[a:b]
     else:
         box, points = np.zeros((3, 3)), pos64[a:b] if packed is None else packed
     threads = 0 if b - a >= _VESIN_THREADS_MIN_ATOMS else 1  # 0: vesin's default, all cores
@@ -136,28 +165,12 @@ def _search(positions, pos64, layout, lo, hi, packed, cutoff, band, search):
             keep = np.ones(len(pairs), dtype=bool)
             keep[outside] = False
             pairs, shifts = pairs[keep], shifts[keep]
-    edges, unit_shifts = _both_directions(pairs, shifts, a)
-    if packed is not None:  # molecules of a run come out interleaved: group them by centre
-        order = np.argsort(edges[0], kind="stable")
-        edges, unit_shifts = edges[:, order], unit_shifts[order]
-    return edges, unit_shifts
-
-
-def _both_directions(pairs: np.ndarray, shifts: np.ndarray, offset: int) -> tuple[np.ndarray, np.ndarray]:
-    """The full list from a half list: (i, j, S) then (j, i, -S), atom indices + offset.
-
-    The exact test is symmetric (the vector of (j, i, -S) is exactly the negated vector of
-    (i, j, S) in floating point), so testing the half list decides both directions.
-    Written once into fresh arrays: vesin's buffers are reused by its next call.
-    """
-    h = len(pairs)
-    edges = np.empty((2, 2 * h), dtype=np.int64)
-    np.add(pairs.T, offset, out=edges[:, :h])
-    np.add(pairs.T[::-1], offset, out=edges[:, h:])
-    unit_shifts = np.empty((2 * h, 3), dtype=np.int32)
-    unit_shifts[:h] = shifts
-    np.negative(shifts, out=unit_shifts[h:])
-    return edges, unit_shifts
+    if packed is None:
+        return pairs, shifts, a
+    # Molecules of a run come out interleaved: group them by centre.
+    edges, unit_shifts = _assembled([(pairs, shifts, a)], 2 * len(pairs))
+    order = np.argsort(edges[0], kind="stable")
+    return edges[:, order], unit_shifts[order], None
 
 
 def _system_runs(periodic: np.ndarray) -> list[tuple[int, int]]:
