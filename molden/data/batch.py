@@ -27,7 +27,8 @@ class Batch:
 
     Attributes:
         positions: [N, 3] Cartesian positions, Å.
-        numbers: [N] int64 atomic numbers.
+        numbers: [N] int64 atomic numbers; 0 marks an atom whose type is masked (denoising
+            pre-training's atom-type masking), never a real element.
         cell: [B, 3, 3] lattice vectors as rows, Å (zeros where there is no cell).
         pbc: [B, 3] bool periodicity.
         batch: [N] int64 graph index of each atom.
@@ -50,6 +51,9 @@ class Batch:
         targets: [B, T] graph-level targets in the order of `target_names`, or None.
         target_names: names of the columns of `targets`.
         system_ids: the B `Structure.system_id`s, so predictions map back to records.
+        force_inputs: [N, 3] forces given to the model as an input, eV/Å (DeNS §3.2.2 force
+            encoding: the original structure's forces for the atoms being denoised, zero rows
+            elsewhere), or None when no forces are encoded.
     """
 
     positions: Tensor
@@ -71,6 +75,7 @@ class Batch:
     targets: Tensor | None = None
     target_names: tuple[str, ...] = ()
     system_ids: tuple[str, ...] = ()
+    force_inputs: Tensor | None = None
 
     def __post_init__(self) -> None:
         present = [getattr(self, name) is not None for name in _GRAPH_FIELDS]

@@ -1,0 +1,11 @@
+"""Models: a backbone (`Batch` → per-block node latents) plus named heads (latents →
+predictions), as fairchem's backbone/head split without its registry.
+
+`Model.forward(batch) -> dict[str, Tensor]` with the keys of `molden.models.keys`.
+"""
+
+from molden.models.backbone import Backbone, Latents
+from molden.models.heads import AtomTypeHead, GraphScalarHead, Head, NodeVectorHead
+from molden.models.model import Model
+
+__all__ = ["AtomTypeHead", "Backbone", "GraphScalarHead", "Head", "Latents", "Model", "NodeVectorHead"]

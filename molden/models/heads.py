@@ -1,0 +1,86 @@
+"""Heads: latents of one block iteration → one prediction. Swap heads to fine-tune a
+pre-trained backbone (fairchem's backbone/head split)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from molden.data.batch import Batch
+from molden.models.backbone import Latents
+from molden.models.mlp import MLP, Activation
+
+N_ATOM_TYPES = 119  # index = atomic number; 0 is the mask token
+
+
+class Head(nn.Module):
+    """Base class: `forward(latents, block, batch)` decodes block iteration `block` (−1: last)."""
+
+    def forward(self, latents: Latents, block: int, batch: Batch) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class GraphScalarHead(Head):
+    """[B, n_out] (or [B] when `n_out == 1` and `squeeze`): an MLP on each node's graph latents,
+    summed or averaged over each graph's atoms (sum for extensive energies, mean for intensive
+    targets such as HOMO)."""
+
+    def __init__(self, in_dim: int, n_out: int = 1, *, hidden_dim: int | None = None, n_layers: int = 3,
+                 act: Activation = "ssp", readout: Literal["sum", "mean"] = "sum", squeeze: bool = True):
+        super().__init__()
+        self.mlp = MLP(in_dim, hidden_dim or in_dim, n_out, n_layers, act)
+        self.readout = readout
+        self.n_out = n_out
+        self.squeeze = squeeze and n_out == 1
+
+    def forward(self, latents: Latents, block: int, batch: Batch) -> Tensor:
+        nodes = (latents.graph_scalars or latents.scalars)[block]
+        per_atom = self.mlp(nodes)
+        out = per_atom.new_zeros(batch.num_graphs, self.n_out).index_add_(0, batch.batch, per_atom)
+        if self.readout == "mean":
+            out = out / batch.n_node.to(out.dtype)[:, None]
+        return out[:, 0] if self.squeeze else out
+
+
+class NodeVectorHead(Head):
+    """[N, 3] per-atom vectors (noise, position deltas, direct forces).
+
+    On a backbone with vector features, a linear map of the l=1 channels gated by an MLP of the
+    scalars: rotation-equivariant. Otherwise an MLP of the scalars to 3 numbers, mapped to
+    Cartesian by `latents.vector_frame` when the backbone worked in another basis.
+    """
+
+    def __init__(self, in_dim: int, vector_dim: int = 0, *, hidden_dim: int | None = None, n_layers: int = 3,
+                 act: Activation = "ssp"):
+        super().__init__()
+        self.vector_dim = vector_dim
+        if vector_dim:
+            self.gate = MLP(in_dim, hidden_dim or in_dim, vector_dim, n_layers, act)
+            self.mix = nn.Linear(vector_dim, 1, bias=False)
+        else:
+            self.mlp = MLP(in_dim, hidden_dim or in_dim, 3, n_layers, act)
+
+    def forward(self, latents: Latents, block: int, batch: Batch) -> Tensor:
+        scalars = latents.scalars[block]
+        if self.vector_dim:
+            if latents.vectors is None:
+                raise ValueError("NodeVectorHead with vector_dim > 0 needs a backbone with vector features")
+            vectors = latents.vectors[block] * self.gate(scalars)[:, None, :]  # [N, 3, V]
+            return self.mix(vectors)[..., 0]
+        out = self.mlp(scalars)
+        if latents.vector_frame is not None:
+            out = torch.einsum("nij,nj->ni", latents.vector_frame, out)
+        return out
+
+
+class AtomTypeHead(Head):
+    """[N, 119] logits of each atom's type (masked atom-type prediction)."""
+
+    def __init__(self, in_dim: int, *, hidden_dim: int | None = None, n_layers: int = 2, act: Activation = "ssp"):
+        super().__init__()
+        self.mlp = MLP(in_dim, hidden_dim or in_dim, N_ATOM_TYPES, n_layers, act)
+
+    def forward(self, latents: Latents, block: int, batch: Batch) -> Tensor:
+        return self.mlp(latents.scalars[block])

@@ -1,0 +1,34 @@
+"""The objective contract shared by Noisy Nodes, denoising pre-training, DeNS and the
+supervised losses."""
+
+from __future__ import annotations
+
+from typing import Mapping, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from molden.data.batch import Batch
+
+LOSS = "loss"
+"""Key of the scalar to minimise in every `Objective.loss` result."""
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """What the training loop calls, in this order, once per step."""
+
+    def corrupt(self, batch: Batch, generator: torch.Generator) -> tuple[Batch, dict[str, Tensor]]:
+        """The model's input batch (noised, masked, graph rebuilt; never mutated in place)
+        and the targets the loss compares with. Randomness only from `generator`, so a
+        resumed run draws the same noise."""
+        ...
+
+    def loss(self, predictions: Mapping[str, Tensor], batch: Batch, targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """{"loss": scalar to minimise, term name: scalar, ...}; 0 for a perfect predictor."""
+        ...
+
+    @property
+    def needs_all_blocks(self) -> bool:
+        """True when the loss reads every block iteration's decoding (Noisy Nodes)."""
+        ...

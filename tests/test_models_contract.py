@@ -1,0 +1,100 @@
+"""The model contract: heads, per-block decoding, conservative forces (keys, shapes, gradients).
+
+Uses a minimal invariant test backbone so the contract is checked independently of GNS,
+ForceNet and the equivariant backbone (each has its own tests).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from molden.graph import edge_vectors
+from molden.models import AtomTypeHead, Backbone, GraphScalarHead, Latents, Model, NodeVectorHead, keys
+from symmetry import TOLERANCE, example_batch, permutation_within_graphs, permuted, random_rotation, rotated
+
+
+class PairBackbone(Backbone):
+    """Node latents = an MLP of the sum over neighbours of a smooth radial function; K blocks
+    add the same message again (enough to exercise per-block decoding)."""
+
+    def __init__(self, dim: int = 8, blocks: int = 2):
+        super().__init__()
+        self.scalar_dim = dim
+        self.embed = nn.Embedding(119, dim)
+        self.radial = nn.Linear(4, dim)
+        self.blocks = blocks
+
+    def forward(self, batch, *, all_blocks=False):
+        d = edge_vectors(batch).norm(dim=1, keepdim=True)
+        rbf = torch.cat([torch.exp(-(d - c) ** 2) for c in (1.0, 2.0, 3.0, 4.0)], dim=1)
+        h = self.embed(batch.numbers)
+        out = []
+        for _ in range(self.blocks):
+            msg = self.radial(rbf) * h[batch.edge_index[1]]
+            h = h + torch.zeros_like(h).index_add_(0, batch.edge_index[0], msg)
+            out.append(torch.tanh(h))
+        return Latents(scalars=out if all_blocks else out[-1:])
+
+
+def _model(conservative: bool) -> Model:
+    torch.manual_seed(0)
+    backbone = PairBackbone()
+    heads = {keys.ENERGY: GraphScalarHead(8), keys.NOISE: NodeVectorHead(8), keys.ATOM_LOGITS: AtomTypeHead(8)}
+    return Model(backbone, heads, conservative_forces=conservative).double()
+
+
+def test_predictions_have_documented_keys_and_shapes():
+    batch = example_batch()
+    out = _model(True)(batch, all_blocks=True)
+    n, b = len(batch.positions), batch.num_graphs
+    assert out[keys.ENERGY].shape == (b,)
+    assert out[keys.FORCES].shape == (n, 3)
+    assert out[keys.NOISE].shape == (n, 3)
+    assert out[keys.ATOM_LOGITS].shape == (n, 119)
+    assert out[keys.per_block(keys.NOISE)].shape == (2, n, 3)
+    torch.testing.assert_close(out[keys.per_block(keys.ENERGY)][-1], out[keys.ENERGY])
+
+
+def test_conservative_forces_equal_finite_differences_of_the_energy():
+    model = _model(True).eval()
+    batch = example_batch(("molecule", "slab"))
+    forces = model(batch)[keys.FORCES].detach()
+    h = 1e-5
+    g = torch.Generator().manual_seed(1)
+    for atom in torch.randint(len(batch.positions), (6,), generator=g).tolist():
+        for axis in range(3):
+            step = torch.zeros_like(batch.positions)
+            step[atom, axis] = h
+            from dataclasses import replace
+
+            e_plus = model(replace(batch, positions=batch.positions + step))[keys.ENERGY].sum()
+            e_minus = model(replace(batch, positions=batch.positions - step))[keys.ENERGY].sum()
+            numeric = -(e_plus - e_minus) / (2 * h)
+            assert abs(float(numeric) - float(forces[atom, axis])) < 1e-6
+
+
+def test_conservative_forces_rotate_with_an_invariant_energy():
+    model = _model(True).eval()
+    batch = example_batch()
+    r = random_rotation(3)
+    out, turned = model(batch), model(rotated(batch, r))
+    torch.testing.assert_close(turned[keys.ENERGY], out[keys.ENERGY], atol=TOLERANCE[torch.float64], rtol=0)
+    torch.testing.assert_close(turned[keys.FORCES], out[keys.FORCES] @ r.T, atol=TOLERANCE[torch.float64], rtol=0)
+
+
+def test_graph_readout_is_invariant_and_node_outputs_follow_a_permutation():
+    model = _model(False).eval()
+    batch = example_batch()
+    perm = permutation_within_graphs(batch, seed=2)
+    out, moved = model(batch), model(permuted(batch, perm))
+    torch.testing.assert_close(moved[keys.ENERGY], out[keys.ENERGY])
+    torch.testing.assert_close(moved[keys.NOISE], out[keys.NOISE][perm])
+
+
+def test_forces_are_a_head_or_conservative_never_both():
+    with pytest.raises(ValueError):
+        Model(PairBackbone(), {keys.ENERGY: GraphScalarHead(8), keys.FORCES: NodeVectorHead(8)}, conservative_forces=True)
+    with pytest.raises(ValueError):
+        Model(PairBackbone(), {keys.NOISE: NodeVectorHead(8)}, conservative_forces=True)
