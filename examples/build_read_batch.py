@@ -46,6 +46,9 @@ def write_frames(path: Path, n: int = 12, seed: int = 0) -> Path:
             atoms = molecule("CH4")
             atoms.center(vacuum=4.0)
             atoms.pbc = False
+        # Every frame carries tags (ASE builds them only for slabs): a cache keeps the fields
+        # of its first structure and refuses later structures that have more.
+        atoms.set_tags(atoms.get_tags())
         atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
         atoms.calc = EMT()
         atoms.get_potential_energy()
