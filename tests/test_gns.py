@@ -1,0 +1,184 @@
+"""GNS (Noisy Nodes §3.2, §5.1): symmetries as documented in molden/models/gns.py, per-block
+latents, conservative forces, force encoding, presets."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from ase.build import niggli_reduce
+
+from molden.data.ase_convert import structure_from_atoms
+from molden.data.batch import collate
+from molden.errors import MoldenConfigError
+from molden.models import GraphScalarHead, Model, NodeVectorHead, keys
+from molden.models.gns import PRESETS, GNSConfig, build_gns, count_parameters, gns_oc20_cpu
+from molden.pipeline.structure_graphs import build_graphs
+from symmetry import (TOLERANCE, example_atoms, example_batch, permutation_within_graphs, permuted,
+                      random_rotation, rotated, translated)
+
+ATOL = TOLERANCE[torch.float64]
+CUTOFF = 5.0
+
+
+def tiny(**update) -> GNSConfig:
+    base = dict(latent_dim=16, mlp_hidden_dim=16, n_bessel=8, cutoff_angstrom=CUTOFF, block_size=2, block_iterations=2)
+    return gns_oc20_cpu().model_copy(update={**base, **update})
+
+
+def model(config: GNSConfig | None = None, *, conservative: bool = False, seed: int = 0) -> Model:
+    torch.manual_seed(seed)
+    backbone = build_gns(config or tiny())
+    f = backbone.scalar_dim
+    heads = {keys.ENERGY: GraphScalarHead(f, readout=backbone.graph_readout)}
+    if not conservative:
+        heads[keys.NOISE] = NodeVectorHead(f)
+    return Model(backbone, heads, conservative_forces=conservative).double().eval()
+
+
+def batch_of(atoms_list, dtype=torch.float64):
+    structures = [structure_from_atoms(a, system_id=str(k)) for k, a in enumerate(atoms_list)]
+    return collate(build_graphs(structures, CUTOFF)[0], dtype=dtype)
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+def test_translation_invariance_is_exact_in_float64():
+    m, batch = model(), example_batch(cutoff=CUTOFF)
+    out, moved = m(batch), m(translated(batch, [1.3, -2.7, 0.4]))
+    close(moved[keys.ENERGY], out[keys.ENERGY])
+    close(moved[keys.NOISE], out[keys.NOISE])
+
+
+def test_node_outputs_follow_a_permutation_and_graph_outputs_are_invariant():
+    m, batch = model(), example_batch(cutoff=CUTOFF)
+    perm = permutation_within_graphs(batch, seed=3)
+    out, moved = m(batch), m(permuted(batch, perm))
+    close(moved[keys.ENERGY], out[keys.ENERGY])
+    close(moved[keys.NOISE], out[keys.NOISE][perm])
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+def test_periodic_systems_rotated_with_their_cell_give_invariant_energies_and_equivariant_vectors(reflect):
+    m, batch = model(), example_batch(("slab", "bulk"), cutoff=CUTOFF)
+    r = random_rotation(5, reflect=reflect)
+    out, turned = m(batch), m(rotated(batch, r))
+    close(turned[keys.ENERGY], out[keys.ENERGY])
+    close(turned[keys.NOISE], out[keys.NOISE] @ r.T)
+    cons, bulk = model(conservative=True), example_batch(("bulk",), cutoff=CUTOFF)
+    close(cons(rotated(bulk, r))[keys.FORCES], cons(bulk)[keys.FORCES] @ r.T)
+
+
+def test_molecules_are_not_rotation_invariant_since_directions_are_cartesian():
+    m, batch = model(), example_batch(("molecule",), cutoff=CUTOFF)
+    r = random_rotation(7)
+    change = (m(rotated(batch, r))[keys.ENERGY] - m(batch)[keys.ENERGY]).abs().max()
+    assert change > 1e-6
+
+
+def test_an_atom_wrapped_back_into_the_cell_gives_the_same_outputs():
+    m = model()
+    atoms = [example_atoms("slab"), example_atoms("bulk", seed=1)]
+    moved = [a.copy() for a in atoms]
+    moved[0].positions[3] += moved[0].cell[0] - 2 * moved[0].cell[1]  # along the slab's periodic axes
+    moved[1].positions[0] += moved[1].cell[2] - moved[1].cell[0]
+    out, wrapped = m(batch_of(atoms)), m(batch_of(moved))
+    close(wrapped[keys.ENERGY], out[keys.ENERGY])
+    close(wrapped[keys.NOISE], out[keys.NOISE])
+
+
+def _equivalent_cell(atoms):
+    """The same crystal described by the unimodular combination M A of its cell vectors."""
+    other = atoms.copy()
+    other.set_cell(np.array([[1, 1, 0], [0, 1, 0], [1, 0, 1]]) @ atoms.cell.array, scale_atoms=False)
+    other.wrap()
+    return other
+
+
+def test_an_equivalent_unit_cell_gives_the_same_outputs_in_the_cartesian_frame():
+    m = model(tiny(periodic_basis=False))
+    atoms = example_atoms("bulk")
+    out, other = m(batch_of([atoms])), m(batch_of([_equivalent_cell(atoms)]))
+    close(other[keys.ENERGY], out[keys.ENERGY])
+    close(other[keys.NOISE], out[keys.NOISE])
+
+
+def test_the_periodic_basis_depends_on_the_choice_of_unit_cell_unless_cells_are_niggli_reduced():
+    m = model()
+    atoms = example_atoms("bulk")
+    other = _equivalent_cell(atoms)
+    assert (m(batch_of([other]))[keys.ENERGY] - m(batch_of([atoms]))[keys.ENERGY]).abs().max() > 1e-6
+    reduced, reduced_other = atoms.copy(), other.copy()
+    niggli_reduce(reduced)
+    niggli_reduce(reduced_other)
+    close(m(batch_of([reduced_other]))[keys.ENERGY], m(batch_of([reduced]))[keys.ENERGY])
+
+
+def test_all_blocks_gives_the_latents_after_each_of_the_n_block_iterations():
+    backbone = build_gns(tiny(block_iterations=3)).double()
+    batch = example_batch(cutoff=CUTOFF)
+    every, last = backbone(batch, all_blocks=True), backbone(batch)
+    assert every.n_blocks == 3 and last.n_blocks == 1
+    close(every.scalars[-1], last.scalars[0])
+    encoded, _, _ = backbone.encode(batch)
+    for nodes, graph in zip(every.scalars, every.graph_scalars):
+        close(graph, encoded + nodes)
+    assert not torch.allclose(every.scalars[0], every.scalars[1])
+
+
+def test_the_vector_frame_is_the_transposed_cell_for_periodic_graphs_and_identity_for_molecules():
+    batch = example_batch(cutoff=CUTOFF)
+    frame = build_gns(tiny()).double()(batch).vector_frame
+    for g in range(batch.num_graphs):
+        expected = batch.cell[g].T if bool(batch.pbc[g].any()) else torch.eye(3, dtype=torch.float64)
+        close(frame[batch.batch == g], expected.expand(int(batch.n_node[g]), 3, 3))
+    assert build_gns(tiny(periodic_basis=False)).double()(batch).vector_frame is None
+
+
+def test_conservative_forces_equal_finite_differences_of_the_energy():
+    """Along random displacement directions u: −F·u = dE/dh of E(x + h u), central differences."""
+    m, batch = model(conservative=True), example_batch(("molecule", "slab"), cutoff=CUTOFF)
+    forces = m(batch)[keys.FORCES].detach()
+    g = torch.Generator().manual_seed(2)
+    h = 1e-5
+    for _ in range(3):
+        u = torch.randn(batch.positions.shape, generator=g, dtype=torch.float64)
+        e_plus = m(replace(batch, positions=batch.positions + h * u))[keys.ENERGY].detach().sum()
+        e_minus = m(replace(batch, positions=batch.positions - h * u))[keys.ENERGY].detach().sum()
+        assert abs(float((e_plus - e_minus) / (2 * h)) + float((forces * u).sum())) < 1e-8
+
+
+def test_force_inputs_need_force_encoding_and_change_the_outputs():
+    batch = example_batch(cutoff=CUTOFF)
+    with_forces = replace(batch, force_inputs=batch.forces)
+    with pytest.raises(MoldenConfigError):
+        model()(with_forces)
+    m = model(tiny(force_encoding=True))
+    zeros = replace(batch, force_inputs=torch.zeros_like(batch.forces))
+    close(m(zeros)[keys.ENERGY], m(batch)[keys.ENERGY])  # no force inputs = zero forces
+    assert (m(with_forces)[keys.ENERGY] - m(batch)[keys.ENERGY]).abs().max() > 1e-6
+
+
+def test_encoded_forces_rotate_with_periodic_systems():
+    m = model(tiny(force_encoding=True))
+    batch = example_batch(("slab", "bulk"), cutoff=CUTOFF)
+    batch = replace(batch, force_inputs=batch.forces)
+    r = random_rotation(11)
+    out, turned = m(batch), m(rotated(batch, r))
+    close(turned[keys.ENERGY], out[keys.ENERGY])
+    close(turned[keys.NOISE], out[keys.NOISE] @ r.T)
+
+
+def test_presets_build_and_count_their_parameters_without_allocating():
+    for name, preset in PRESETS.items():
+        config = preset()
+        assert count_parameters(config) > 0, name
+    small = PRESETS["gns_qm9_cpu"]()
+    assert count_parameters(small) == sum(p.numel() for p in build_gns(small).parameters())
+    assert PRESETS["gns_tat_pcqm_paper"]().tat and not PRESETS["gns_qm9_paper"]().tat
+    with pytest.raises(ValueError):
+        GNSConfig(latent_dim=0)
