@@ -1,0 +1,133 @@
+"""DeNS: denoising non-equilibrium structures as an auxiliary task of S2EF (DeNS §3.2, App. F).
+
+Per structure of a batch, with probability p_DeNS, a random fraction r of its free atoms is
+displaced by Gaussian noise σ (partially corrupted structures, §3.2.3; fixed atoms never, App.
+B.1), their original forces are given to the model as `batch.force_inputs` (force encoding,
+§3.2.2; zero rows elsewhere), and the model predicts
+  - the energy of the original structure from the corrupted one (Eq. 6, Algorithm 2 line 24:
+    the energy term is kept for DeNS structures, same head as for the others),
+  - the normalised noise ε/σ of the corrupted atoms (`keys.NOISE`, Eq. 4, line 25),
+  - the original forces of every other atom (`keys.FORCES`, line 26).
+The other structures get the plain S2EF loss (Eq. 1, lines 29–32). One batch mixes both, so a
+single forward/backward pass sees both tasks (App. D.1).
+
+Normalisation over atoms: Algorithm 2 divides each structure's noise and force sums by its atom
+count and the total by B; here, as in fairchem's S2EF losses, sums run over the batch's atoms
+and are divided by its (weighted) atom count: the same for structures of equal size. Both the
+noise and force sums skip the atoms the other term covers but divide by every atom (lines
+25–26), so with p_DeNS = 0 the loss is exactly the S2EF loss.
+
+The model receives forces in eV/Å; Algorithm 2 line 19 encodes the normalised forces f/σ_F,
+which the model's force encoder does with its own scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from molden.data.batch import Batch
+from molden.models import keys
+from molden.objectives.noise import gaussian_noise, with_positions
+from molden.objectives.objective import LOSS
+from molden.objectives.supervised import S2EFConfig, S2EFLoss, VectorLoss, weighted_atom_mean, require_field, atom_weights, vector_error
+
+DENS_ATOMS = "dens_atoms"
+"""Target key: [N] bool, the atoms corrupted (and denoised) this step."""
+DENS_STRUCTURES = "dens_structures"
+"""Target key: [B] bool, the structures drawn for DeNS this step."""
+
+
+class DeNSConfig(BaseModel):
+    """DeNS hyper-parameters (DeNS §3.2.3) and the S2EF task it is added to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    probability: float = Field(0.5, ge=0, le=1, description="p_DeNS: probability that a structure is used for DeNS")
+    corruption_ratio: float = Field(0.5, gt=0, le=1, description="r_DeNS: probability that a free atom of a DeNS structure is corrupted")
+    coefficient: float = Field(10.0, ge=0, description="λ_DeNS: weight of the noise term (dimensionless)")
+    sigma_angstrom: float = Field(0.1, gt=0, description="σ: standard deviation of the position noise, Å")
+    noise_loss: VectorLoss = Field("l2mae", description="per-atom error of ε̂ against ε/σ")
+    s2ef: S2EFConfig = Field(default_factory=S2EFConfig, description="the original task: energy and force terms")
+    rebuild_graph: bool = Field(True, description="rebuild the radius graph from the noised positions (False keeps the clean graph)")
+    cutoff_angstrom: float | None = Field(None, gt=0, description="radius of the rebuilt graph, Å (needed when rebuild_graph)")
+    max_num_neighbors: int | None = Field(None, gt=0, description="keep the nearest neighbours of each atom in the rebuilt graph; None keeps all")
+
+
+def dens_oc20_2m_paper() -> DeNSConfig:
+    """DeNS App. B Table 7, EquiformerV2 (89M) on OC20 S2EF-2M, 12 epochs: p_DeNS 0.5,
+    λ_DeNS 10, σ 0.1 Å, r 0.5; λ_E 2, λ_F 100; cutoff 12 Å, 20 neighbours; forces on free atoms."""
+    return DeNSConfig(probability=0.5, corruption_ratio=0.5, coefficient=10.0, sigma_angstrom=0.1,
+                      s2ef=S2EFConfig(energy_coefficient=2.0, force_coefficient=100.0, energy_loss="mae",
+                                      force_loss="l2mae", fixed_atom_weight=0.0),
+                      cutoff_angstrom=12.0, max_num_neighbors=20)
+
+
+def dens_oc20_all_md_paper() -> DeNSConfig:
+    """DeNS App. B Table 7, EquiformerV2 (160M) on OC20 S2EF-All+MD: p_DeNS 0.125, λ_DeNS 15,
+    σ 0.1 Å, r 0.25; λ_E 4, λ_F 100."""
+    return dens_oc20_2m_paper().model_copy(update={
+        "probability": 0.125, "corruption_ratio": 0.25, "coefficient": 15.0,
+        "s2ef": S2EFConfig(energy_coefficient=4.0, force_coefficient=100.0, energy_loss="mae", force_loss="l2mae", fixed_atom_weight=0.0),
+    })
+
+
+def dens_cpu() -> DeNSConfig:
+    """Small EMT/OC20-like runs on CPU: the S2EF-2M DeNS settings at a 5 Å cutoff."""
+    return dens_oc20_2m_paper().model_copy(update={"cutoff_angstrom": 5.0, "max_num_neighbors": None})
+
+
+@dataclass
+class DeNS:
+    """The DeNS objective (DeNS §3.2, Algorithm 2 of App. F)."""
+
+    config: DeNSConfig
+    s2ef: S2EFLoss = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.s2ef = S2EFLoss(self.config.s2ef)
+
+    @property
+    def needs_all_blocks(self) -> bool:
+        return False
+
+    def corrupt(self, batch: Batch, generator: torch.Generator) -> tuple[Batch, dict[str, Tensor]]:
+        """The partially corrupted batch with the corrupted atoms' forces as `force_inputs`;
+        targets: the S2EF targets of the original structures (energy eV, forces eV/Å),
+        `keys.NOISE` ε/σ [N, 3] (zero on uncorrupted atoms), `DENS_ATOMS`, `DENS_STRUCTURES`.
+
+        Draws, in this order, from `generator` on the CPU: the S2EF rotation (if any), one
+        uniform per structure, one per atom, the Gaussian noise; the same seed gives the same
+        corruption on any device.
+        """
+        c = self.config
+        batch, targets = self.s2ef.corrupt(batch, generator)
+        forces = require_field(batch.forces, "forces")
+        device = batch.positions.device
+        structures = (torch.rand(batch.num_graphs, generator=generator, dtype=torch.float64) < c.probability).to(device)
+        chosen = (torch.rand(len(batch.positions), generator=generator, dtype=torch.float64) < c.corruption_ratio).to(device)
+        corrupted = chosen & structures[batch.batch] & ~batch.fixed
+        noise = gaussian_noise(batch, c.sigma_angstrom, generator, mask=corrupted)
+        noisy = with_positions(batch, batch.positions + noise, rebuild_graph=c.rebuild_graph,
+                               cutoff_angstrom=c.cutoff_angstrom, max_num_neighbors=c.max_num_neighbors)
+        noisy = replace(noisy, force_inputs=forces * corrupted[:, None].to(forces.dtype))
+        targets.update({keys.NOISE: noise / c.sigma_angstrom, DENS_ATOMS: corrupted, DENS_STRUCTURES: structures})
+        return noisy, targets
+
+    def loss(self, predictions: Mapping[str, Tensor], batch: Batch, targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """λ_E·L_E + λ_F·L_F(uncorrupted atoms) + λ_DeNS·L_DeNS(corrupted atoms) (Eq. 6, Alg. 2)."""
+        c = self.config
+        corrupted = targets[DENS_ATOMS]
+        out = self.s2ef.terms(predictions, batch, targets, force_mask=~corrupted)
+        difference = predictions[keys.NOISE] - targets[keys.NOISE]
+        weights = atom_weights(batch, c.s2ef.fixed_atom_weight, difference.dtype)
+        per_atom = vector_error(difference, c.noise_loss) * corrupted.to(difference.dtype)
+        dens = weighted_atom_mean(per_atom, weights)
+        out[LOSS] = out[LOSS] + c.coefficient * dens
+        out[f"dens_noise_{c.noise_loss}"] = dens.detach()
+        out["dens_atom_fraction"] = corrupted.to(difference.dtype).mean()
+        return out

@@ -1,0 +1,132 @@
+"""Specifications of DeNS (DeNS §3.2, Algorithm 2): partial corruption of free atoms, p_DeNS
+per structure, force encoding, which atoms predict noise and which forces, the paper preset."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import pytest
+import torch
+
+from molden.graph import neighbor_list
+from molden.models import keys
+from molden.objectives import Objective
+from molden.objectives.dens import DENS_ATOMS, DENS_STRUCTURES, DeNS, DeNSConfig, dens_cpu, dens_oc20_2m_paper
+from molden.objectives.supervised import S2EFConfig, S2EFLoss
+from symmetry import example_batch
+
+CONFIG = DeNSConfig(probability=0.5, corruption_ratio=0.5, coefficient=10.0, sigma_angstrom=0.1,
+                    s2ef=S2EFConfig(energy_coefficient=2.0, force_coefficient=100.0, fixed_atom_weight=0.0),
+                    rebuild_graph=False)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return example_batch(("molecule", "slab", "bulk"))
+
+
+def _perfect(targets):
+    return {keys.ENERGY: targets[keys.ENERGY], keys.FORCES: targets[keys.FORCES], keys.NOISE: targets[keys.NOISE]}
+
+
+def test_paper_preset_is_table_7_for_oc20_s2ef_2m():
+    c = dens_oc20_2m_paper()
+    assert (c.probability, c.coefficient, c.sigma_angstrom, c.corruption_ratio) == (0.5, 10.0, 0.1, 0.5)
+    assert (c.s2ef.energy_coefficient, c.s2ef.force_coefficient, c.s2ef.fixed_atom_weight) == (2.0, 100.0, 0.0)
+    assert isinstance(DeNS(c), Objective)
+
+
+def test_corruption_moves_only_free_atoms_of_dens_structures(batch):
+    noisy, targets = DeNS(CONFIG.model_copy(update={"probability": 1.0, "corruption_ratio": 1.0})).corrupt(
+        batch, torch.Generator().manual_seed(0))
+    moved = (noisy.positions != batch.positions).any(dim=1)
+    assert torch.equal(moved, ~batch.fixed)  # p = r = 1: every free atom, never a fixed one
+    assert torch.equal(targets[DENS_ATOMS], ~batch.fixed)
+    torch.testing.assert_close(noisy.positions - batch.positions, targets[keys.NOISE] * 0.1, rtol=0, atol=1e-12)
+    assert targets[keys.NOISE].shape == (len(batch.positions), 3) and targets[DENS_STRUCTURES].shape == (3,)
+
+
+def test_force_inputs_are_the_original_forces_of_corrupted_atoms_and_zero_elsewhere(batch):
+    noisy, targets = DeNS(CONFIG).corrupt(batch, torch.Generator().manual_seed(4))
+    corrupted = targets[DENS_ATOMS]
+    assert corrupted.any() and not corrupted.all()
+    assert torch.equal(noisy.force_inputs[corrupted], batch.forces[corrupted])
+    assert torch.all(noisy.force_inputs[~corrupted] == 0)
+    assert torch.equal(targets[keys.FORCES], batch.forces) and torch.equal(targets[keys.ENERGY], batch.energy)
+    assert torch.all(noisy.positions[~corrupted] == batch.positions[~corrupted])
+
+
+def test_dens_uses_the_configured_fractions_of_structures_and_free_atoms(batch):
+    objective = DeNS(CONFIG.model_copy(update={"probability": 0.3, "corruption_ratio": 0.25}))
+    g = torch.Generator().manual_seed(11)
+    structures, chosen, candidates = 0, 0, 0
+    draws = 300
+    free = ~batch.fixed
+    for _ in range(draws):
+        _, targets = objective.corrupt(batch, g)
+        picked = targets[DENS_STRUCTURES]
+        structures += int(picked.sum())
+        in_dens = picked[batch.batch] & free
+        candidates += int(in_dens.sum())
+        chosen += int(targets[DENS_ATOMS].sum())
+        assert not (targets[DENS_ATOMS] & ~in_dens).any()
+    n = draws * batch.num_graphs
+    assert abs(structures / n - 0.3) < 4 * (0.3 * 0.7 / n) ** 0.5
+    assert abs(chosen / candidates - 0.25) < 4 * (0.25 * 0.75 / candidates) ** 0.5
+
+
+def test_loss_is_zero_for_a_perfect_predictor_and_each_atom_answers_for_its_own_task(batch):
+    objective = DeNS(CONFIG.model_copy(update={"probability": 1.0}))
+    noisy, targets = objective.corrupt(batch, torch.Generator().manual_seed(2))
+    corrupted = targets[DENS_ATOMS][:, None]
+    perfect = _perfect(targets)
+    assert objective.loss(perfect, noisy, targets)["loss"] == 0
+    # noise on uncorrupted atoms and forces on corrupted atoms are not trained
+    ignored = {**perfect, keys.NOISE: torch.where(corrupted, perfect[keys.NOISE], 5.0),
+               keys.FORCES: torch.where(corrupted, 5.0, perfect[keys.FORCES])}
+    assert objective.loss(ignored, noisy, targets)["loss"] == 0
+    wrong_noise = {**perfect, keys.NOISE: torch.where(corrupted, perfect[keys.NOISE] + 1.0, perfect[keys.NOISE])}
+    assert objective.loss(wrong_noise, noisy, targets)["dens_noise_l2mae"] > 0
+    # the energy of the original structure is still trained from the corrupted one (Eq. 6)
+    wrong_energy = {**perfect, keys.ENERGY: perfect[keys.ENERGY] + 0.1}
+    assert float(objective.loss(wrong_energy, noisy, targets)["loss"]) == pytest.approx(2.0 * 0.1)
+
+
+def test_noise_term_is_weighted_by_lambda_and_divided_by_every_free_atom(batch):
+    objective = DeNS(CONFIG.model_copy(update={"probability": 1.0}))
+    noisy, targets = objective.corrupt(batch, torch.Generator().manual_seed(2))
+    perfect = _perfect(targets)
+    off = torch.tensor([0.0, 0.3, 0.4], dtype=torch.float64)  # |off| = 0.5 on every atom
+    result = objective.loss({**perfect, keys.NOISE: perfect[keys.NOISE] + off}, noisy, targets)
+    n_corrupted, n_free = int(targets[DENS_ATOMS].sum()), int((~batch.fixed).sum())
+    assert float(result["loss"]) == pytest.approx(10.0 * 0.5 * n_corrupted / n_free)  # Algorithm 2 line 25
+
+
+def test_without_dens_structures_the_loss_is_the_s2ef_loss(batch):
+    objective = DeNS(CONFIG.model_copy(update={"probability": 0.0}))
+    noisy, targets = objective.corrupt(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(noisy.positions, batch.positions) and torch.all(noisy.force_inputs == 0)
+    predictions = {**_perfect(targets), keys.FORCES: targets[keys.FORCES] + 0.2, keys.ENERGY: targets[keys.ENERGY] - 0.3}
+    s2ef = S2EFLoss(CONFIG.s2ef)
+    assert torch.equal(objective.loss(predictions, noisy, targets)["loss"], s2ef.loss(predictions, batch, targets)["loss"])
+
+
+def test_same_seed_same_corruption_and_the_input_batch_is_never_mutated(batch):
+    snapshot = {f.name: getattr(batch, f.name).clone() for f in fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor)}
+    objective = DeNS(dens_cpu())
+    a, ta = objective.corrupt(batch, torch.Generator().manual_seed(5))
+    b, tb = objective.corrupt(batch, torch.Generator().manual_seed(5))
+    c, _ = objective.corrupt(batch, torch.Generator().manual_seed(6))
+    assert torch.equal(a.positions, b.positions) and torch.equal(ta[DENS_ATOMS], tb[DENS_ATOMS])
+    assert not torch.equal(a.positions, c.positions)
+    objective.loss(_perfect(ta), a, ta)
+    for name, value in snapshot.items():
+        assert torch.equal(getattr(batch, name), value), name
+
+
+def test_rebuilt_graph_is_the_radius_graph_of_the_noised_positions(batch):
+    objective = DeNS(dens_cpu().model_copy(update={"probability": 1.0, "corruption_ratio": 1.0, "sigma_angstrom": 0.3}))
+    noisy, _ = objective.corrupt(batch, torch.Generator().manual_seed(1))
+    edge_index, shifts = neighbor_list(noisy.positions, 5.0, cell=noisy.cell, pbc=noisy.pbc, batch=noisy.batch, n_node=noisy.n_node)
+    key = lambda ei, s: sorted(zip(ei[0].tolist(), ei[1].tolist(), map(tuple, s.tolist())))  # noqa: E731
+    assert key(noisy.edge_index, noisy.unit_shifts) == key(edge_index, shifts)
