@@ -262,6 +262,7 @@ def machine_description() -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
             r["case"], f"{r['cutoff_angstrom']:g}", str(r["n_edges"]), r["molden_path"],
             "-" if r["molden_ms"] is None else f"{r['molden_ms']:.3f}",
             r["peer"], "-" if r["peer_ms"] is None else f"{r['peer_ms']:.3f}",
-            r["note"] if r["ratio"] is None else f"{r['ratio']:.2f}", "-" if r["agree"] is None else str(r["agree"]),
+            escape(r["note"]) if r["ratio"] is None else f"{r['ratio']:.2f}", "-" if r["agree"] is None else str(r["agree"]),
         )
     Console(width=160).print(table)
     with open(args.out, "w") as handle:

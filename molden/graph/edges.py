@@ -51,13 +51,14 @@ def cartesian_shifts(
     Differentiable with respect to `cell`.
     """
     n_edges, dtype = unit_shifts.shape[0], cell.dtype
-    cells = cell.reshape(-1, 3, 3)
     on_host = cell.device.type == "cpu"
     needs_grad = cell.requires_grad and torch.is_grad_enabled()
-    if on_host and not needs_grad and cells.shape[0] == 1 and dtype in _NUMPY_FLOATS:
+    if on_host and not needs_grad and cell.numel() == 9 and dtype in _NUMPY_FLOATS:
+        one = cell.numpy().reshape(3, 3)
         if n_edges <= _HOST_BLOCK:  # one small product: the fixed cost matters here
-            return torch.from_numpy(unit_shifts.numpy().astype(_NUMPY_FLOATS[dtype]) @ cells.numpy()[0])
-        return torch.from_numpy(_host_product(unit_shifts.numpy(), cells.numpy(), np.array([n_edges]), np.array([0])))
+            return torch.from_numpy(unit_shifts.numpy().astype(one.dtype) @ one)
+        return torch.from_numpy(_host_product(unit_shifts.numpy(), one[None], np.array([n_edges]), np.array([0])))
+    cells = cell.reshape(-1, 3, 3)
     counts = _host_counts(edge_counts) if on_host else None
     if counts is None or len(counts) != cells.shape[0] or int(counts.sum()) != n_edges:
         counts = np.array([n_edges]) if cells.shape[0] == 1 and on_host else None

@@ -17,6 +17,12 @@ list (`cell_list`). Every backend searches slightly beyond the cutoff; then one 
 ASE's order of operations decides the pairs near the cutoff, `|pos[j] - pos[i] + S @ cell| <
 cutoff`. Exactly at the cutoff (a perfect lattice whose shell distance equals the cutoff) ASE's
 own result depends on its BLAS, so edges there are not promised to match ASE.
+
+Device tensors (the torch backend): sizes and bounds come from the per-system numbers
+(`n_node`, cells, pbc), brought to the host in one small copy per call; no per-atom tensor is
+copied and no scalar is read on the brute-force path, so the only waits are the selections
+whose size the data decide (nonzero; the cell list also reads its bin counts). Pass `n_node`
+on the host so that `batch` is never searched.
 """
 
 from __future__ import annotations

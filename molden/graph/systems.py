@@ -10,7 +10,7 @@ second small copy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -34,6 +34,7 @@ class SystemLayout:
     position_bound: largest |coordinate| of any atom, Å (sizes the rounding band).
     boxes: [B, 3, 3] float64 cells with the rows of non-periodic axes zeroed.
     cell_bound: largest sum of |cell| entries of any system, Å (sizes the rounding band).
+    counts: [B] int64 atoms per system.
     """
 
     offsets: np.ndarray
@@ -42,14 +43,11 @@ class SystemLayout:
     position_bound: float
     boxes: np.ndarray
     cell_bound: float
+    counts: np.ndarray
 
     @property
     def n_systems(self) -> int:
         return len(self.offsets) - 1
-
-    @property
-    def counts(self) -> np.ndarray:
-        return np.diff(self.offsets)
 
 
 def system_layout(
@@ -67,8 +65,13 @@ def system_layout(
     if positions.ndim != 2 or positions.shape[-1] != 3:
         raise MoldenInputError("radius_graph", f"positions must be [N, 3], got {tuple(positions.shape)}")
     n_atoms = positions.shape[0]
-    on_host = _HostCopy(positions, batch if n_node is None else None, cell, pbc, n_node)
-    bound, cell_values, pbc_values, node_counts = on_host.values
+    if positions.device.type == "cpu":  # numpy views: nothing is copied
+        on_host = None
+        bound = float(np.abs(positions.detach().numpy()).max(initial=0.0))
+        cell_values, pbc_values, node_counts = _numpy(cell), _numpy(pbc), _numpy(n_node)
+    else:
+        on_host = _HostCopy(positions, batch if n_node is None else None, cell, pbc, n_node)
+        bound, cell_values, pbc_values, node_counts = on_host.values
     # MD, relaxations and benchmarks search the same systems call after call: the checked
     # per-system arrays of the last call are reused when its inputs repeat (a measurable part
     # of a small system's search). Keyed on values, so a changed cell is always re-checked.
@@ -77,7 +80,8 @@ def system_layout(
         key = (n_atoms, positions.dtype, _value_key(cell_values), _value_key(pbc_values), _value_key(node_counts))
         last = _last_layout
         if last is not None and last[0] == key:
-            return replace(last[1], position_bound=bound)
+            a = last[1]
+            return SystemLayout(a.offsets, a.cells, a.pbc, bound, a.boxes, a.cell_bound, a.counts)
     if node_counts is not None:
         counts = np.asarray(node_counts).reshape(-1).astype(np.int64)
         if (counts < 0).any() or counts.sum() != n_atoms:
@@ -87,6 +91,8 @@ def system_layout(
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     elif batch is None:
         offsets = np.array([0, n_atoms], dtype=np.int64)
+    elif on_host is None:
+        offsets = _batch_offsets(_numpy(batch), n_atoms)
     else:
         offsets = on_host.batch_offsets(n_atoms)
     n_systems = len(offsets) - 1
@@ -109,7 +115,7 @@ def system_layout(
     check_periodic_cells(cells, flags)
     boxes = cells.astype(np.float64) * flags[..., None]
     cell_bound = float(np.abs(cells).sum(axis=(1, 2)).max(initial=0.0))
-    layout = SystemLayout(offsets, cells, flags, bound, boxes, cell_bound)
+    layout = SystemLayout(offsets, cells, flags, bound, boxes, cell_bound, np.diff(offsets))
     if key is not None:
         _last_layout = (key, layout)
     return layout
@@ -124,17 +130,12 @@ def _value_key(value) -> tuple | None:
 
 
 class _HostCopy:
-    """The per-system numbers of a call on the host: numpy views of CPU tensors, or one copy
-    of all of them for device tensors (one synchronisation instead of one per tensor)."""
+    """The per-system numbers of a call on device tensors, brought to the host in one copy
+    (one synchronisation instead of one per tensor); CPU values are read as they are."""
 
     def __init__(self, positions, batch, cell, pbc, n_node) -> None:
         self.positions, self.batch = positions.detach(), batch
         device = positions.device
-        if device.type == "cpu":
-            pos = self.positions.numpy()
-            bound = float(np.abs(pos).max(initial=0.0))
-            self.values = (bound, _numpy(cell), _numpy(pbc), _numpy(n_node))
-            return
         parts = [self.positions.abs().amax().reshape(1) if len(positions) else self.positions.new_zeros(1)]
         if batch is not None:
             batch = batch.detach()
@@ -171,12 +172,16 @@ class _HostCopy:
             n_systems = int(last) + 1 if n_atoms else 1
             bounds = torch.arange(n_systems + 1, device=batch.device, dtype=batch.dtype)
             return torch.searchsorted(batch.detach(), bounds).cpu().numpy().astype(np.int64)
-        system = _numpy(batch)
-        if len(system) != n_atoms:
-            raise MoldenInputError("radius_graph", f"batch has {len(system)} entries for {n_atoms} atoms")
-        _check_batch(len(system) > 1 and bool((system[1:] < system[:-1]).any()), system[0] if len(system) else 0)
-        n_systems = int(system[-1]) + 1 if len(system) else 1
-        return np.searchsorted(system, np.arange(n_systems + 1)).astype(np.int64)
+        return _batch_offsets(_numpy(batch), n_atoms)
+
+
+def _batch_offsets(system: np.ndarray, n_atoms: int) -> np.ndarray:
+    """[B + 1] atom offsets of the systems of a sorted host `batch` array."""
+    if len(system) != n_atoms:
+        raise MoldenInputError("radius_graph", f"batch has {len(system)} entries for {n_atoms} atoms")
+    _check_batch(len(system) > 1 and bool((system[1:] < system[:-1]).any()), system[0] if len(system) else 0)
+    n_systems = int(system[-1]) + 1 if len(system) else 1
+    return np.searchsorted(system, np.arange(n_systems + 1)).astype(np.int64)
 
 
 def _check_batch(unsorted: bool, first) -> None:

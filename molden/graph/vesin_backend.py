@@ -40,6 +40,7 @@ _MIN_CUTOFF_ANGSTROM = 1e-4
 _VESIN_THREADS_MIN_ATOMS = 1_000
 
 _local = threading.local()
+_EPS = {t: float(np.finfo(t).eps) for t in (np.float16, np.float32, np.float64)}
 
 
 def vesin_available() -> bool:
@@ -82,7 +83,7 @@ def vesin_neighbor_list(
     # (float64, on the moved coordinates of packed molecules).
     scale = cutoff + layout.position_bound + layout.cell_bound
     moved = max((float(np.abs(x).max(initial=0.0)) for _, _, x in tasks if x is not None), default=0.0)
-    band = 256 * (float(np.finfo(positions.dtype).eps) * scale + float(np.finfo(np.float64).eps) * (scale + moved))
+    band = 256 * (_EPS.get(positions.dtype.type, _EPS[np.float32]) * scale + _EPS[np.float64] * (scale + moved))
     # Rounded up to a 1e-6 Å grid so that repeated calls reuse one calculator: vesin keeps its
     # buffers between calls, and a fresh one costs about half a search on large systems.
     search = math.ceil((cutoff + band) * 1e6) / 1e6
