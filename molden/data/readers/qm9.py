@@ -6,7 +6,7 @@ Two sources give the same records:
 - the original `dsgdb9nsd_*.xyz` files, as a folder or a `.tar`/`.tar.gz`/`.tar.bz2` archive.
 
 Targets stay in their source units (table `QM9_TARGETS`); conversion to eV/meV happens once,
-in `molden.units`. `Structure.energy` stays None: U0 is a target, not a force-field energy.
+in `molden.objectives.units`. `Structure.energy` stays None: U0 is a target, not a force-field energy.
 Every record has system_id "gdb_<index>" (the GDB9 index, 1..133,885 with gaps where the
 3,054 uncharacterised molecules were removed) and frame 0.
 """
