@@ -9,7 +9,7 @@ import sys
 import typer
 
 from molden import __version__
-from molden.cli import demo, export, inspect, preprocess
+from molden.cli import demo, export, inspect, models, preprocess
 
 app = typer.Typer(
     help="molden: denoising for molecular and materials graph neural networks.",
@@ -38,6 +38,7 @@ app.command()(preprocess.preprocess)
 app.command()(inspect.inspect)
 app.command()(export.export)
 app.command()(demo.demo)
+app.command()(models.models)
 
 
 def main() -> None:

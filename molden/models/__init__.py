@@ -7,5 +7,9 @@ predictions), as fairchem's backbone/head split without its registry.
 from molden.models.backbone import Backbone, Latents
 from molden.models.heads import AtomTypeHead, GraphScalarHead, Head, NodeVectorHead
 from molden.models.model import Model
+from molden.models.presets import PRESETS, build_backbone, count_parameters, preset
 
-__all__ = ["AtomTypeHead", "Backbone", "GraphScalarHead", "Head", "Latents", "Model", "NodeVectorHead"]
+__all__ = [
+    "PRESETS", "AtomTypeHead", "Backbone", "GraphScalarHead", "Head", "Latents", "Model", "NodeVectorHead",
+    "build_backbone", "count_parameters", "preset",
+]

@@ -6,6 +6,13 @@ minimise; other keys are the terms, in the units their names state). One trainin
 serves every objective; nothing is copied per objective.
 """
 
-from molden.objectives.objective import Objective
+from molden.objectives.dens import DeNS, DeNSConfig
+from molden.objectives.denoising import Denoising, DenoisingConfig
+from molden.objectives.noisy_nodes import NoisyNodes, NoisyNodesConfig, PrimaryLoss
+from molden.objectives.objective import LOSS, Objective
+from molden.objectives.supervised import GraphTargetLoss, IS2RELoss, IS2RSLoss, S2EFConfig, S2EFLoss, TargetNormalizer
 
-__all__ = ["Objective"]
+__all__ = [
+    "LOSS", "DeNS", "DeNSConfig", "Denoising", "DenoisingConfig", "GraphTargetLoss", "IS2RELoss", "IS2RSLoss",
+    "NoisyNodes", "NoisyNodesConfig", "Objective", "PrimaryLoss", "S2EFConfig", "S2EFLoss", "TargetNormalizer",
+]
