@@ -8,10 +8,9 @@ import math
 import pytest
 import torch
 from pydantic import ValidationError
-from torch import nn
 
-from molden.graph import edge_vectors, neighbor_list
-from molden.models import AtomTypeHead, Backbone, Latents, Model, NodeVectorHead, keys
+from molden.graph import neighbor_list
+from molden.models import AtomTypeHead, Model, NodeVectorHead, keys
 from molden.objectives import Objective
 from molden.objectives.denoising import (
     ATOM_MASK,
@@ -22,6 +21,7 @@ from molden.objectives.denoising import (
     denoising_cpu,
     denoising_pcqm4mv2_paper,
 )
+from tiny_models import PairBackbone
 from symmetry import example_batch
 
 
@@ -180,28 +180,11 @@ def test_config_validation_and_paper_presets():
     assert denoising_cpu().sigma_angstrom == 0.02
 
 
-class _TinyBackbone(Backbone):
-    def __init__(self, dim: int = 16):
-        super().__init__()
-        self.scalar_dim = dim
-        self.embed = nn.Embedding(119, dim)
-        self.radial = nn.Linear(4, dim)
-
-    def forward(self, batch, *, all_blocks=False):
-        d = edge_vectors(batch).norm(dim=1, keepdim=True)
-        rbf = torch.exp(-(d - torch.arange(1.0, 5.0, dtype=d.dtype)) ** 2)
-        h, out = self.embed(batch.numbers), []
-        for _ in range(2):
-            h = h + torch.zeros_like(h).index_add_(0, batch.edge_index[0], self.radial(rbf) * h[batch.edge_index[1]])
-            out.append(torch.tanh(h))
-        return Latents(scalars=out if all_blocks else out[-1:])
-
-
 def test_end_to_end_with_a_model_masked_types_are_learned():
     """A few Adam steps on one batch lower the loss: the whole path (mask token, per-block logits,
     cross-entropy, noise head) is differentiable and learns."""
     torch.manual_seed(0)
-    model = Model(_TinyBackbone(), {keys.NOISE: NodeVectorHead(16), keys.ATOM_LOGITS: AtomTypeHead(16)}).double()
+    model = Model(PairBackbone(16), {keys.NOISE: NodeVectorHead(16), keys.ATOM_LOGITS: AtomTypeHead(16)}).double()
     objective = _masking(rebuild_graph=False)
     noisy, targets = objective.corrupt(example_batch(), _gen())
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)

@@ -3,27 +3,11 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from molden.graph import edge_vectors
-from molden.models import Backbone, GraphScalarHead, Latents, Model, NodeVectorHead, keys
+from molden.models import GraphScalarHead, Model, NodeVectorHead, keys
 from molden.models.freezing import freeze_backbone, unfreeze_backbone
+from tiny_models import PairBackbone
 from symmetry import example_batch
-
-
-class _TinyBackbone(Backbone):
-    def __init__(self, dim: int = 8):
-        super().__init__()
-        self.scalar_dim = dim
-        self.embed = nn.Embedding(119, dim)
-        self.radial = nn.Linear(4, dim)
-
-    def forward(self, batch, *, all_blocks=False):
-        d = edge_vectors(batch).norm(dim=1, keepdim=True)
-        rbf = torch.exp(-(d - torch.arange(1.0, 5.0, dtype=d.dtype)) ** 2)
-        h = self.embed(batch.numbers)
-        h = h + torch.zeros_like(h).index_add_(0, batch.edge_index[0], self.radial(rbf) * h[batch.edge_index[1]])
-        return Latents(scalars=[torch.tanh(h)])
 
 
 def _model(conservative: bool = False) -> Model:
@@ -31,7 +15,7 @@ def _model(conservative: bool = False) -> Model:
     heads = {keys.ENERGY: GraphScalarHead(8)}
     if not conservative:
         heads[keys.NOISE] = NodeVectorHead(8)
-    return Model(_TinyBackbone(), heads, conservative_forces=conservative).double()
+    return Model(PairBackbone(8, blocks=1), heads, conservative_forces=conservative).double()
 
 
 def test_freeze_backbone_returns_exactly_the_head_parameters():

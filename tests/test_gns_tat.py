@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from molden.models.gns import InteractionLayer, build_gns, gns_oc20_cpu
-from molden.models.gns_tat import TailoredReLU, edge_network_c0, tailored_relu_c_map, tailored_relu_slope
+from molden.models.gns_tat import edge_network_c0, tailored_relu_c_map, tailored_relu_slope
+from molden.models.mlp import TailoredReLU
 from molden.models.mlp import ShiftedSoftplus
 from symmetry import example_batch
 

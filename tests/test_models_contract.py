@@ -8,34 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
-from molden.graph import edge_vectors
-from molden.models import AtomTypeHead, Backbone, GraphScalarHead, Latents, Model, NodeVectorHead, keys
+from molden.models import AtomTypeHead, GraphScalarHead, Model, NodeVectorHead, keys
+from tiny_models import PairBackbone, assert_forces_are_energy_gradients
 from symmetry import TOLERANCE, example_batch, permutation_within_graphs, permuted, random_rotation, rotated
-
-
-class PairBackbone(Backbone):
-    """Node latents = an MLP of the sum over neighbours of a smooth radial function; K blocks
-    add the same message again (enough to exercise per-block decoding)."""
-
-    def __init__(self, dim: int = 8, blocks: int = 2):
-        super().__init__()
-        self.scalar_dim = dim
-        self.embed = nn.Embedding(119, dim)
-        self.radial = nn.Linear(4, dim)
-        self.blocks = blocks
-
-    def forward(self, batch, *, all_blocks=False):
-        d = edge_vectors(batch).norm(dim=1, keepdim=True)
-        rbf = torch.cat([torch.exp(-(d - c) ** 2) for c in (1.0, 2.0, 3.0, 4.0)], dim=1)
-        h = self.embed(batch.numbers)
-        out = []
-        for _ in range(self.blocks):
-            msg = self.radial(rbf) * h[batch.edge_index[1]]
-            h = h + torch.zeros_like(h).index_add_(0, batch.edge_index[0], msg)
-            out.append(torch.tanh(h))
-        return Latents(scalars=out if all_blocks else out[-1:])
 
 
 def _model(conservative: bool) -> Model:
@@ -58,21 +34,7 @@ def test_predictions_have_documented_keys_and_shapes():
 
 
 def test_conservative_forces_equal_finite_differences_of_the_energy():
-    model = _model(True).eval()
-    batch = example_batch(("molecule", "slab"))
-    forces = model(batch)[keys.FORCES].detach()
-    h = 1e-5
-    g = torch.Generator().manual_seed(1)
-    for atom in torch.randint(len(batch.positions), (6,), generator=g).tolist():
-        for axis in range(3):
-            step = torch.zeros_like(batch.positions)
-            step[atom, axis] = h
-            from dataclasses import replace
-
-            e_plus = model(replace(batch, positions=batch.positions + step))[keys.ENERGY].sum()
-            e_minus = model(replace(batch, positions=batch.positions - step))[keys.ENERGY].sum()
-            numeric = -(e_plus - e_minus) / (2 * h)
-            assert abs(float(numeric) - float(forces[atom, axis])) < 1e-6
+    assert_forces_are_energy_gradients(_model(True).eval(), example_batch(("molecule", "slab")), rtol=1e-6)
 
 
 def test_conservative_forces_rotate_with_an_invariant_energy():

@@ -7,10 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 from pydantic import ValidationError
-from torch import nn
 
 from molden.graph import edge_vectors, neighbor_list
-from molden.models import Backbone, GraphScalarHead, Latents, Model, NodeVectorHead, keys
+from molden.models import GraphScalarHead, Model, NodeVectorHead, keys
 from molden.objectives import Objective
 from molden.objectives.noisy_nodes import (
     NODE_TARGET,
@@ -25,6 +24,7 @@ from molden.objectives.noisy_nodes import (
     noisy_nodes_qm9_paper,
     position_delta_statistics,
 )
+from tiny_models import PairBackbone
 from symmetry import example_batch
 
 
@@ -284,29 +284,9 @@ def test_position_delta_statistics_of_known_steps():
     assert noisy_std == pytest.approx((variance + 0.01) ** 0.5, abs=1e-12)
 
 
-class _TinyBackbone(Backbone):
-    """Two blocks of a radial message; enough to train end to end."""
-
-    def __init__(self, dim: int = 16):
-        super().__init__()
-        self.scalar_dim = dim
-        self.embed = nn.Embedding(119, dim)
-        self.radial = nn.Linear(4, dim)
-
-    def forward(self, batch, *, all_blocks=False):
-        d = edge_vectors(batch).norm(dim=1, keepdim=True)
-        rbf = torch.exp(-(d - torch.arange(1.0, 5.0, dtype=d.dtype)) ** 2)
-        h, out = self.embed(batch.numbers), []
-        for _ in range(2):
-            msg = self.radial(rbf) * h[batch.edge_index[1]]
-            h = h + torch.zeros_like(h).index_add_(0, batch.edge_index[0], msg)
-            out.append(torch.tanh(h))
-        return Latents(scalars=out if all_blocks else out[-1:])
-
-
 def test_end_to_end_with_a_model_every_block_gets_a_gradient():
     torch.manual_seed(0)
-    model = Model(_TinyBackbone(), {keys.ENERGY: GraphScalarHead(16), keys.NOISE: NodeVectorHead(16)}).double()
+    model = Model(PairBackbone(16), {keys.ENERGY: GraphScalarHead(16), keys.NOISE: NodeVectorHead(16)}).double()
     objective = _objective()
     batch = example_batch()
     noisy, targets = objective.corrupt(batch, _gen())

@@ -18,6 +18,7 @@ from molden.models import GraphScalarHead, Model, NodeVectorHead, keys
 from molden.models.painn import PRESETS, PaiNNConfig, build_painn, count_parameters, painn_cpu, painn_paper
 from molden.objectives.noise import with_positions
 from molden.pipeline.structure_graphs import build_graphs
+from tiny_models import assert_forces_are_energy_gradients
 from symmetry import (
     TOLERANCE,
     example_atoms,
@@ -189,17 +190,7 @@ def test_an_equivalent_unit_cell_gives_the_same_outputs(dtype, kind, recombinati
 def test_conservative_forces_equal_finite_differences_of_the_energy():
     model = _model(torch.float64)
     batch = _with_force_inputs(_batch(("molecule", "slab", "bulk"), torch.float64))
-    forces = model(batch)[keys.FORCES].detach()
-    h = 1e-5
-    g = torch.Generator().manual_seed(1)
-    for atom in torch.randint(len(batch.positions), (6,), generator=g).tolist():
-        for axis in range(3):
-            step = torch.zeros_like(batch.positions)
-            step[atom, axis] = h
-            e_plus = model(replace(batch, positions=batch.positions + step))[keys.ENERGY].sum()
-            e_minus = model(replace(batch, positions=batch.positions - step))[keys.ENERGY].sum()
-            numeric = -(e_plus - e_minus).detach() / (2 * h)
-            assert abs(float(numeric) - float(forces[atom, axis])) < 1e-7 * max(1.0, float(forces.abs().max()))
+    assert_forces_are_energy_gradients(model, batch)
 
 
 def test_presets_build_and_run():

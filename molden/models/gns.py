@@ -60,7 +60,7 @@ from molden.errors import MoldenConfigError
 from molden.graph import edge_vectors
 from molden.models.backbone import Backbone, Latents
 from molden.models.gns_periodic import cell_features, periodic_frames, to_frame
-from molden.models.gns_tat import TailoredReLU, edge_delta_init, fan_in_init, tailored_relu_slope
+from molden.models.gns_tat import edge_delta_init, fan_in_init, tailored_relu_slope
 from molden.models.heads import N_ATOM_TYPES
 from molden.models.mlp import MLP
 from molden.models.radial_basis import bessel_basis
@@ -131,14 +131,8 @@ def gns_oc20_cpu() -> GNSConfig:
 PRESETS = {f.__name__: f for f in (gns_qm9_paper, gns_oc20_paper, gns_tat_pcqm_paper, gns_qm9_cpu, gns_oc20_cpu)}
 
 
-def _tat_mlp(in_dim: int, hidden: int, out_dim: int, n_layers: int, slope: float) -> nn.Sequential:
-    dims = [in_dim] + [hidden] * (n_layers - 1) + [out_dim]
-    layers: list[nn.Module] = []
-    for k in range(n_layers):
-        layers.append(nn.Linear(dims[k], dims[k + 1]))
-        if k < n_layers - 1:
-            layers.append(TailoredReLU(slope))
-    return nn.Sequential(*layers)
+def _tat_mlp(in_dim: int, hidden: int, out_dim: int, n_layers: int, slope: float) -> MLP:
+    return MLP(in_dim, hidden, out_dim, n_layers, "tailored_relu", slope=slope)
 
 
 class InteractionLayer(nn.Module):

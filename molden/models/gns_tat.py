@@ -28,23 +28,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-
-class TailoredReLU(nn.Module):
-    """sqrt(2/(1+α²)) · LeakyReLU_α(x): a leaky ReLU scaled so that E[φ(x)²] = 1 for
-    x ~ N(0, 1) (TAT keeps q values at 1), with negative slope α from `tailored_relu_slope`."""
-
-    def __init__(self, slope: float):
-        super().__init__()
-        self.slope = float(slope)
-        self.scale = math.sqrt(2.0 / (1.0 + self.slope**2))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.scale * nn.functional.leaky_relu(x, self.slope)
-
-    def extra_repr(self) -> str:
-        return f"slope={self.slope:.4f}"
 
 
 def tailored_relu_c_map(c: float, slope: float) -> float:

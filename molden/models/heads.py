@@ -28,9 +28,10 @@ class GraphScalarHead(Head):
     targets such as HOMO)."""
 
     def __init__(self, in_dim: int, n_out: int = 1, *, hidden_dim: int | None = None, n_layers: int = 3,
-                 act: Activation = "ssp", readout: Literal["sum", "mean"] = "sum", squeeze: bool = True):
+                 act: Activation = "ssp", readout: Literal["sum", "mean"] = "sum", squeeze: bool = True,
+                 slope: float = 0.0):
         super().__init__()
-        self.mlp = MLP(in_dim, hidden_dim or in_dim, n_out, n_layers, act)
+        self.mlp = MLP(in_dim, hidden_dim or in_dim, n_out, n_layers, act, slope=slope)
         self.readout = readout
         self.n_out = n_out
         self.squeeze = squeeze and n_out == 1
@@ -53,14 +54,14 @@ class NodeVectorHead(Head):
     """
 
     def __init__(self, in_dim: int, vector_dim: int = 0, *, hidden_dim: int | None = None, n_layers: int = 3,
-                 act: Activation = "ssp"):
+                 act: Activation = "ssp", slope: float = 0.0):
         super().__init__()
         self.vector_dim = vector_dim
         if vector_dim:
-            self.gate = MLP(in_dim, hidden_dim or in_dim, vector_dim, n_layers, act)
+            self.gate = MLP(in_dim, hidden_dim or in_dim, vector_dim, n_layers, act, slope=slope)
             self.mix = nn.Linear(vector_dim, 1, bias=False)
         else:
-            self.mlp = MLP(in_dim, hidden_dim or in_dim, 3, n_layers, act)
+            self.mlp = MLP(in_dim, hidden_dim or in_dim, 3, n_layers, act, slope=slope)
 
     def forward(self, latents: Latents, block: int, batch: Batch) -> Tensor:
         scalars = latents.scalars[block]
@@ -78,9 +79,10 @@ class NodeVectorHead(Head):
 class AtomTypeHead(Head):
     """[N, 119] logits of each atom's type (masked atom-type prediction)."""
 
-    def __init__(self, in_dim: int, *, hidden_dim: int | None = None, n_layers: int = 2, act: Activation = "ssp"):
+    def __init__(self, in_dim: int, *, hidden_dim: int | None = None, n_layers: int = 2, act: Activation = "ssp",
+                 slope: float = 0.0):
         super().__init__()
-        self.mlp = MLP(in_dim, hidden_dim or in_dim, N_ATOM_TYPES, n_layers, act)
+        self.mlp = MLP(in_dim, hidden_dim or in_dim, N_ATOM_TYPES, n_layers, act, slope=slope)
 
     def forward(self, latents: Latents, block: int, batch: Batch) -> Tensor:
         return self.mlp(latents.scalars[block])
