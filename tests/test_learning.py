@@ -15,7 +15,7 @@ from ase.calculators.emt import EMT
 from molden.data import collate
 from molden.data.ase_convert import structure_from_atoms
 from molden.data.readers import read_qm9
-from molden.models import GraphScalarHead, Model, NodeVectorHead, keys
+from molden.models import EdgeVectorHead, GraphScalarHead, Model, NodeVectorHead, keys
 from molden.models.gns import GNSConfig, build_gns
 from molden.models.painn import build_painn, painn_cpu
 from molden.objectives.supervised import GraphTargetLoss, S2EFConfig, S2EFLoss, TargetNormalizer
@@ -87,3 +87,16 @@ def test_a_tiny_equivariant_model_overfits_the_forces_of_8_emt_frames():
     baseline = float(batch.forces.pow(2).sum(dim=1).mean())  # the loss of predicting zero forces
     assert history[0] > 0.3 * baseline
     assert history[-1] < 0.01 * baseline, (history[-10:], baseline)
+
+
+@pytest.mark.slow
+def test_a_tiny_gns_with_an_edge_force_readout_overfits_the_forces_of_8_emt_frames():
+    # The NodeVectorHead on GNS scalars stays near the zero-force baseline here (issue 13
+    # review); the edge readout sums learned weights times Cartesian unit vectors.
+    torch.manual_seed(0)
+    batch = _rattled_emt_slabs(8)
+    model = Model(_tiny_gns(cutoff_angstrom=6.0), {keys.FORCES: EdgeVectorHead(32)}).double()
+    objective = S2EFLoss(S2EFConfig(energy_coefficient=0.0, force_coefficient=1.0, force_loss="mse", fixed_atom_weight=1.0))
+    history, _ = _train(model, objective, batch)
+    baseline = float(batch.forces.pow(2).sum(dim=1).mean())
+    assert history[-1] < 0.05 * baseline, (history[-10:], baseline)

@@ -60,3 +60,20 @@ def test_forces_are_a_head_or_conservative_never_both():
         Model(PairBackbone(), {keys.ENERGY: GraphScalarHead(8), keys.FORCES: NodeVectorHead(8)}, conservative_forces=True)
     with pytest.raises(ValueError):
         Model(PairBackbone(), {keys.NOISE: NodeVectorHead(8)}, conservative_forces=True)
+
+
+def test_edge_vector_head_rotates_with_a_periodic_gns_and_needs_edge_latents():
+    from molden.models import EdgeVectorHead
+    from molden.models.gns import GNSConfig, build_gns
+
+    torch.manual_seed(0)
+    config = GNSConfig(latent_dim=8, mlp_hidden_dim=8, n_bessel=4, block_size=1, block_iterations=2, cutoff_angstrom=5.0)
+    model = Model(build_gns(config), {keys.FORCES: EdgeVectorHead(8)}).double().eval()
+    batch = example_batch(("slab", "bulk"))
+    r = random_rotation(5)
+    out, turned = model(batch, all_blocks=True), model(rotated(batch, r), all_blocks=True)
+    tol = TOLERANCE[torch.float64]
+    torch.testing.assert_close(turned[keys.FORCES], out[keys.FORCES] @ r.T, atol=tol, rtol=0)
+    assert out[keys.per_block(keys.FORCES)].shape == (2, len(batch.positions), 3)
+    with pytest.raises(ValueError, match="edge latents"):
+        Model(PairBackbone(), {keys.FORCES: EdgeVectorHead(8)}).double()(batch)

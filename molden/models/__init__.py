@@ -5,11 +5,11 @@ predictions), as fairchem's backbone/head split without its registry.
 """
 
 from molden.models.backbone import Backbone, Latents
-from molden.models.heads import AtomTypeHead, GraphScalarHead, Head, NodeVectorHead
+from molden.models.heads import AtomTypeHead, EdgeVectorHead, GraphScalarHead, Head, NodeVectorHead
 from molden.models.model import Model
 from molden.models.presets import PRESETS, build_backbone, count_parameters, preset
 
 __all__ = [
-    "PRESETS", "AtomTypeHead", "Backbone", "GraphScalarHead", "Head", "Latents", "Model", "NodeVectorHead",
+    "PRESETS", "AtomTypeHead", "EdgeVectorHead", "Backbone", "GraphScalarHead", "Head", "Latents", "Model", "NodeVectorHead",
     "build_backbone", "count_parameters", "preset",
 ]

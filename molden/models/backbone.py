@@ -32,12 +32,16 @@ class Latents:
             backbone worked in to Cartesian (`cartesian = vector_frame @ v`), or None when the
             backbone works in Cartesian coordinates. GNS on periodic systems works in the
             cell's basis (Noisy Nodes §5.1, A(GNN(A⁻¹ν))) and sets it.
+        edges: one [E, F] tensor of edge latents per block iteration (edges in the batch's
+            `edge_index` order), or None for backbones without edge latents; `EdgeVectorHead`
+            reads them.
     """
 
     scalars: list[Tensor]
     vectors: list[Tensor] | None = None
     graph_scalars: list[Tensor] | None = None
     vector_frame: Tensor | None = None
+    edges: list[Tensor] | None = None
 
     @property
     def n_blocks(self) -> int:

@@ -250,13 +250,16 @@ class GNS(Backbone):
         encoded = nodes
         receivers, senders = batch.edge_index
         outputs: list[Tensor] = []
+        edge_outputs: list[Tensor] = []
         for _ in range(self.config.block_iterations):
             for layer in self.block:
                 nodes, edges = layer(nodes, edges, receivers, senders)
             outputs.append(nodes)
+            edge_outputs.append(edges)
         if not all_blocks:
-            outputs = outputs[-1:]
-        return Latents(scalars=outputs, graph_scalars=[encoded + o for o in outputs], vector_frame=frame)
+            outputs, edge_outputs = outputs[-1:], edge_outputs[-1:]
+        return Latents(scalars=outputs, graph_scalars=[encoded + o for o in outputs], vector_frame=frame,
+                       edges=edge_outputs)
 
 
 def build_gns(config: GNSConfig) -> GNS:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from molden.data.batch import Batch
+from molden.graph.edges import edge_vectors
 from molden.models.backbone import Latents
 from molden.models.mlp import MLP, Activation
 
@@ -74,6 +75,30 @@ class NodeVectorHead(Head):
         if latents.vector_frame is not None:
             out = torch.einsum("nij,nj->ni", latents.vector_frame, out)
         return out
+
+
+class EdgeVectorHead(Head):
+    """[N, 3] per-atom vectors as Σ_j w(e_ij) d̂_ij: an MLP of each edge's latents weighs the
+    Cartesian unit vector to its neighbour (the force readout of edge-based models).
+
+    Frame-free, so a non-equivariant backbone does not have to assemble a small vector out of
+    the nearly cancelling, nonlinear sum of ~50 neighbours' features (the `NodeVectorHead`
+    scalar branch fits rattled-slab EMT forces poorly: tests/test_learning.py); rotation-
+    equivariant whenever the edge latents are invariant. Needs `latents.edges`.
+    """
+
+    def __init__(self, edge_dim: int, *, hidden_dim: int | None = None, n_layers: int = 3, act: Activation = "ssp",
+                 slope: float = 0.0):
+        super().__init__()
+        self.mlp = MLP(edge_dim, hidden_dim or edge_dim, 1, n_layers, act, slope=slope)
+
+    def forward(self, latents: Latents, block: int, batch: Batch) -> Tensor:
+        if latents.edges is None:
+            raise ValueError("EdgeVectorHead needs a backbone that returns edge latents (GNS)")
+        d = edge_vectors(batch)
+        unit = d / d.norm(dim=1, keepdim=True).clamp_min(1e-9)
+        weighted = self.mlp(latents.edges[block]).to(unit.dtype) * unit
+        return torch.zeros_like(batch.positions).index_add_(0, batch.edge_index[0], weighted)
 
 
 class AtomTypeHead(Head):
