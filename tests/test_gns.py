@@ -134,8 +134,11 @@ def test_the_vector_frame_is_the_transposed_cell_for_periodic_graphs_and_identit
     batch = example_batch(cutoff=CUTOFF)
     frame = build_gns(tiny()).double()(batch).vector_frame
     for g in range(batch.num_graphs):
-        expected = batch.cell[g].T if bool(batch.pbc[g].any()) else torch.eye(3, dtype=torch.float64)
-        close(frame[batch.batch == g], expected.expand(int(batch.n_node[g]), 3, 3))
+        expected = batch.cell[g].clone() if bool(batch.pbc[g].any()) else torch.eye(3, dtype=torch.float64)
+        if bool(batch.pbc[g].any()) and not bool(batch.pbc[g].all()):  # slab: vacuum row -> unit normal
+            normal = torch.linalg.cross(expected[0], expected[1])
+            expected[2] = normal / normal.norm() * torch.sign(normal @ batch.cell[g][2])
+        close(frame[batch.batch == g], expected.T.expand(int(batch.n_node[g]), 3, 3))
     assert build_gns(tiny(periodic_basis=False)).double()(batch).vector_frame is None
 
 
@@ -182,3 +185,17 @@ def test_presets_build_and_count_their_parameters_without_allocating():
     assert PRESETS["gns_tat_pcqm_paper"]().tat and not PRESETS["gns_qm9_paper"]().tat
     with pytest.raises(ValueError):
         GNSConfig(latent_dim=0)
+
+
+def test_a_slab_does_not_depend_on_its_vacuum_thickness_and_a_zero_vacuum_row_is_finite():
+    from dataclasses import replace
+
+    m, batch = model(), example_batch(("slab",), cutoff=CUTOFF)
+    reference = m(batch)
+    for c in (batch.cell[:, 2] * 2.0, torch.zeros_like(batch.cell[:, 2])):
+        cell = batch.cell.clone()
+        cell[:, 2] = c
+        other = m(replace(batch, cell=cell))
+        for key in reference:
+            assert torch.isfinite(other[key]).all()
+            close(other[key], reference[key])

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from molden.data.batch import Batch
+from molden.graph.vesin_backend import reusable_array
 
 # Below this many edges per system on average, one gather beats a Python loop of matmuls.
 _MIN_EDGES_PER_MATMUL = 512
@@ -35,6 +36,7 @@ def cartesian_shifts(
     edge_graph: Tensor | None = None,
     *,
     edge_counts: Tensor | Sequence[int] | np.ndarray | None = None,
+    mirrored: bool = False,
 ) -> Tensor:
     """[E, 3] Cartesian image offsets `unit_shifts[e] @ cell[graph of edge e]`, Å.
 
@@ -48,6 +50,9 @@ def cartesian_shifts(
             `radius_graph` and `Batch` give them). Host counts (a CPU tensor, array or list)
             with a CPU cell replace the per-edge gather by work per graph, and graphs without
             a cell cost nothing; counts on a device are not read (that would synchronise).
+        mirrored: the second half of the shifts is the first half negated (a half list and
+            its mirror, as `radius_graph` gives one periodic system): with one host cell only
+            the first half is multiplied, the second is its negation.
     Differentiable with respect to `cell`.
     """
     n_edges, dtype = unit_shifts.shape[0], cell.dtype
@@ -55,6 +60,8 @@ def cartesian_shifts(
     needs_grad = cell.requires_grad and torch.is_grad_enabled()
     if on_host and not needs_grad and cell.numel() == 9 and dtype in _NUMPY_FLOATS:
         one = cell.numpy().reshape(3, 3)
+        if mirrored and n_edges % 2 == 0:
+            return torch.from_numpy(_mirrored_product(unit_shifts.numpy(), one))
         if n_edges <= _HOST_BLOCK:  # one small product: the fixed cost matters here
             return torch.from_numpy(unit_shifts.numpy().astype(one.dtype) @ one)
         return torch.from_numpy(_host_product(unit_shifts.numpy(), one[None], np.array([n_edges]), np.array([0])))
@@ -98,7 +105,7 @@ def _host_product(shifts: np.ndarray, cells: np.ndarray, counts: np.ndarray, wit
     whenever other work shared the cores (and torch faults its large allocations in 4 KiB
     pages where numpy's get huge pages). Each block's float copy of the shifts stays in cache.
     """
-    out = np.empty((len(shifts), 3), dtype=cells.dtype)
+    out = reusable_array("cartesian_shifts", (len(shifts), 3), cells.dtype)
     if len(with_cell) == 1 and len(shifts) <= _HOST_BLOCK and counts[with_cell[0]] == len(shifts):
         return np.matmul(shifts.astype(cells.dtype), cells[with_cell[0]], out=out)
     if len(with_cell) == 0:
@@ -122,6 +129,18 @@ def _host_product(shifts: np.ndarray, cells: np.ndarray, counts: np.ndarray, wit
             np.matmul(shifts[lo:hi].astype(cells.dtype), cell, out=out[lo:hi])
         done = z
     out[done:] = 0.0
+    return out
+
+
+def _mirrored_product(shifts: np.ndarray, cell: np.ndarray) -> np.ndarray:
+    """[E, 3] shifts @ cell for shifts whose second half is the first half negated: the first
+    half multiplied in blocks of `_HOST_BLOCK` edges, the second its negation (exact)."""
+    half = len(shifts) // 2
+    out = reusable_array("cartesian_shifts", (len(shifts), 3), cell.dtype)
+    for lo in range(0, half, _HOST_BLOCK):
+        hi = min(lo + _HOST_BLOCK, half)
+        np.matmul(shifts[lo:hi].astype(cell.dtype), cell, out=out[lo:hi])
+        np.negative(out[lo:hi], out=out[half + lo : half + hi])
     return out
 
 

@@ -74,7 +74,7 @@ def neighbor_list(
         unit_shifts [E, 3] int32 (as the cache stores them); systems one after another,
         the order within a system depends on the backend (module docstring).
     """
-    edge_index, shifts, _, _ = _neighbor_list(positions, cutoff, cell, pbc, batch, n_node, max_num_neighbors, backend)
+    edge_index, shifts, _, _, _ = _neighbor_list(positions, cutoff, cell, pbc, batch, n_node, max_num_neighbors, backend)
     return edge_index, shifts
 
 
@@ -95,7 +95,7 @@ def radius_graph(
     `unit_shifts @ cell[system of i]` (`cartesian_shifts`), in the positions' dtype,
     differentiable with respect to `cell`.
     """
-    edge_index, unit_shifts, layout, edge_counts = _neighbor_list(
+    edge_index, unit_shifts, layout, edge_counts, mirrored = _neighbor_list(
         positions, cutoff, cell, pbc, batch, n_node, max_num_neighbors, backend
     )
     device, dtype = positions.device, positions.dtype
@@ -110,11 +110,12 @@ def radius_graph(
     if edge_counts is None and layout.n_systems > 1:
         offsets = torch.from_numpy(layout.offsets).to(device)
         edge_graph = torch.searchsorted(offsets, edge_index[0], right=True) - 1
-    return edge_index, cartesian_shifts(unit_shifts, cells, edge_graph, edge_counts=edge_counts)
+    return edge_index, cartesian_shifts(unit_shifts, cells, edge_graph, edge_counts=edge_counts, mirrored=mirrored)
 
 
 def _neighbor_list(positions, cutoff, cell, pbc, batch, n_node, max_num_neighbors, backend):
-    """(edge_index, unit_shifts, layout, edge counts per system on the host or None)."""
+    """(edge_index, unit_shifts, layout, edge counts per system on the host or None,
+    mirrored: whether the second half of the edges is the first half reversed, (j, i, -S))."""
     positions = positions.detach()
     device = positions.device
     if not cutoff > 0:
@@ -123,9 +124,11 @@ def _neighbor_list(positions, cutoff, cell, pbc, batch, n_node, max_num_neighbor
     found = vesin_backend.vesin_neighbor_list(positions.numpy(), layout, cutoff) if _uses_vesin(device, backend) else None
     if found is not None:
         edge_index, shifts, edge_counts = torch.from_numpy(found[0]), torch.from_numpy(found[1]), found[2]
+        mirrored = layout.n_systems == 1  # vesin's half list then its mirror (vesin_backend)
     else:
         edge_index, shifts = _torch_neighbor_list(positions, layout, cutoff)
         edge_counts = _sorted_edge_counts(edge_index[0], layout) if device.type == "cpu" else None
+        mirrored = False
 
     if max_num_neighbors is not None:
         cells = torch.from_numpy(layout.cells).to(device)
@@ -133,8 +136,8 @@ def _neighbor_list(positions, cutoff, cell, pbc, batch, n_node, max_num_neighbor
         lengths = edge_lengths(positions, cells, system, edge_index[0], edge_index[1], shifts)
         mask = nearest_neighbors_mask(edge_index[0], lengths, max_num_neighbors, num_nodes=len(positions))
         edge_index, shifts = edge_index[:, mask], shifts[mask]
-        edge_counts = None
-    return edge_index, shifts, layout, edge_counts
+        edge_counts, mirrored = None, False
+    return edge_index, shifts, layout, edge_counts, mirrored
 
 
 def _sorted_edge_counts(centres: torch.Tensor, layout: SystemLayout) -> np.ndarray:

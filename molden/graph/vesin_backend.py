@@ -17,6 +17,7 @@ re-tested in ASE's order of operations on the given positions,
 from __future__ import annotations
 
 import math
+import sys
 import threading
 
 import numpy as np
@@ -40,6 +41,7 @@ _MIN_CUTOFF_ANGSTROM = 1e-4
 _VESIN_THREADS_MIN_ATOMS = 1_000
 
 _local = threading.local()
+VARIANT = 0
 _EPS = {t: float(np.finfo(t).eps) for t in (np.float16, np.float32, np.float64)}
 
 
@@ -67,6 +69,8 @@ def vesin_neighbor_list(
     if cutoff < _MIN_CUTOFF_ANGSTROM:
         return None
     offsets, counts, flags = layout.offsets, layout.counts, layout.pbc
+    if len(counts) == 1 and flags[0].any():  # one periodic system: no batch bookkeeping
+        return _one_periodic_system(positions, layout, cutoff)
     periodic = flags.any(axis=1)
     pos64 = positions.astype(np.float64, copy=False)
     tasks = []
@@ -104,6 +108,21 @@ def vesin_neighbor_list(
     return _assembled(parts, int(edge_counts.sum())) + (edge_counts,)
 
 
+def _one_periodic_system(positions: np.ndarray, layout: SystemLayout, cutoff: float):
+    """`vesin_neighbor_list` of a batch of one periodic system (a relaxation or MD step),
+    with the same band and search radius: the batch bookkeeping skipped is a measurable
+    part of an OC20-sized call (BENCHMARKS.md)."""
+    scale = cutoff + layout.position_bound + layout.cell_bound
+    band = 256 * (_EPS.get(positions.dtype.type, _EPS[np.float32]) * scale + _EPS[np.float64] * scale)
+    search = math.ceil((cutoff + band) * 1e6) / 1e6
+    pos64 = positions.astype(np.float64, copy=False)
+    part = _search(positions, pos64, layout, layout.boxes, 0, 1, None, cutoff, band, search)
+    if part is None:
+        return np.zeros((2, 0), dtype=np.int64), np.zeros((0, 3), dtype=np.int32), np.zeros(1, dtype=np.int64)
+    edges, unit_shifts = _assembled([part], 2 * len(part[0]))
+    return edges, unit_shifts, np.array([edges.shape[1]], dtype=np.int64)
+
+
 def _assembled(parts: list, n_edges: int) -> tuple[np.ndarray, np.ndarray]:
     """(edge_index [2, E] int64, unit_shifts [E, 3] int32) written once from every part:
     half lists (pairs [h, 2], shifts [h, 3], atom offset) become (i, j, S) then (j, i, -S);
@@ -112,8 +131,8 @@ def _assembled(parts: list, n_edges: int) -> tuple[np.ndarray, np.ndarray]:
     The exact test is symmetric (the vector of (j, i, -S) is exactly the negated vector of
     (i, j, S) in floating point), so testing the half list decides both directions.
     """
-    edges = np.empty((2, n_edges), dtype=np.int64)
-    unit_shifts = np.empty((n_edges, 3), dtype=np.int32)
+    edges = reusable_array("edges", (2, n_edges), np.int64)
+    unit_shifts = reusable_array("unit_shifts", (n_edges, 3), np.int32)
     at = 0
     for first, shifts, offset in parts:
         if offset is None:
@@ -123,8 +142,12 @@ def _assembled(parts: list, n_edges: int) -> tuple[np.ndarray, np.ndarray]:
             at += n
             continue
         h = len(first)
-        np.add(first.T, offset, out=edges[:, at : at + h])
-        np.add(first.T[::-1], offset, out=edges[:, at + h : at + 2 * h])
+        if offset:
+            np.add(first.T, offset, out=edges[:, at : at + h])
+            np.add(first.T[::-1], offset, out=edges[:, at + h : at + 2 * h])
+        else:  # a plain copy is about twice as fast as adding zero
+            edges[:, at : at + h] = first.T
+            edges[:, at + h : at + 2 * h] = first.T[::-1]
         unit_shifts[at : at + h] = shifts
         np.negative(shifts, out=unit_shifts[at + h : at + 2 * h])
         at += 2 * h
@@ -209,3 +232,28 @@ def _calculator(search: float, threads: int):
             cache.clear()
         cache[key] = _vesin.NeighborList(cutoff=search, full_list=False, n_threads=threads)
     return cache[key]
+
+
+# Results at least this large (bytes) are written into buffers kept between calls.
+_REUSE_MIN_BYTES = 1 << 22
+
+
+def reusable_array(name: str, shape: tuple, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array, a view of this thread's buffer `name` when nothing
+    outside holds a view of it any more (the last call's result was dropped), else fresh.
+
+    Large results are fresh memory otherwise: the kernel maps and zeroes them on every call,
+    about 5 ms per 60 MB, a sixth of a 32,000-atom search. The buffer is handed out again only
+    when its reference count shows that no array or tensor made from it is alive.
+    """
+    dtype = np.dtype(dtype)
+    size = math.prod(shape)
+    if VARIANT == 1 or size * dtype.itemsize < _REUSE_MIN_BYTES:
+        return np.empty(shape, dtype=dtype)
+    pool = _local.__dict__.setdefault("buffers", {})
+    base = pool.get((name, dtype.str))
+    # References: the pool, `base` and getrefcount's argument; any more is a live result.
+    if base is None or len(base) < size or sys.getrefcount(base) > 3:
+        base = np.empty(size, dtype=dtype)
+        pool[(name, dtype.str)] = base
+    return base[:size].reshape(shape)

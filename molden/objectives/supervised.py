@@ -277,7 +277,7 @@ class S2EFConfig(BaseModel):
     fixed_atom_weight: float = Field(0.05, ge=0, description="loss weight of fixed atoms' forces relative to free ones (ForceNet: 0.05; 0 = free atoms only)")
     energy_scale_ev: float = Field(1.0, gt=0, description="σ_E: energy errors are divided by it, eV")
     force_scale_ev_per_angstrom: float = Field(1.0, gt=0, description="σ_F: force errors are divided by it, eV/Å")
-    rotation: Rotation = Field("none", description="random-rotation augmentation of each structure: none, about the vertical z axis (ForceNet), or any rotation")
+    rotation: Rotation = Field("none", description="random-rotation augmentation of each structure: none, about the vertical z axis (ForceNet), or any rotation (changes nothing for GNS with periodic_basis on periodic graphs, whose inputs do not see a rotation of positions and cell together)")
 
     def with_statistics(self, statistics: Mapping) -> S2EFConfig:
         """A copy scaled by the cache's force RMS (eV/Å) for both σ_F and σ_E, as the
