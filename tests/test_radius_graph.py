@@ -451,3 +451,43 @@ def test_repeated_calls_follow_a_cell_changed_in_place(backend):
     cell[2] = cell[0]
     with pytest.raises(MoldenInputError, match="degenerate"):
         neighbor_list(positions, 4.0, cell=cell, pbc=pbc, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_system_shifts_equal_unit_shifts_times_its_cell_without_and_with_grad(dtype):
+    # One periodic system takes the mirrored path on the CPU (half the products, the rest
+    # negated): it must equal the plain product, and the autograd path, in either dtype.
+    atoms = fcc111("Cu", (3, 3, 3), vacuum=8.0)
+    atoms.rattle(0.05, seed=1)
+    positions = torch.tensor(atoms.positions, dtype=dtype)
+    cell = torch.tensor(atoms.cell.array, dtype=dtype)
+    pbc = torch.tensor(atoms.pbc)
+    edge_index, unit_shifts = neighbor_list(positions, 5.0, cell=cell, pbc=pbc)
+    edge_index_rg, shifts = radius_graph(positions, 5.0, cell=cell, pbc=pbc)
+    assert torch.equal(edge_index_rg, edge_index)
+    assert shifts.dtype == dtype and (unit_shifts != 0).any()
+    torch.testing.assert_close(shifts, unit_shifts.to(dtype) @ cell, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
+    _, with_grad = radius_graph(positions, 5.0, cell=cell.clone().requires_grad_(True), pbc=pbc)
+    torch.testing.assert_close(with_grad.detach(), shifts, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
+
+
+def test_results_kept_by_the_caller_are_never_overwritten_and_dropped_ones_are_reused(monkeypatch):
+    # Large results are written into buffers kept between calls (vesin_backend): a result the
+    # caller still holds must never be handed out again, while a dropped one is reused.
+    from molden.graph import vesin_backend
+
+    monkeypatch.setattr(vesin_backend, "_REUSE_MIN_BYTES", 0)
+    crystal = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2))
+    pbc = torch.tensor([True] * 3)
+    cell = torch.tensor(crystal.cell.array)
+    first = torch.tensor(crystal.positions)
+    second = first + 0.3 * torch.rand(first.shape, generator=torch.Generator().manual_seed(0))
+    kept = radius_graph(first, 4.0, cell=cell, pbc=pbc)
+    copies = [t.clone() for t in kept]
+    later = radius_graph(second, 4.0, cell=cell, pbc=pbc)
+    assert all(torch.equal(held, copy) for held, copy in zip(kept, copies))
+    assert all(held.data_ptr() != new.data_ptr() for held, new in zip(kept, later))
+    pointers = [t.data_ptr() for t in later]
+    del later
+    again = radius_graph(second, 4.0, cell=cell, pbc=pbc)
+    assert [t.data_ptr() for t in again] == pointers

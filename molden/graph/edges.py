@@ -14,6 +14,7 @@ left for device tensors without host counts, where reading counts would synchron
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 
 from molden.data.batch import Batch
-from molden.graph.vesin_backend import reusable_array
+from molden.graph.vesin_backend import in_two_threads, reusable_array
 
 # Below this many edges per system on average, one gather beats a Python loop of matmuls.
 _MIN_EDGES_PER_MATMUL = 512
@@ -36,7 +37,6 @@ def cartesian_shifts(
     edge_graph: Tensor | None = None,
     *,
     edge_counts: Tensor | Sequence[int] | np.ndarray | None = None,
-    mirrored: bool = False,
 ) -> Tensor:
     """[E, 3] Cartesian image offsets `unit_shifts[e] @ cell[graph of edge e]`, Å.
 
@@ -50,9 +50,6 @@ def cartesian_shifts(
             `radius_graph` and `Batch` give them). Host counts (a CPU tensor, array or list)
             with a CPU cell replace the per-edge gather by work per graph, and graphs without
             a cell cost nothing; counts on a device are not read (that would synchronise).
-        mirrored: the second half of the shifts is the first half negated (a half list and
-            its mirror, as `radius_graph` gives one periodic system): with one host cell only
-            the first half is multiplied, the second is its negation.
     Differentiable with respect to `cell`.
     """
     n_edges, dtype = unit_shifts.shape[0], cell.dtype
@@ -60,8 +57,6 @@ def cartesian_shifts(
     needs_grad = cell.requires_grad and torch.is_grad_enabled()
     if on_host and not needs_grad and cell.numel() == 9 and dtype in _NUMPY_FLOATS:
         one = cell.numpy().reshape(3, 3)
-        if mirrored and n_edges % 2 == 0:
-            return torch.from_numpy(_mirrored_product(unit_shifts.numpy(), one))
         if n_edges <= _HOST_BLOCK:  # one small product: the fixed cost matters here
             return torch.from_numpy(unit_shifts.numpy().astype(one.dtype) @ one)
         return torch.from_numpy(_host_product(unit_shifts.numpy(), one[None], np.array([n_edges]), np.array([0])))
@@ -132,16 +127,29 @@ def _host_product(shifts: np.ndarray, cells: np.ndarray, counts: np.ndarray, wit
     return out
 
 
-def _mirrored_product(shifts: np.ndarray, cell: np.ndarray) -> np.ndarray:
-    """[E, 3] shifts @ cell for shifts whose second half is the first half negated: the first
-    half multiplied in blocks of `_HOST_BLOCK` edges, the second its negation (exact)."""
-    half = len(shifts) // 2
-    out = reusable_array("cartesian_shifts", (len(shifts), 3), cell.dtype)
-    for lo in range(0, half, _HOST_BLOCK):
-        hi = min(lo + _HOST_BLOCK, half)
+def mirrored_cartesian_shifts(unit_shifts: np.ndarray, cell: np.ndarray) -> np.ndarray:
+    """[E, 3] `unit_shifts @ cell`, Å, in the cell's dtype, for host shifts whose second half
+    is the first half negated (a half list and its mirror, as the vesin backend gives one
+    system): the first half is multiplied in blocks of `_HOST_BLOCK` edges, the second is its
+    negation (exact), half the work of `cartesian_shifts`.
+    """
+    half = len(unit_shifts) // 2
+    out = reusable_array("cartesian_shifts", (len(unit_shifts), 3), cell.dtype)
+    if half <= _HOST_BLOCK:
+        _mirrored_rows(unit_shifts, cell, out, 0, half)
+    else:
+        in_two_threads(functools.partial(_mirrored_rows, unit_shifts, cell, out), half)
+    return out
+
+
+def _mirrored_rows(shifts: np.ndarray, cell: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
+    """out[start:stop] = shifts[start:stop] @ cell in blocks of `_HOST_BLOCK` rows, and the
+    same rows of the second half of `out` their negation."""
+    half = len(out) // 2
+    for lo in range(start, stop, _HOST_BLOCK):
+        hi = min(lo + _HOST_BLOCK, stop)
         np.matmul(shifts[lo:hi].astype(cell.dtype), cell, out=out[lo:hi])
         np.negative(out[lo:hi], out=out[half + lo : half + hi])
-    return out
 
 
 def _per_graph_matmuls(unit_shifts: Tensor, cells: Tensor, counts: np.ndarray, with_cell: np.ndarray) -> Tensor:

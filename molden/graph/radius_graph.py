@@ -34,7 +34,7 @@ import torch
 
 from molden.errors import MoldenInputError
 from molden.graph import cell_list, vesin_backend
-from molden.graph.edges import cartesian_shifts
+from molden.graph.edges import cartesian_shifts, mirrored_cartesian_shifts
 from molden.graph.periodic import complete_cells, image_offsets, shell_counts_np, wrap_positions
 from molden.graph.systems import SystemLayout, system_layout
 
@@ -101,6 +101,11 @@ def radius_graph(
     device, dtype = positions.device, positions.dtype
     if cell is None or not layout.pbc.any():  # every shift is zero: nothing to multiply
         return edge_index, torch.zeros(unit_shifts.shape[0], 3, dtype=dtype, device=device)
+    host_cell = not (isinstance(cell, torch.Tensor) and cell.requires_grad and torch.is_grad_enabled())
+    if mirrored and host_cell and layout.cells.dtype in (np.float32, np.float64):
+        # One system's half list and its mirror (vesin backend): half the products, and no
+        # torch overhead, a measurable part of an OC20-sized call (BENCHMARKS.md).
+        return edge_index, torch.from_numpy(mirrored_cartesian_shifts(unit_shifts.numpy(), layout.cells[0]))
     cells = torch.as_tensor(cell).to(device=device, dtype=dtype)
     if cells.ndim == 3 and cells.shape[0] > 1:
         periodic = layout.pbc.any(axis=1)
@@ -110,7 +115,7 @@ def radius_graph(
     if edge_counts is None and layout.n_systems > 1:
         offsets = torch.from_numpy(layout.offsets).to(device)
         edge_graph = torch.searchsorted(offsets, edge_index[0], right=True) - 1
-    return edge_index, cartesian_shifts(unit_shifts, cells, edge_graph, edge_counts=edge_counts, mirrored=mirrored)
+    return edge_index, cartesian_shifts(unit_shifts, cells, edge_graph, edge_counts=edge_counts)
 
 
 def _neighbor_list(positions, cutoff, cell, pbc, batch, n_node, max_num_neighbors, backend):

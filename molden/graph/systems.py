@@ -67,7 +67,7 @@ def system_layout(
     n_atoms = positions.shape[0]
     if positions.device.type == "cpu":  # numpy views: nothing is copied
         on_host = None
-        bound = float(np.abs(positions.detach().numpy()).max(initial=0.0))
+        bound = float(np.abs(positions.numpy(force=positions.requires_grad)).max(initial=0.0))
         cell_values, pbc_values, node_counts = _numpy(cell), _numpy(pbc), _numpy(n_node)
     else:
         on_host = _HostCopy(positions, batch if n_node is None else None, cell, pbc, n_node)
@@ -125,7 +125,7 @@ def _value_key(value) -> tuple | None:
     """A hashable, exact key of a small host array (or list) of per-system numbers."""
     if value is None:
         return None
-    array = np.asarray(value)
+    array = value if isinstance(value, np.ndarray) else np.asarray(value)
     return (array.shape, array.dtype.str, array.tobytes())
 
 
@@ -196,5 +196,7 @@ def _numpy(value) -> np.ndarray | None:
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
+        if value.device.type != "cpu":
+            return value.detach().cpu().numpy()
+        return value.detach().numpy() if value.requires_grad else value.numpy()
     return np.asarray(value)

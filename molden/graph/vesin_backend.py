@@ -16,7 +16,9 @@ re-tested in ASE's order of operations on the given positions,
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import sys
 import threading
 
@@ -41,7 +43,6 @@ _MIN_CUTOFF_ANGSTROM = 1e-4
 _VESIN_THREADS_MIN_ATOMS = 1_000
 
 _local = threading.local()
-VARIANT = 0
 _EPS = {t: float(np.finfo(t).eps) for t in (np.float16, np.float32, np.float64)}
 
 
@@ -115,12 +116,32 @@ def _one_periodic_system(positions: np.ndarray, layout: SystemLayout, cutoff: fl
     scale = cutoff + layout.position_bound + layout.cell_bound
     band = 256 * (_EPS.get(positions.dtype.type, _EPS[np.float32]) * scale + _EPS[np.float64] * scale)
     search = math.ceil((cutoff + band) * 1e6) / 1e6
-    pos64 = positions.astype(np.float64, copy=False)
-    part = _search(positions, pos64, layout, layout.boxes, 0, 1, None, cutoff, band, search)
-    if part is None:
-        return np.zeros((2, 0), dtype=np.int64), np.zeros((0, 3), dtype=np.int32), np.zeros(1, dtype=np.int64)
-    edges, unit_shifts = _assembled([part], 2 * len(part[0]))
+    threads = 0 if len(positions) >= _VESIN_THREADS_MIN_ATOMS else 1
+    calculator = _calculator(search, threads)
+    points = positions.astype(np.float64, copy=False)
+    pairs, shifts, dist = calculator.compute(points, layout.boxes[0], layout.pbc[0], "PSd", copy=False)
+    pairs, shifts = _exact_pairs(positions, layout.cells[0], pairs.view(np.int64), shifts, dist, cutoff, band)
+    edges, unit_shifts = _assembled([(pairs, shifts, 0)], 2 * len(pairs))
     return edges, unit_shifts, np.array([edges.shape[1]], dtype=np.int64)
+
+
+def _exact_pairs(positions, cell, pairs, shifts, dist, cutoff, band):
+    """(pairs, shifts) of a half list less the pairs that ASE's order of operations puts at
+    or beyond the cutoff; only pairs within `band` of it are re-tested. `positions` are the
+    system's own (pair indices local), in the dtype of the exact test."""
+    if not len(dist) or dist.max() < cutoff - band:  # usually no pair is that close to the cutoff
+        return pairs, shifts
+    unsure = np.flatnonzero(dist >= cutoff - band)
+    if len(unsure):
+        i, j = pairs[unsure, 0], pairs[unsure, 1]
+        vectors = (positions[j] - positions[i]) + shifts[unsure].astype(positions.dtype) @ cell
+        # Compared in float64, as the torch backend does: a float32 cutoff would round.
+        outside = unsure[np.sqrt((vectors * vectors).sum(axis=1)).astype(np.float64) >= cutoff]
+        if len(outside):
+            keep = np.ones(len(pairs), dtype=bool)
+            keep[outside] = False
+            pairs, shifts = pairs[keep], shifts[keep]
+    return pairs, shifts
 
 
 def _assembled(parts: list, n_edges: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,16 +163,48 @@ def _assembled(parts: list, n_edges: int) -> tuple[np.ndarray, np.ndarray]:
             at += n
             continue
         h = len(first)
-        if offset:
-            np.add(first.T, offset, out=edges[:, at : at + h])
-            np.add(first.T[::-1], offset, out=edges[:, at + h : at + 2 * h])
-        else:  # a plain copy is about twice as fast as adding zero
-            edges[:, at : at + h] = first.T
-            edges[:, at + h : at + 2 * h] = first.T[::-1]
-        unit_shifts[at : at + h] = shifts
-        np.negative(shifts, out=unit_shifts[at + h : at + 2 * h])
+        if h < _THREAD_MIN_ROWS:
+            _mirror_rows(edges, unit_shifts, first, shifts, offset, at, 0, h)
+        else:
+            in_two_threads(functools.partial(_mirror_rows, edges, unit_shifts, first, shifts, offset, at), h)
         at += 2 * h
     return edges, unit_shifts
+
+
+def _mirror_rows(edges, unit_shifts, first, shifts, offset: int, at: int, lo: int, hi: int) -> None:
+    """Rows lo..hi-1 of one half list (pairs `first` [h, 2], `shifts` [h, 3]) written from
+    column `at` as (i, j, S) and from `at + h` as (j, i, -S), atom indices plus `offset`."""
+    h = len(first)
+    pairs = first[lo:hi].T
+    if offset:
+        np.add(pairs, offset, out=edges[:, at + lo : at + hi])
+        np.add(pairs[::-1], offset, out=edges[:, at + h + lo : at + h + hi])
+    else:  # a plain copy is about twice as fast as adding zero
+        edges[:, at + lo : at + hi] = pairs
+        edges[:, at + h + lo : at + h + hi] = pairs[::-1]
+    unit_shifts[at + lo : at + hi] = shifts[lo:hi]
+    np.negative(shifts[lo:hi], out=unit_shifts[at + h + lo : at + h + hi])
+
+
+# Below this many rows, copies run in the calling thread (a thread costs about 0.1 ms).
+_THREAD_MIN_ROWS = 1 << 17
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def in_two_threads(work, n: int) -> None:
+    """work(lo, hi) over rows 0..n-1, split between this thread and one more when n is large
+    and there are two cores: the copies of a large result are memory-bound and numpy releases
+    the GIL (a 2.5 M-edge crystal's mirror went from 9-10 ms to 5.5-7 ms)."""
+    if n < _THREAD_MIN_ROWS or _CORES < 2:
+        work(0, n)
+        return
+    middle = n // 2
+    helper = threading.Thread(target=work, args=(0, middle))
+    helper.start()
+    try:
+        work(middle, n)
+    finally:
+        helper.join()
 
 
 def _search(positions, pos64, layout, boxes, lo, hi, packed, cutoff, band, search):
@@ -178,17 +231,7 @@ def _search(positions, pos64, layout, boxes, lo, hi, packed, cutoff, band, searc
         joined = system[pairs[:, 0]] != system[pairs[:, 1]]
         if joined.any():
             pairs, shifts, dist = pairs[~joined], shifts[~joined], dist[~joined]
-    unsure = np.flatnonzero(dist >= cutoff - band)
-    if len(unsure):
-        local = positions[a:b]
-        i, j = pairs[unsure, 0], pairs[unsure, 1]
-        vectors = (local[j] - local[i]) + shifts[unsure].astype(positions.dtype) @ layout.cells[lo]
-        # Compared in float64, as the torch backend does: a float32 cutoff would round.
-        outside = unsure[np.sqrt((vectors * vectors).sum(axis=1)).astype(np.float64) >= cutoff]
-        if len(outside):
-            keep = np.ones(len(pairs), dtype=bool)
-            keep[outside] = False
-            pairs, shifts = pairs[keep], shifts[keep]
+    pairs, shifts = _exact_pairs(positions[a:b], layout.cells[lo], pairs, shifts, dist, cutoff, band)
     if packed is None:
         return pairs, shifts, a
     # Molecules of a run come out interleaved: group them by centre.
@@ -238,22 +281,31 @@ def _calculator(search: float, threads: int):
 _REUSE_MIN_BYTES = 1 << 22
 
 
+def _references(pool: dict, key) -> int:
+    return sys.getrefcount(pool[key])
+
+
+# What `_references` counts for a buffer that only the pool holds, measured rather than
+# assumed (interpreters differ in the references they count).
+_FREE_REFERENCES = _references({0: np.empty(1)}, 0)
+
+
 def reusable_array(name: str, shape: tuple, dtype) -> np.ndarray:
-    """An uninitialised C-contiguous array, a view of this thread's buffer `name` when nothing
-    outside holds a view of it any more (the last call's result was dropped), else fresh.
+    """An uninitialised C-contiguous [rows, columns] array: a view of this thread's buffer
+    `name` when nothing outside holds a view of it any more (the last call's result was
+    dropped), else fresh memory, kept as the buffer for the next call.
 
     Large results are fresh memory otherwise: the kernel maps and zeroes them on every call,
-    about 5 ms per 60 MB, a sixth of a 32,000-atom search. The buffer is handed out again only
-    when its reference count shows that no array or tensor made from it is alive.
+    about 5 ms per 60 MB, a sixth of a 32,000-atom search (measured 2026-11-25). A buffer is
+    handed out again only when its reference count shows that no array or tensor made from
+    it is alive.
     """
     dtype = np.dtype(dtype)
-    size = math.prod(shape)
-    if VARIANT == 1 or size * dtype.itemsize < _REUSE_MIN_BYTES:
+    size = shape[0] * shape[1]
+    if size * dtype.itemsize < _REUSE_MIN_BYTES:
         return np.empty(shape, dtype=dtype)
     pool = _local.__dict__.setdefault("buffers", {})
-    base = pool.get((name, dtype.str))
-    # References: the pool, `base` and getrefcount's argument; any more is a live result.
-    if base is None or len(base) < size or sys.getrefcount(base) > 3:
-        base = np.empty(size, dtype=dtype)
-        pool[(name, dtype.str)] = base
-    return base[:size].reshape(shape)
+    key = (name, dtype.str)
+    if key not in pool or len(pool[key]) < size or _references(pool, key) > _FREE_REFERENCES:
+        pool[key] = np.empty(size, dtype=dtype)
+    return pool[key][:size].reshape(shape)
