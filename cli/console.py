@@ -91,6 +91,8 @@ def print_cache_summary(summary) -> None:
         ("elements", "  ".join(f"{k} {v:,}" for k, v in sorted(summary.element_histogram.items(), key=lambda kv: -kv[1]))),
         ("molden / schema", f"{summary.molden_version} / {summary.schema_version}, created {summary.created}"),
     ]
+    if summary.energy_per_atom_mean_ev is not None or summary.targets:
+        rows.append(("statistics fitted on", f"{summary.statistics_fitted_on} structures"))
     if summary.energy_per_atom_mean_ev is not None:
         rows.append(("energy per atom", f"{summary.energy_per_atom_mean_ev:.4f} ± {summary.energy_per_atom_std_ev:.4f} eV"))
     if summary.forces_rms_ev_per_angstrom is not None:

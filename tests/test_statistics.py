@@ -91,3 +91,16 @@ def test_a_cache_without_a_train_split_fits_on_all_structures_and_says_so(tmp_pa
     assert stats["fitted_on"] == "all" and stats["n_structures_fitted"] == 40
     gaps = np.array([s.targets["gap"] for s in structures])
     np.testing.assert_allclose(stats["targets_mean"], [gaps.mean()], rtol=1e-12)
+
+
+def test_inspect_says_which_split_the_statistics_were_fitted_on(mixed_extxyz, tmp_path):
+    from typer.testing import CliRunner
+
+    from molden.cli.app import app
+    from molden.pipeline.preprocess import PreprocessConfig, run_preprocess
+
+    cache = run_preprocess(PreprocessConfig(source="ase", inputs=[mixed_extxyz], out=tmp_path / "c.h5")).path
+    result = CliRunner().invoke(app, ["inspect", str(cache), "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"statistics_fitted_on": "train"' in result.stdout
+    assert "statistics fitted on" in CliRunner().invoke(app, ["inspect", str(cache)]).stdout

@@ -37,6 +37,8 @@ class CacheSummary(BaseModel):
     forces_rms_ev_per_angstrom: float | None = None
     edges_dropped_by_max_neighbors: int = 0
     isolated_atoms: int = 0
+    statistics_fitted_on: str = "all"
+    """Split the target, energy and force statistics were fitted on ("train", or "all")."""
 
 
 def summarize_cache(path: str | Path) -> CacheSummary:
@@ -89,4 +91,5 @@ def _summarize(f, path: Path) -> CacheSummary:
         forces_rms_ev_per_angstrom=stat("forces_rms_ev_per_angstrom"),
         edges_dropped_by_max_neighbors=int(stats.attrs.get("edges_dropped_by_max_neighbors", 0)),
         isolated_atoms=int(stats.attrs.get("isolated_atoms", 0)),
+        statistics_fitted_on=str(stats.attrs.get("fitted_on", "all")),
     )
