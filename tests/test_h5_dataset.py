@@ -201,7 +201,7 @@ class _SlowToPickle:
 def test_a_dataloader_worker_waits_at_exit_for_its_queue_feeder(monkeypatch):
     import torch.utils.data
 
-    from molden.data import h5_dataset
+    from molden.data import worker_exit
 
     queue = multiprocessing.get_context("spawn").Queue()
     queue.put(_SlowToPickle())
@@ -210,5 +210,5 @@ def test_a_dataloader_worker_waits_at_exit_for_its_queue_feeder(monkeypatch):
     feeder = queue._thread
     assert feeder.is_alive()
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
-    h5_dataset._join_queue_feeders()  # the exit hook every unpickled H5Dataset registers
+    worker_exit.join_queue_feeders()  # the exit hook every unpickled H5Dataset registers
     assert not feeder.is_alive()

@@ -23,9 +23,9 @@ from molden.objectives.supervised import (
     S2EFConfig,
     S2EFLoss,
     TargetNormalizer,
-    random_rotations,
     s2ef_forcenet_paper,
 )
+from molden.objectives.rotation import random_rotations
 from molden.objectives.units import HARTREE_TO_EV, HARTREE_TO_MEV
 from symmetry import example_batch
 

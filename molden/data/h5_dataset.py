@@ -30,14 +30,12 @@ its fletcher32 checksum) raises one `MoldenInputError` naming the file and struc
 
 from __future__ import annotations
 
-import atexit
 import fcntl
 import hashlib
 import json
 import os
 import shutil
 import threading
-import time
 import warnings
 import weakref
 from collections import OrderedDict, deque
@@ -50,6 +48,7 @@ from torch.utils.data import Dataset
 
 from molden.data import h5_schema as S
 from molden.data.structure import Structure
+from molden.data.worker_exit import join_queue_feeders_at_exit
 from molden.errors import MoldenInputError
 
 DEFAULT_IN_MEMORY_BYTES = 2 << 30
@@ -362,7 +361,7 @@ class H5Dataset(Dataset):
         self.__dict__.update(state)
         if self._shared is not None:
             self._arrays = _numpy_views(self._shared)
-        _join_queue_feeders_at_exit()  # unpickled: perhaps in a spawned DataLoader worker
+        join_queue_feeders_at_exit()  # unpickled: perhaps in a spawned DataLoader worker
 
     def _handle(self) -> h5py.File:
         if self._file is not None and self._file_pid != os.getpid():
@@ -465,35 +464,3 @@ class H5Dataset(Dataset):
         if self._closer is not None and self._file_pid == os.getpid():
             self._closer()
         self._file = self._closer = None
-
-
-# ------------------------------------------------------------------ worker exit
-# A spawned DataLoader worker told to stop early (the loop broke out mid-epoch) cancels the
-# join of its result queue's feeder thread and exits while that daemon thread may still be
-# pickling a batch inside torch's C++ `THPStorage_shareFd`. When the thread then asks for the
-# GIL during interpreter shutdown, CPython ends it with pthread_exit, whose forced unwind through
-# the C++ frame calls std::terminate: "terminate called without an active exception" and a
-# worker killed by SIGABRT (seen in a core dump). Letting the feeder finish first avoids it.
-# Forked workers leave through os._exit and never reach this point.
-# The main process terminates a worker that has not exited 5 s after shutdown: wait no longer.
-FEEDER_JOIN_SECONDS = 5.0
-_exit_hook = False
-
-
-def _join_queue_feeders_at_exit() -> None:
-    """Register (once) a bounded wait at exit for the queue feeder threads of a DataLoader worker."""
-    global _exit_hook
-    if not _exit_hook:
-        _exit_hook = True
-        atexit.register(_join_queue_feeders)
-
-
-def _join_queue_feeders() -> None:
-    from torch.utils.data import get_worker_info
-
-    if get_worker_info() is None:  # not a DataLoader worker: leave other queues alone
-        return
-    deadline = time.monotonic() + FEEDER_JOIN_SECONDS
-    for thread in threading.enumerate():
-        if thread.name == "QueueFeederThread" and thread is not threading.current_thread():
-            thread.join(max(0.0, deadline - time.monotonic()))
