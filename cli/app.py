@@ -9,7 +9,7 @@ import sys
 import typer
 
 from molden import __version__
-from molden.cli import demo, export, inspect, models, preprocess
+from molden.cli import demo, export, inspect, models, plot, preprocess, train
 
 app = typer.Typer(
     help="molden: denoising for molecular and materials graph neural networks.",
@@ -39,6 +39,10 @@ app.command()(inspect.inspect)
 app.command()(export.export)
 app.command()(demo.demo)
 app.command()(models.models)
+app.command()(train.pretrain)
+app.command()(train.finetune)
+app.command()(train.evaluate)
+app.command()(plot.plot)
 
 
 def main() -> None:

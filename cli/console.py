@@ -38,7 +38,8 @@ def invalid_option_message(error: ValidationError, option_names: Mapping[str, st
     field = ".".join(str(part) for part in first["loc"])
     name = (option_names or {}).get(field) or (f"--{field.replace('_', '-')}" if field else "options")
     message = first["msg"].removeprefix("Value error, ")
-    message = message[:1].lower() + message[1:]
+    if not any(c.isupper() for c in message.split(' ', 1)[0][1:]):  # keep acronyms (DeNS, QM9) as they are
+        message = message[:1].lower() + message[1:]
     value = first.get("input")
     shown = f" {value}" if field and isinstance(value, (int, float, str)) else ""
     return f"invalid {name}{shown}: {message}"

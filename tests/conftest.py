@@ -42,3 +42,37 @@ def mixed_extxyz(tmp_path):
     path = tmp_path / "mixed.extxyz"
     ase.io.write(path, _frames(30))
     return path
+
+
+@pytest.fixture(scope="session")
+def s2ef_cache(tmp_path_factory):
+    """A cache of 60 EMT frames (bulk, slabs, molecules) with energies, forces and train/val/test
+    splits, graphs at 4 Å: small enough that a training step takes milliseconds."""
+    from molden.data.splits import SplitConfig
+    from molden.pipeline.preprocess import PreprocessConfig, run_preprocess
+
+    folder = tmp_path_factory.mktemp("s2ef")
+    source = folder / "frames.extxyz"
+    frames = _frames(60, seed=3)
+    for atoms in frames:  # OC20 tags: ASE's layer numbers 1-3 become sub-surface / surface
+        atoms.set_tags(np.minimum(atoms.get_tags(), 2) // 2)
+    ase.io.write(source, frames)
+    out = folder / "s2ef.h5"
+    run_preprocess(PreprocessConfig(source="ase", inputs=[source], out=out, cutoff_angstrom=4.0,
+                                    split=SplitConfig(val=0.2, test=0.1, group_by="structure")))
+    return out
+
+
+@pytest.fixture(scope="session")
+def qm9_cache(tmp_path_factory):
+    """The first 400 molecules of QM9 (qm9pack) with 60 validation and 40 test molecules."""
+    import importlib.util
+
+    if importlib.util.find_spec("qm9pack") is None:  # importing it needs pkg_resources: only locate it
+        pytest.skip("qm9pack is not installed (pip install -e '.[qm9]')")
+    from molden.data.splits import SplitConfig
+    from molden.pipeline.preprocess import PreprocessConfig, run_preprocess
+
+    out = tmp_path_factory.mktemp("qm9") / "qm9.h5"
+    run_preprocess(PreprocessConfig(source="qm9", out=out, limit=400, split=SplitConfig(val=60, test=40)))
+    return out

@@ -137,8 +137,9 @@ class DynamicBatchSampler(Sampler[list[int]]):
             return np.asarray(order(), dtype=np.int64)
         return np.fromiter(iter(self.sampler), dtype=np.int64)
 
-    def batches(self) -> list[np.ndarray]:
-        """This rank's batches of this epoch, as arrays of dataset indices."""
+    def global_batches(self) -> list[np.ndarray]:
+        """Every rank's batches of this epoch, in order, their count a multiple of
+        `world_size` (the same list on every rank)."""
         key = (self.epoch, getattr(self.sampler, "epoch", None))
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
@@ -150,10 +151,16 @@ class DynamicBatchSampler(Sampler[list[int]]):
         share = -(-n_batches // self.world_size)
         # Fewer structures than ranks × batches: repeat batches from the start to fill up.
         ids = np.resize(np.arange(n_batches), share * self.world_size) if n_batches else np.zeros(0, np.int64)
-        mine = ids[self.rank * share : (self.rank + 1) * share].tolist()
-        out = [order[bounds[k] : bounds[k + 1]] for k in mine]
+        out = [order[bounds[k] : bounds[k + 1]] for k in ids.tolist()]
         self._cached = (key, out)
         return out
+
+    def batches(self) -> list[np.ndarray]:
+        """This rank's batches of this epoch (a contiguous share of `global_batches`), as
+        arrays of dataset indices."""
+        every = self.global_batches()
+        share = len(every) // self.world_size
+        return every[self.rank * share : (self.rank + 1) * share]
 
     def __len__(self) -> int:
         return len(self.batches())

@@ -1,0 +1,220 @@
+"""`molden pretrain`, `molden finetune`, `molden evaluate`: options (and an optional YAML/TOML
+config file) into the library's configs, then `molden.train.train` / `evaluate_checkpoint`.
+
+Every option left out keeps the config file's value, or the config's default; every option
+given overrides it. The resolved config is printed at start and saved as OUT/config.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from molden.cli.console import console, err_console, note_line, user_errors
+
+# Config fields as the command line names them, for one-line messages about bad values.
+OPTION_NAMES = {
+    "data.path": "--data", "run.out": "--out", "run.steps": "--steps", "optim.lr": "--lr",
+    "data.max_graphs": "--max-graphs", "data.max_atoms": "--max-atoms", "data.max_edges": "--max-edges",
+    "data.train_size": "--train-size", "data.workers": "--workers", "optim.accumulate": "--accumulate",
+    "denoising.sigma_angstrom": "--sigma", "denoising.mask_probability": "--mask-prob",
+    "noisy_nodes.sigma_angstrom": "--noisy-nodes-sigma", "noisy_nodes.node_loss_weight": "--noisy-nodes-weight",
+    "dens.probability": "--dens-probability", "dens.sigma_angstrom": "--dens-sigma",
+    "run.eval_every": "--eval-every", "run.log_every": "--log-every", "run.checkpoint_every": "--checkpoint-every",
+    "model.preset": "--model", "optim.warmup_steps": "--warmup-steps", "optim.ema_decay": "--ema-decay",
+}
+
+
+def _changes(items: Optional[List[str]]) -> dict[str, Any] | None:
+    """--change block_iterations=3 → {"block_iterations": 3} (values parsed as YAML scalars)."""
+    if not items:
+        return None
+    import yaml
+
+    from molden.errors import MoldenConfigError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MoldenConfigError(f"invalid --change {item!r}: write FIELD=VALUE, e.g. block_iterations=3")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _common(data, out, config_file, model, change, steps, lr, max_graphs, max_atoms, max_edges, workers, seed,
+            device, dtype, bf16, log_every, eval_every, checkpoint_every, early_stopping, warmup_steps, ema_decay,
+            accumulate, threads, val_split) -> dict[str, Any]:
+    return {
+        "data.path": data, "data.max_graphs": max_graphs, "data.max_atoms": max_atoms, "data.max_edges": max_edges,
+        "data.workers": workers, "data.val_split": val_split,
+        "run.out": out, "run.steps": steps, "run.seed": seed, "run.device": device, "run.dtype": dtype,
+        "run.bf16": bf16 or None, "run.log_every": log_every, "run.eval_every": eval_every,
+        "run.checkpoint_every": checkpoint_every, "run.early_stopping": early_stopping, "run.threads": threads,
+        "optim.lr": lr, "optim.warmup_steps": warmup_steps, "optim.ema_decay": ema_decay, "optim.accumulate": accumulate,
+        "model.preset": model, "model.changes": _changes(change),
+    }
+
+
+def _run(kind: str, config_file: Optional[Path], overrides: dict[str, Any], resume: bool, overwrite: bool,
+         sections: tuple[str, ...] = ()) -> None:
+    from molden.cli.train_display import LiveReporter, print_summary
+    from molden.train.config import FinetuneConfig, PretrainConfig, dotted, load_config, merge, read_config_file
+    from molden.train.loop import CONFIG_FILE, train
+    from molden.train.tasks import fill_cutoffs
+
+    cls = PretrainConfig if kind == "pretrain" else FinetuneConfig
+    with user_errors(OPTION_NAMES):
+        base: dict[str, Any] = {}
+        out = overrides.get("run.out")
+        if config_file is not None:
+            base = read_config_file(config_file)
+        elif resume and out is not None and (Path(out) / CONFIG_FILE).is_file():
+            base = read_config_file(Path(out) / CONFIG_FILE)  # the run's own options; the command line may change some
+        data = merge(base, dotted(overrides))
+        for section in sections:
+            data.setdefault(section, {})
+        data = fill_cutoffs(data, ("denoising",) if kind == "pretrain" else ("noisy_nodes", "dens"))
+        config = load_config(cls, None, data)
+        with LiveReporter(console, err_console) as reporter:
+            summary = train(config, resume=resume, overwrite=overwrite, reporter=reporter)
+    print_summary(console, summary)
+
+
+# Options shared by pretrain and finetune (typer needs them spelled out in each signature).
+_DATA = typer.Option(None, "--data", help="the .h5 cache from `molden preprocess`")
+_OUT = typer.Option(None, "--out", "-o", help="run folder (checkpoints, metrics, plots)")
+_CONFIG = typer.Option(None, "--config", help="YAML/TOML/JSON file with any options; the command line overrides it")
+_MODEL = typer.Option(None, "--model", help="backbone preset (`molden models`)")
+_CHANGE = typer.Option(None, "--change", help="backbone field changed from the preset, FIELD=VALUE (repeatable)")
+_STEPS = typer.Option(None, help="optimiser steps  [default: 1000]")
+_LR = typer.Option(None, help="peak learning rate  [default: 1e-3]")
+_MAX_GRAPHS = typer.Option(None, help="structures per batch at most  [default: 32]")
+_MAX_ATOMS = typer.Option(None, help="atoms per batch at most")
+_MAX_EDGES = typer.Option(None, help="edges per batch at most")
+_WORKERS = typer.Option(None, help="DataLoader worker processes  [default: 0]")
+_SEED = typer.Option(None, help="seed of initialisation, data order and noise  [default: 0]")
+_DEVICE = typer.Option(None, help="cpu | cuda | auto  [default: auto]")
+_DTYPE = typer.Option(None, help="float32 | float64  [default: float32]")
+_BF16 = typer.Option(False, "--bf16", help="bfloat16 autocast (CUDA)")
+_LOG_EVERY = typer.Option(None, help="steps between training metrics  [default: 20]")
+_EVAL_EVERY = typer.Option(None, help="steps between validations  [default: 200]")
+_CKPT_EVERY = typer.Option(None, help="steps between checkpoints  [default: 200]")
+_EARLY = typer.Option(None, help="stop after this many validations without improvement")
+_WARMUP = typer.Option(None, help="linear warm-up steps  [default: 100]")
+_EMA = typer.Option(None, help="EMA decay  [default: 0.9999]")
+_ACCUMULATE = typer.Option(None, help="batches accumulated per optimiser step  [default: 1]")
+_THREADS = typer.Option(None, help="torch CPU threads")
+_VAL_SPLIT = typer.Option(None, help="split validated on  [default: val]")
+_RESUME = typer.Option(False, "--resume", help="continue the run in OUT from its last.pt")
+_OVERWRITE = typer.Option(False, "--overwrite", help="replace a run already in OUT")
+
+
+def pretrain(
+    data: Optional[Path] = _DATA, out: Optional[Path] = _OUT, config_file: Optional[Path] = _CONFIG,
+    model: Optional[str] = _MODEL, change: Optional[List[str]] = _CHANGE,
+    sigma: Optional[float] = typer.Option(None, help="position noise σ, Å  [default: 0.02]"),
+    mask_prob: Optional[float] = typer.Option(None, help="probability an atom's type is masked  [default: 0.75]"),
+    atom_type_weight: Optional[float] = typer.Option(None, help="weight of the masked-type loss  [default: 4]"),
+    steps: Optional[int] = _STEPS, lr: Optional[float] = _LR, max_graphs: Optional[int] = _MAX_GRAPHS,
+    max_atoms: Optional[int] = _MAX_ATOMS, max_edges: Optional[int] = _MAX_EDGES, workers: Optional[int] = _WORKERS,
+    seed: Optional[int] = _SEED, device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, bf16: bool = _BF16,
+    log_every: Optional[int] = _LOG_EVERY, eval_every: Optional[int] = _EVAL_EVERY,
+    checkpoint_every: Optional[int] = _CKPT_EVERY, early_stopping: Optional[int] = _EARLY,
+    warmup_steps: Optional[int] = _WARMUP, ema_decay: Optional[float] = _EMA, accumulate: Optional[int] = _ACCUMULATE,
+    threads: Optional[int] = _THREADS, val_split: Optional[str] = _VAL_SPLIT,
+    resume: bool = _RESUME, overwrite: bool = _OVERWRITE,
+) -> None:
+    """Denoising pre-training on (equilibrium) structures: predict the noise added to positions
+    (and masked atom types)."""
+    overrides = _common(data, out, config_file, model, change, steps, lr, max_graphs, max_atoms, max_edges, workers,
+                        seed, device, dtype, bf16, log_every, eval_every, checkpoint_every, early_stopping,
+                        warmup_steps, ema_decay, accumulate, threads, val_split)
+    overrides.update({"denoising.sigma_angstrom": sigma, "denoising.mask_probability": mask_prob,
+                      "denoising.atom_type_loss_weight": atom_type_weight})
+    _run("pretrain", config_file, overrides, resume, overwrite)
+
+
+def finetune(
+    data: Optional[Path] = _DATA, out: Optional[Path] = _OUT, config_file: Optional[Path] = _CONFIG,
+    task: Optional[str] = typer.Option(None, help="qm9 | is2re | is2rs | s2ef  [default: qm9]"),
+    target: Optional[List[str]] = typer.Option(None, help="qm9 target (repeatable)  [default: homo]"),
+    model: Optional[str] = _MODEL, change: Optional[List[str]] = _CHANGE,
+    init: Optional[Path] = typer.Option(None, help="start the backbone from this (pre-training) checkpoint"),
+    freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="train the heads only (with --init)"),
+    train_size: Optional[int] = typer.Option(None, help="train on a seeded subset of this many train structures"),
+    noisy_nodes_sigma: Optional[float] = typer.Option(None, help="Noisy Nodes on, with this σ in Å"),
+    noisy_nodes_weight: Optional[float] = typer.Option(None, help="weight of the Noisy Nodes node loss  [default: 0.1]"),
+    noisy_nodes_target: Optional[str] = typer.Option(None, help="noise | relaxed_positions  [default: noise; is2re: relaxed_positions]"),
+    dens: bool = typer.Option(False, "--dens", help="s2ef: DeNS on (DeNS §3.2 settings unless changed)"),
+    dens_probability: Optional[float] = typer.Option(None, help="p_DeNS  [default: 0.5]"),
+    dens_sigma: Optional[float] = typer.Option(None, help="DeNS σ, Å  [default: 0.1]"),
+    dens_ratio: Optional[float] = typer.Option(None, help="r_DeNS, fraction of free atoms corrupted  [default: 0.5]"),
+    dens_coefficient: Optional[float] = typer.Option(None, help="λ_DeNS  [default: 10]"),
+    conservative_forces: bool = typer.Option(False, "--conservative-forces", help="s2ef: forces as −∂E/∂x"),
+    energy_coefficient: Optional[float] = typer.Option(None, help="s2ef: λ_E  [default: 1]"),
+    force_coefficient: Optional[float] = typer.Option(None, help="s2ef: λ_F  [default: 100]"),
+    steps: Optional[int] = _STEPS, lr: Optional[float] = _LR, max_graphs: Optional[int] = _MAX_GRAPHS,
+    max_atoms: Optional[int] = _MAX_ATOMS, max_edges: Optional[int] = _MAX_EDGES, workers: Optional[int] = _WORKERS,
+    seed: Optional[int] = _SEED, device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, bf16: bool = _BF16,
+    log_every: Optional[int] = _LOG_EVERY, eval_every: Optional[int] = _EVAL_EVERY,
+    checkpoint_every: Optional[int] = _CKPT_EVERY, early_stopping: Optional[int] = _EARLY,
+    warmup_steps: Optional[int] = _WARMUP, ema_decay: Optional[float] = _EMA, accumulate: Optional[int] = _ACCUMULATE,
+    threads: Optional[int] = _THREADS, val_split: Optional[str] = _VAL_SPLIT,
+    resume: bool = _RESUME, overwrite: bool = _OVERWRITE,
+) -> None:
+    """Supervised training (QM9 targets, IS2RE, IS2RS, S2EF) with Noisy Nodes or DeNS, from
+    scratch or from a pre-trained backbone."""
+    overrides = _common(data, out, config_file, model, change, steps, lr, max_graphs, max_atoms, max_edges, workers,
+                        seed, device, dtype, bf16, log_every, eval_every, checkpoint_every, early_stopping,
+                        warmup_steps, ema_decay, accumulate, threads, val_split)
+    overrides.update({
+        "task": task, "targets": list(target) if target else None, "init": init,
+        "freeze_backbone": freeze_backbone or None, "data.train_size": train_size,
+        "model.conservative_forces": conservative_forces or None,
+    })
+    if noisy_nodes_sigma is not None or noisy_nodes_weight is not None or noisy_nodes_target is not None:
+        node_target = noisy_nodes_target or ("relaxed_positions" if task == "is2re" else None)
+        overrides.update({"noisy_nodes.sigma_angstrom": noisy_nodes_sigma, "noisy_nodes.node_loss_weight": noisy_nodes_weight,
+                          "noisy_nodes.node_target": node_target})
+    if dens or any(v is not None for v in (dens_probability, dens_sigma, dens_ratio, dens_coefficient)):
+        overrides.update({"dens.probability": dens_probability, "dens.sigma_angstrom": dens_sigma,
+                          "dens.corruption_ratio": dens_ratio, "dens.coefficient": dens_coefficient})
+        s2ef_prefix = "dens.s2ef"
+    else:
+        s2ef_prefix = "s2ef"
+    overrides.update({f"{s2ef_prefix}.energy_coefficient": energy_coefficient,
+                      f"{s2ef_prefix}.force_coefficient": force_coefficient})
+    _run("finetune", config_file, overrides, resume, overwrite, sections=("dens",) if dens else ())
+
+
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="a checkpoint (best.pt or last.pt of a run)"),
+    data: Path = typer.Option(..., "--data", help="the .h5 cache to evaluate on"),
+    split: str = typer.Option("test", help="the split evaluated"),
+    max_graphs: int = typer.Option(64, help="structures per batch"),
+    device: str = typer.Option("auto", help="cpu | cuda | auto"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write the metrics as JSON here"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out file"),
+) -> None:
+    """The metrics of a trained model on a split of a cache, in the task's units."""
+    from rich.table import Table
+
+    from molden.train.evaluate import evaluate_checkpoint
+
+    with user_errors(OPTION_NAMES):
+        if out is not None and out.exists() and not overwrite:
+            from molden.errors import MoldenConfigError
+
+            raise MoldenConfigError(f"--out {out} exists: pass --overwrite to replace it")
+        result = evaluate_checkpoint(checkpoint, data, split=split, max_graphs=max_graphs, device=device, out=out)
+    table = Table(title=f"{checkpoint} on {data} [{split}], {result['structures']:,} structures")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in result["metrics"].items():
+        table.add_row(name, f"{value:.6g}")
+    console.print(table)
+    if out is not None:
+        note_line(f"wrote {out}")

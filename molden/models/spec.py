@@ -1,0 +1,120 @@
+"""A model described as data: the backbone's config plus each head's kind and size, so a
+checkpoint rebuilds its model without the training code (`molden.models.checkpoint`).
+
+Which head decodes vectors depends on the backbone: PaiNN's l=1 channels (`NodeVectorHead`
+with `vector_dim`), GNS's edge latents (`EdgeVectorHead`: the node-scalar head fits forces
+poorly on GNS, tests/test_learning.py), ForceNet's node MLP (its paper's force decoder).
+`vector_head` picks it, so every task asks for "a vector head" and gets the right one.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from molden.errors import MoldenConfigError
+from molden.models import forcenet, gns, painn
+from molden.models.heads import AtomTypeHead, EdgeVectorHead, GraphScalarHead, Head, NodeVectorHead
+from molden.models.mlp import Activation
+from molden.models.model import Model
+from molden.models.presets import BackboneConfig, build_backbone, preset
+
+HeadKind = Literal["graph_scalar", "node_vector", "edge_vector", "atom_type"]
+
+_FAMILIES: dict[str, type[BaseModel]] = {
+    "gns": gns.GNSConfig,
+    "forcenet": forcenet.ForceNetConfig,
+    "painn": painn.PaiNNConfig,
+}
+
+
+class HeadSpec(BaseModel):
+    """One head: its kind and sizes (input sizes come from the backbone)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: HeadKind
+    n_out: int = Field(1, ge=1, description="outputs of a graph_scalar head (targets)")
+    readout: Literal["sum", "mean"] = Field("sum", description="graph_scalar: sum (extensive, eV) or mean (intensive)")
+    squeeze: bool = Field(True, description="graph_scalar with one output: [B] instead of [B, 1]")
+    n_layers: int = Field(3, ge=1, description="linear layers of the head's MLP")
+    act: Activation = Field("ssp", description="the head MLP's activation")
+
+
+class ModelSpec(BaseModel):
+    """Backbone family and config, named heads, and how forces are made."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    family: Literal["gns", "forcenet", "painn"]
+    backbone: dict = Field(description="the backbone config's fields (GNSConfig, ForceNetConfig or PaiNNConfig)")
+    heads: dict[str, HeadSpec]
+    conservative_forces: bool = Field(False, description="forces = −∂E/∂positions of the energy head")
+    preset: str | None = Field(None, description="the preset the backbone config started from, for the record")
+
+    @model_validator(mode="after")
+    def _valid_backbone(self) -> ModelSpec:
+        _FAMILIES[self.family].model_validate(self.backbone)
+        return self
+
+    def backbone_config(self) -> BackboneConfig:
+        return _FAMILIES[self.family].model_validate(self.backbone)
+
+
+def family_of(config: BackboneConfig) -> str:
+    for name, cls in _FAMILIES.items():
+        if isinstance(config, cls):
+            return name
+    raise MoldenConfigError(f"unknown backbone config {type(config).__name__}")
+
+
+def backbone_from_preset(name: str, **changes) -> BackboneConfig:
+    """Preset `name` with some fields changed (unknown fields are an error naming them)."""
+    config = preset(name)
+    unknown = sorted(set(changes) - set(type(config).model_fields))
+    if unknown:
+        raise MoldenConfigError(f"preset {name!r} ({type(config).__name__}) has no field(s) {unknown}")
+    return type(config).model_validate({**config.model_dump(), **changes})
+
+
+def vector_head(config: BackboneConfig) -> HeadSpec:
+    """The head that decodes [N, 3] vectors (forces, noise, position deltas) for this backbone."""
+    if isinstance(config, gns.GNSConfig):
+        return HeadSpec(kind="edge_vector")
+    if isinstance(config, forcenet.ForceNetConfig):
+        return HeadSpec(kind="node_vector", act=config.activation)
+    return HeadSpec(kind="node_vector", act=config.activation)
+
+
+def graph_readout(config: BackboneConfig, extensive: bool) -> Literal["sum", "mean"]:
+    """GNS-TAT decodes graphs by mean (Pre-training via Denoising App. B.2); otherwise sum for
+    extensive targets (energies) and mean for intensive ones (HOMO, gap, dipole moment)."""
+    if isinstance(config, gns.GNSConfig) and config.tat:
+        return "mean"
+    return "sum" if extensive else "mean"
+
+
+def _build_head(spec: HeadSpec, backbone) -> Head:
+    scalar_dim = backbone.scalar_dim
+    if spec.kind == "graph_scalar":
+        return GraphScalarHead(scalar_dim, spec.n_out, n_layers=spec.n_layers, act=spec.act, readout=spec.readout,
+                               squeeze=spec.squeeze)
+    if spec.kind == "node_vector":
+        return NodeVectorHead(scalar_dim, backbone.vector_dim, n_layers=spec.n_layers, act=spec.act)
+    if spec.kind == "edge_vector":
+        return EdgeVectorHead(scalar_dim, n_layers=spec.n_layers, act=spec.act)
+    return AtomTypeHead(scalar_dim, n_layers=min(spec.n_layers, 2), act=spec.act)
+
+
+def build_model(spec: ModelSpec) -> Model:
+    """The (untrained) model of `spec`."""
+    backbone = build_backbone(spec.backbone_config())
+    heads = {name: _build_head(head, backbone) for name, head in spec.heads.items()}
+    return Model(backbone, heads, conservative_forces=spec.conservative_forces)
+
+
+def model_spec(config: BackboneConfig, heads: dict[str, HeadSpec], *, conservative_forces: bool = False,
+               preset_name: str | None = None) -> ModelSpec:
+    return ModelSpec(family=family_of(config), backbone=config.model_dump(mode="json"), heads=heads,
+                     conservative_forces=conservative_forces, preset=preset_name)

@@ -1,0 +1,110 @@
+"""Which structures each optimiser step reads, on every process, for any number of processes.
+
+An epoch is a list of dynamic batches over the whole train split, the same on every process
+(seeded by (seed, epoch)). With W processes and A batches accumulated per step there are
+V = W × A "virtual ranks": step t of the epoch reads batches t·V … t·V + V − 1, process r the
+A batches r·A … r·A + A − 1 of them. So one process accumulating 2 batches reads exactly
+what two DDP processes read together, and the position inside an epoch is a batch count that
+means the same thing on any number of processes: a checkpoint from N processes resumes on M.
+
+Batches are cut to a count that is a multiple of V by halving the largest ones
+(`DynamicBatchSampler`), so no structure is dropped or repeated within an epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from molden.data.batch import Batch, collate
+from molden.data.dynamic_batches import DynamicBatchSampler
+from molden.data.h5_dataset import H5Dataset
+from molden.data.sampling import BlockShuffleSampler, RandomOrderSampler
+from molden.errors import MoldenConfigError
+from molden.train.config import DataConfig
+
+
+def open_split(config: DataConfig, split: str, *, subset: int | None = None, seed: int = 0) -> H5Dataset:
+    """The cache's `split`, or a seeded random subset of `subset` of its structures."""
+    dataset = H5Dataset(config.path, split)
+    if len(dataset) == 0:
+        raise MoldenConfigError(f"{config.path}: split {split!r} is empty")
+    if subset is not None:
+        if subset > len(dataset):
+            raise MoldenConfigError(f"--train-size {subset} is more than the {len(dataset)} structures of split {split!r}")
+        pick = np.sort(np.random.default_rng([seed, 7]).permutation(len(dataset))[:subset])
+        dataset.indices = dataset.indices[pick]
+    return dataset
+
+
+def batch_sampler(dataset: H5Dataset, config: DataConfig, *, seed: int, virtual_ranks: int) -> DynamicBatchSampler:
+    """Dynamic batches of `dataset` under the config's budgets, as many as a multiple of
+    `virtual_ranks`; block-shuffled for a cache that stays on disk."""
+    order = (RandomOrderSampler(len(dataset), seed=seed) if dataset.storage != "disk"
+             else BlockShuffleSampler(dataset, seed=seed, world_size=1, rank=0))
+    needs_edges = config.max_edges is not None
+    return DynamicBatchSampler(
+        order, dataset.atom_counts, dataset.edge_counts if needs_edges else None,
+        max_atoms=config.max_atoms, max_edges=config.max_edges, max_graphs=config.max_graphs,
+        rank=0, world_size=virtual_ranks,
+    )
+
+
+class _Listed(Sampler[list[int]]):
+    def __init__(self, batches: list[list[int]]):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+
+@dataclass
+class StepPlan:
+    """The micro-batches of this process for the steps of one epoch."""
+
+    epoch: int
+    steps: int
+    """Optimiser steps in the epoch."""
+    batches: list[list[list[int]]]
+    """[step][accumulated batch] → dataset indices, for this process."""
+
+
+def epoch_plan(sampler: DynamicBatchSampler, epoch: int, *, rank: int, world_size: int, accumulate: int) -> StepPlan:
+    sampler.set_epoch(epoch)
+    every = sampler.global_batches()
+    v = world_size * accumulate
+    steps = len(every) // v
+    mine = [[every[t * v + rank * accumulate + a].tolist() for a in range(accumulate)] for t in range(steps)]
+    return StepPlan(epoch=epoch, steps=steps, batches=mine)
+
+
+def loader(dataset: H5Dataset, batches: list[list[int]], config: DataConfig, dtype: torch.dtype, pin: bool) -> DataLoader:
+    """A DataLoader that yields collated `Batch`es of exactly `batches`, in order."""
+    return DataLoader(
+        dataset, batch_sampler=_Listed(batches), collate_fn=partial(collate, dtype=dtype),
+        num_workers=config.workers, pin_memory=pin,
+        persistent_workers=False, prefetch_factor=4 if config.workers else None,
+    )
+
+
+def validation_batches(dataset: H5Dataset, config: DataConfig, *, rank: int, world_size: int) -> list[list[int]]:
+    """This process's share of the validation split in fixed-order batches (every structure
+    exactly once over all processes, none repeated, so reduced metrics are exact)."""
+    sampler = DynamicBatchSampler(np.arange(len(dataset)), dataset.atom_counts,
+                                  dataset.edge_counts if config.max_edges is not None else None,
+                                  max_atoms=config.max_atoms, max_edges=config.max_edges, max_graphs=config.max_graphs,
+                                  rank=0, world_size=1)
+    every = [b.tolist() for b in sampler.global_batches()]
+    return every[rank::world_size]
+
+
+def move(batch: Batch, device: torch.device) -> Batch:
+    return batch if device.type == "cpu" else batch.to(device, non_blocking=True)

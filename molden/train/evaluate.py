@@ -1,0 +1,56 @@
+"""`molden evaluate`: a trained model's metrics on a split of a cache, in the task's units."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from molden.errors import MoldenInputError
+from molden.models.checkpoint import load_model, read_checkpoint
+from molden.train.config import DataConfig, FinetuneConfig, PretrainConfig
+from molden.train.data import open_split, validation_batches
+from molden.train.distributed import resolve_device
+from molden.train.loop import evaluate
+from molden.train.tasks import validation_objective
+
+
+def saved_config(payload: dict[str, Any], path: Path) -> PretrainConfig | FinetuneConfig:
+    """The training config a checkpoint was written with."""
+    if "config" not in payload:
+        raise MoldenInputError(path, "the checkpoint holds no training config")
+    raw = json.loads(payload["config"])
+    cls = PretrainConfig if "denoising" in raw else FinetuneConfig
+    return cls.model_validate(raw)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str = "test", max_graphs: int = 64,
+                        device: str = "auto", out: str | Path | None = None) -> dict[str, Any]:
+    """{"metrics": {name: value}, "structures": n, ...} of the checkpoint's EMA model on `split`
+    of `data` (each batch's terms weighted by its structures); written as JSON to `out`."""
+    checkpoint = Path(checkpoint)
+    payload = read_checkpoint(checkpoint)
+    config = saved_config(payload, checkpoint)
+    torch_device = resolve_device(device, 0)
+    loaded = load_model(checkpoint, device=torch_device)
+    objective = validation_objective(config, loaded.task)
+    for module in (getattr(objective, "normalizer", None),):
+        if module is not None:
+            module.to(torch_device)
+    data_config = DataConfig(path=Path(data), max_graphs=max_graphs, val_split=split)
+    dataset = open_split(data_config, split)
+    batches = validation_batches(dataset, data_config, rank=0, world_size=1)
+    dtype = next(loaded.model.parameters()).dtype
+    metrics = evaluate(loaded.model, objective, dataset, batches, device=torch_device, dtype=dtype,
+                       seed=config.run.seed, data_config=data_config)
+    result = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "structures": len(dataset),
+              "task": loaded.task.get("kind"), "metrics": metrics}
+    if out is not None:
+        out = Path(out)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out)
+    return result

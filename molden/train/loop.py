@@ -1,0 +1,594 @@
+"""The training loop, for every objective: data → corruption → model → loss → step.
+
+Plain functions, as MACE's train → train_one_epoch → take_step → evaluate:
+`train(config)` sets up and resumes, `take_step` does one optimiser step over the accumulated
+batches, `evaluate` validates with the EMA weights. Objectives differ only in the `Objective`
+the task hands over (`molden.train.tasks`), so nothing here knows Noisy Nodes from DeNS.
+
+Exact resume: every random draw comes either from a seed and a position (data order: seed and
+epoch; corruption: seed, epoch and the batch's index in the epoch) or from a state the
+checkpoint holds (model, optimiser, scheduler, EMA, RNGs), so a run killed and resumed from
+`last.pt` computes the same steps as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import random
+import signal
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from molden import __version__
+from molden.data.batch import Batch
+from molden.data.h5_dataset import H5Dataset
+from molden.errors import MoldenConfigError, MoldenError, MoldenInputError
+from molden.models.checkpoint import read_checkpoint, write_checkpoint
+from molden.models.freezing import freeze_backbone
+from molden.models.model import Model
+from molden.models.spec import ModelSpec, build_model
+from molden.objectives.objective import LOSS, Objective
+from molden.train import distributed as D
+from molden.train.config import FinetuneConfig, PretrainConfig
+from molden.train.data import StepPlan, batch_sampler, epoch_plan, loader, move, open_split, validation_batches
+from molden.train.metrics_log import MetricsLog
+from molden.train.optim import EMA, build_optimizer, build_scheduler
+from molden.train.tasks import TrainingTask, finetune_task, pretrain_task
+
+TrainConfig = PretrainConfig | FinetuneConfig
+
+LAST = "last.pt"
+BEST = "best.pt"
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+
+
+class TrainingStopped(MoldenError):
+    """The run stopped early on purpose (a signal, repeated non-finite losses)."""
+
+
+class Reporter(Protocol):
+    """What a front end (the CLI's live display) is told while a run goes."""
+
+    def start(self, info: dict[str, Any]) -> None: ...
+    def step(self, step: int, total: int, epoch: float, values: Mapping[str, float]) -> None: ...
+    def validated(self, step: int, values: Mapping[str, float], best: bool) -> None: ...
+    def note(self, message: str) -> None: ...
+
+
+class SilentReporter:
+    def start(self, info):  # noqa: D102
+        pass
+
+    def step(self, step, total, epoch, values):  # noqa: D102
+        pass
+
+    def validated(self, step, values, best):  # noqa: D102
+        pass
+
+    def note(self, message):  # noqa: D102
+        pass
+
+
+@dataclass
+class Progress:
+    """Where the run is: what a checkpoint must hold besides the weights and optimiser."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    virtual_ranks: int = 1
+    best_value: float = math.inf
+    best_step: int = -1
+    validations_since_best: int = 0
+    bad_steps: int = 0
+    skipped_steps: int = 0
+    wall_s: float = 0.0
+    structures_seen: int = 0
+
+    def state(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RunSummary:
+    out: Path
+    steps: int
+    epochs: float
+    best_metric: str
+    best_value: float
+    best_step: int
+    final_validation: dict[str, float] = field(default_factory=dict)
+    last_train: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0
+    structures_per_s: float = 0.0
+    skipped_steps: int = 0
+    stopped: str = "completed"
+    parameters: int = 0
+    trainable_parameters: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        out = dict(self.__dict__)
+        out["out"] = str(self.out)
+        return out
+
+
+# ----------------------------------------------------------------------------- randomness
+VALIDATION_EPOCH = 1 << 30
+"""The epoch number validation corruption draws from (no training epoch reaches it)."""
+
+
+def corruption_generator(seed: int, epoch: int, batch_index: int) -> torch.Generator:
+    """The generator of one batch's corruption: a function of (seed, epoch, index of the batch
+    in the epoch), so it is the same on any number of processes and after a resume."""
+    value = np.random.SeedSequence([seed, epoch, batch_index, 0x6D6F6C]).generate_state(2, np.uint64)
+    return torch.Generator().manual_seed(int(value[0]) & ((1 << 63) - 1))
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state(),
+        "python": _python_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _numpy_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _python_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["internal"].tolist()), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- run folder
+def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool, inputs: list[Path]) -> bool:
+    """True when the run resumes from `out/last.pt`. Refuses to touch a folder holding a run
+    unless `resume` (continue it) or `overwrite` (start over), and an `out` that is an input."""
+    out = Path(out)
+    for path in inputs:
+        if path is not None and Path(path).exists() and out.exists() and Path(path).resolve().is_relative_to(out.resolve()):
+            raise MoldenConfigError(f"--out {out} holds an input ({path}): pick another run folder")
+    if out.exists() and not out.is_dir():
+        raise MoldenConfigError(f"--out {out} is a file, not a run folder")
+    has_run = out.is_dir() and any(out.iterdir())
+    if resume:
+        if not (out / LAST).is_file():
+            raise MoldenConfigError(f"--resume: {out} has no {LAST} to resume from")
+        return True
+    if has_run:
+        if not overwrite:
+            raise MoldenConfigError(f"{out} already holds a run: pass --resume to continue it or --overwrite to start over")
+        shutil.rmtree(out)
+    return False
+
+
+# ----------------------------------------------------------------------------- model
+def initialise_backbone(model: Model, spec: ModelSpec, path: Path) -> None:
+    """Load a pre-trained backbone (the EMA weights when saved) from a checkpoint of the same
+    backbone; the heads stay freshly initialised (fine-tuning, Pre-training via Denoising §4)."""
+    payload = read_checkpoint(path)
+    other = ModelSpec.model_validate_json(payload["model_spec"])
+    if other.family != spec.family or other.backbone_config() != spec.backbone_config():
+        mismatch = sorted(k for k in spec.backbone if other.backbone.get(k) != spec.backbone[k])
+        raise MoldenConfigError(f"{path}: its {other.family} backbone differs from this run's in {mismatch or ['family']}: "
+                                "fine-tune with the pre-training's --model and changes")
+    state = payload.get("ema") or payload["model"]
+    prefix = "backbone."
+    backbone_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    model.backbone.load_state_dict(backbone_state, strict=True)
+
+
+# ----------------------------------------------------------------------------- one step
+def _autocast(device: torch.device, bf16: bool):
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def take_step(
+    model: torch.nn.Module,
+    objective: Objective,
+    batches: list[Batch],
+    generators: list[torch.Generator],
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    grad_clip_norm: float | None,
+    bf16: bool = False,
+    dist: D.Distributed | None = None,
+) -> tuple[dict[str, Tensor], bool]:
+    """One optimiser step over accumulated `batches` (gradients averaged, as DDP averages over
+    processes). Returns the loss terms (means over the batches, detached, on `device`) and
+    whether the step was taken: a non-finite loss or gradient norm on any process skips it."""
+    optimizer.zero_grad(set_to_none=True)
+    terms_sum: dict[str, Tensor] = {}
+    finite = torch.ones((), device=device)
+    n = len(batches)
+    for a, (batch, generator) in enumerate(zip(batches, generators)):
+        inputs, targets = objective.corrupt(batch, generator)
+        sync = a == n - 1 or not hasattr(model, "no_sync")
+        with (contextlib.nullcontext() if sync else model.no_sync()), _autocast(device, bf16):
+            predictions = model(inputs, all_blocks=objective.needs_all_blocks)
+            terms = objective.loss(predictions, inputs, targets)
+        loss = terms[LOSS]
+        finite = finite * torch.isfinite(loss.detach()).to(finite.dtype)
+        with (contextlib.nullcontext() if sync else model.no_sync()):
+            (torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) / n).backward()
+        for name, value in terms.items():
+            value = value.detach().to(torch.float64)
+            terms_sum[name] = terms_sum[name] + value if name in terms_sum else value
+    parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if grad_clip_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in parameters])) if parameters else torch.zeros(())
+    finite = finite * torch.isfinite(norm).to(finite.dtype)
+    if dist is not None:
+        finite = D.all_reduce_min(finite.clone(), dist)
+    ok = bool(finite.item())
+    if ok:
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    terms_mean = {name: value / n for name, value in terms_sum.items()}
+    terms_mean["grad_norm"] = norm.detach().to(torch.float64)
+    return terms_mean, ok
+
+
+# ----------------------------------------------------------------------------- validation
+def evaluate(
+    model: Model,
+    objective: Objective,
+    dataset: H5Dataset,
+    batches: list[list[int]],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    data_config,
+    dist: D.Distributed | None = None,
+    bf16: bool = False,
+) -> dict[str, float]:
+    """The objective's terms over `batches` of `dataset`, each batch weighted by its number of
+    structures, summed over processes: {term: mean}. Corruption (denoising validation) draws
+    from a generator fixed by (seed, batch index), so validations are comparable."""
+    model.eval()
+    sums: dict[str, Tensor] = {}
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    conservative = getattr(model, "conservative_forces", False)
+    grad = torch.enable_grad() if conservative else torch.no_grad()
+    with grad:
+        for index, batch in enumerate(loader(dataset, batches, data_config, dtype, pin=device.type == "cuda")):
+            batch = move(batch, device)
+            inputs, targets = objective.corrupt(batch, corruption_generator(seed, VALIDATION_EPOCH, index))
+            with _autocast(device, bf16):
+                predictions = model(inputs, all_blocks=False)
+                terms = objective.loss(predictions, inputs, targets)
+            weight = float(batch.num_graphs)
+            for name, value in terms.items():
+                value = value.detach().to(torch.float64) * weight
+                sums[name] = sums[name] + value if name in sums else value
+            count += weight
+    names = sorted(sums)
+    if dist is not None and dist.active:
+        names = _agreed_names(names, dist)
+    packed = torch.stack([sums.get(n, torch.zeros((), dtype=torch.float64, device=device)) for n in names] + [count])
+    if dist is not None:
+        packed = D.all_reduce_sum(packed, dist)
+    total = float(packed[-1])
+    return {name: float(packed[i]) / max(total, 1.0) for i, name in enumerate(names)}
+
+
+def _agreed_names(names: list[str], dist: D.Distributed) -> list[str]:
+    gathered: list[list[str]] = [None] * dist.world_size  # type: ignore[list-item]
+    torch.distributed.all_gather_object(gathered, names)
+    return sorted(set().union(*gathered))
+
+
+# ----------------------------------------------------------------------------- signals
+class StopRequest:
+    """SIGINT / SIGTERM set a flag; the loop writes a checkpoint at the end of the step and
+    stops (a second Ctrl-C is not needed, and nothing is cut mid-write)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- the run
+def build_task(config: TrainConfig, dataset: H5Dataset) -> TrainingTask:
+    return pretrain_task(config, dataset) if isinstance(config, PretrainConfig) else finetune_task(config, dataset)
+
+
+def _stack_mean(history: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    names = history[0].keys()
+    return {n: torch.stack([h[n] for h in history if n in h]).mean() for n in names}
+
+
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+          reporter: Reporter | None = None) -> RunSummary:
+    """Run (or resume) the training `config` describes; returns the run's summary.
+
+    Writes into `config.run.out`: config.json, last.pt (every `checkpoint_every` steps, at
+    the end, on SIGINT/SIGTERM), best.pt (EMA weights with the best validation metric),
+    metrics.jsonl/.csv, learning_curves.png and summary.json.
+    """
+    reporter = reporter or SilentReporter()
+    run = config.run
+    dist = D.setup(run.device)
+    try:
+        return _train(config, dist, resume=resume, overwrite=overwrite, reporter=reporter)
+    finally:
+        D.teardown(dist)
+
+
+def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite: bool, reporter: Reporter) -> RunSummary:
+    run, optim_config = config.run, config.optim
+    out = Path(run.out)
+    if run.bf16 and dist.device.type != "cuda":
+        raise MoldenConfigError("--bf16 needs --device cuda")
+    init = getattr(config, "init", None)
+    if dist.is_main:
+        prepare_run_dir(out, resume=resume, overwrite=overwrite, inputs=[config.data.path, init])
+    D.barrier(dist)
+    resuming = resume
+    if run.threads is not None:
+        torch.set_num_threads(run.threads)
+    if run.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    dtype = getattr(torch, run.dtype)
+    device = dist.device
+
+    train_set = open_split(config.data, config.data.train_split, subset=config.data.train_size, seed=run.seed)
+    val_set = open_split(config.data, config.data.val_split) if config.data.val_split else None
+    task = build_task(config, train_set)
+
+    torch.manual_seed(run.seed)  # the same initial weights on every process
+    model = build_model(task.spec)
+    if init is not None:
+        initialise_backbone(model, task.spec, Path(init))
+    if getattr(config, "freeze_backbone", False):
+        trainable = freeze_backbone(model)
+    else:
+        trainable = list(model.parameters())
+    model = model.to(device=device, dtype=dtype)
+    for module in task.modules:
+        module.to(device)
+    ema = EMA(model, optim_config.ema_decay) if optim_config.ema_decay is not None else None
+    eval_model = copy.deepcopy(model) if ema is not None else model
+
+    train_model: torch.nn.Module = model
+    if dist.active:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer([p for p in trainable if p.requires_grad], optim_config)
+    scheduler = build_scheduler(optimizer, run.steps, optim_config)
+
+    virtual = dist.world_size * optim_config.accumulate
+    progress = Progress(virtual_ranks=virtual)
+    if resuming:
+        payload = read_checkpoint(out / LAST)
+        _check_resumable(payload, task.spec, out / LAST)
+        model.load_state_dict(payload["model"], strict=True)
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        if ema is not None and payload.get("ema_state") is not None:
+            ema.load_state_dict(payload["ema_state"])
+        progress = Progress(**payload["progress"])
+        set_rng_state(payload["rng"])
+        if progress.virtual_ranks != virtual:
+            reporter.note(f"resuming {progress.virtual_ranks} processes × accumulation on {virtual}: "
+                          "the interrupted epoch's remaining batches are skipped, the next epoch starts")
+            if progress.step_in_epoch:
+                progress.epoch += 1
+                progress.step_in_epoch = 0
+            progress.virtual_ranks = virtual
+
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
+    log = MetricsLog(out, resume_step=progress.step if resuming else None, enabled=dist.is_main)
+    sampler = batch_sampler(train_set, config.data, seed=run.seed, virtual_ranks=virtual)
+    val_batches = validation_batches(val_set, config.data, rank=dist.rank, world_size=dist.world_size) if val_set else []
+    n_parameters = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    reporter.start({
+        "config": config.model_dump(mode="json"), "parameters": n_parameters, "trainable": n_trainable,
+        "train_structures": len(train_set), "val_structures": len(val_set) if val_set else 0,
+        "device": str(device), "processes": dist.world_size, "resumed_at": progress.step if resuming else None,
+        "best_metric": task.best_metric, "dtype": run.dtype,
+    })
+
+    def checkpoint_payload(include_training_state: bool = True) -> dict[str, Any]:
+        payload = {
+            "model_spec": task.spec.model_dump_json(),
+            "task": json.dumps(task.description),
+            "config": json.dumps(config.model_dump(mode="json")),
+            "dtype": run.dtype,
+            "model": model.state_dict(),
+            "ema": ema.weights() if ema is not None else None,
+            "progress": progress.state(),
+        }
+        if include_training_state:
+            payload.update({
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "ema_state": ema.state_dict() if ema is not None else None,
+                "rng": rng_state(),
+            })
+        return payload
+
+    def save(name: str) -> None:
+        if dist.is_main:
+            write_checkpoint(out / name, checkpoint_payload())
+
+    def validate() -> dict[str, float]:
+        if not val_batches and not (dist.active and val_set):
+            return {}
+        if ema is not None:
+            eval_model.load_state_dict(ema.weights())
+        values = evaluate(eval_model, task.validation, val_set, val_batches, device=device, dtype=dtype, seed=run.seed,
+                          data_config=config.data, dist=dist, bf16=run.bf16)
+        model.train()
+        return values
+
+    history: list[dict[str, Tensor]] = []
+    window_start, window_structures = time.perf_counter(), 0
+    segment_start = time.perf_counter() - progress.wall_s
+    last_values: dict[str, float] = {}
+    last_validation: dict[str, float] = {}
+    stopped = "completed"
+    model.train()
+    with StopRequest() as stop:
+        while progress.step < run.steps and stopped == "completed":
+            plan: StepPlan = epoch_plan(sampler, progress.epoch, rank=dist.rank, world_size=dist.world_size,
+                                        accumulate=optim_config.accumulate)
+            if plan.steps == 0:
+                raise MoldenConfigError(
+                    f"the train split gives fewer batches than {virtual} (processes × accumulation) per step: "
+                    "lower --max-graphs or the accumulation")
+            flat = [b for step_batches in plan.batches[progress.step_in_epoch:] for b in step_batches]
+            stream = iter(loader(train_set, flat, config.data, dtype, pin=device.type == "cuda"))
+            for t in range(progress.step_in_epoch, plan.steps):
+                batches = [move(next(stream), device) for _ in range(optim_config.accumulate)]
+                base = t * virtual + dist.rank * optim_config.accumulate
+                generators = [corruption_generator(run.seed, progress.epoch, base + a) for a in range(len(batches))]
+                terms, ok = take_step(train_model, task.objective, batches, generators, optimizer, device=device,
+                                      grad_clip_norm=optim_config.grad_clip_norm, bf16=run.bf16, dist=dist)
+                scheduler.step()
+                progress.step += 1
+                progress.step_in_epoch = t + 1
+                n_structures = sum(b.num_graphs for b in batches) * dist.world_size
+                progress.structures_seen += n_structures
+                window_structures += n_structures
+                if ok:
+                    if ema is not None:
+                        ema.update(model)
+                    progress.bad_steps = 0
+                    history.append(terms)
+                else:
+                    progress.bad_steps += 1
+                    progress.skipped_steps += 1
+                    reporter.note(f"step {progress.step}: non-finite loss or gradient, step skipped "
+                                  f"({progress.bad_steps} in a row)")
+                    if progress.bad_steps >= run.max_bad_steps:
+                        stopped = f"{progress.bad_steps} consecutive steps with a non-finite loss"
+                epoch_float = progress.epoch + progress.step_in_epoch / plan.steps
+                progress.wall_s = time.perf_counter() - segment_start
+                last_step = progress.step >= run.steps
+                if (progress.step % run.log_every == 0 or last_step) and history:
+                    means = _stack_mean(history)
+                    names = sorted(means)
+                    packed = torch.stack([means[n] for n in names])
+                    packed = D.all_reduce_sum(packed, dist) / dist.world_size
+                    elapsed = time.perf_counter() - window_start
+                    last_values = {n: float(packed[i]) for i, n in enumerate(names)}
+                    last_values["lr"] = scheduler.get_last_lr()[0]
+                    last_values["structures_per_s"] = window_structures / max(elapsed, 1e-9)
+                    log.write(progress.step, epoch_float, "train", last_values, progress.wall_s)
+                    reporter.step(progress.step, run.steps, epoch_float, last_values)
+                    history, window_start, window_structures = [], time.perf_counter(), 0
+                if val_set is not None and (progress.step % run.eval_every == 0 or last_step):
+                    last_validation = validate()
+                    metric = last_validation.get(task.best_metric, last_validation.get(LOSS, math.inf))
+                    better = metric < progress.best_value
+                    if better:
+                        progress.best_value, progress.best_step = metric, progress.step
+                        progress.validations_since_best = 0
+                    else:
+                        progress.validations_since_best += 1
+                    log.write(progress.step, epoch_float, "val", last_validation, progress.wall_s)
+                    reporter.validated(progress.step, last_validation, better)
+                    if better:
+                        save(BEST)
+                    if run.early_stopping is not None and progress.validations_since_best >= run.early_stopping:
+                        stopped = f"early stopping: no better {task.best_metric} in {run.early_stopping} validations"
+                signalled = D.broadcast_flag(stop.signal is not None, dist)
+                if signalled:
+                    stopped = "interrupted"
+                if progress.step % run.checkpoint_every == 0 or last_step or stopped != "completed":
+                    save(LAST)
+                if last_step or stopped != "completed":
+                    break
+            else:
+                progress.epoch += 1
+                progress.step_in_epoch = 0
+            del stream
+    if val_set is None:
+        save(BEST)  # no validation to choose by: the final weights
+    log.close()
+    summary = RunSummary(
+        out=out, steps=progress.step, epochs=progress.epoch + progress.step_in_epoch / max(1, len(sampler) or 1),
+        best_metric=task.best_metric, best_value=progress.best_value, best_step=progress.best_step,
+        final_validation=last_validation, last_train=last_values, wall_s=progress.wall_s,
+        structures_per_s=progress.structures_seen / max(progress.wall_s, 1e-9), skipped_steps=progress.skipped_steps,
+        stopped=stopped, parameters=n_parameters, trainable_parameters=n_trainable,
+    )
+    if dist.is_main:
+        (out / SUMMARY_FILE).write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+        try:
+            from molden.train.plots import plot_learning_curves
+
+            plot_learning_curves(out)
+        except (MoldenInputError, ImportError):  # no records yet (a run stopped at once), or no matplotlib
+            pass
+    if stopped == "interrupted":
+        raise TrainingStopped(f"interrupted at step {progress.step}: {out / LAST} written; rerun with --resume to continue")
+    if stopped.startswith(f"{progress.bad_steps} consecutive"):
+        raise TrainingStopped(f"stopped at step {progress.step} after {stopped}: lower --lr, check the data "
+                              f"(molden inspect --verify), or raise --max-bad-steps; {out / LAST} holds the last good state")
+    return summary
+
+
+def _check_resumable(payload: Mapping[str, Any], spec: ModelSpec, path: Path) -> None:
+    for key in ("model", "optimizer", "scheduler", "progress", "rng", "model_spec"):
+        if key not in payload or payload[key] is None:
+            raise MoldenInputError(path, f"not a resumable checkpoint (no {key})")
+    saved = ModelSpec.model_validate_json(payload["model_spec"])
+    if saved != spec:
+        raise MoldenConfigError(f"{path} was written for another model or task than this command builds: "
+                                "resume with the run's own options (see config.json in the run folder)")
+
+
+TrainFunction = Callable[[TrainConfig], RunSummary]

@@ -1,0 +1,218 @@
+"""From a command's config to what the loop runs: the model (as a `ModelSpec`), the training
+objective, the validation objective, and the metric that decides the best checkpoint.
+
+Everything fitted on data (target standardisation, per-element references, IS2RE energy
+scale, Noisy Nodes' relaxed-position statistics) is fitted on the train split only and saved
+in the checkpoint's task description, so evaluation and inference reproduce it exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from molden.data import h5_schema as S
+from molden.data.batch import collate
+from molden.data.h5_dataset import H5Dataset, open_cache
+from molden.errors import MoldenConfigError, MoldenInputError
+from molden.models import keys
+from molden.models.gns import N_TAGS
+from molden.models.spec import HeadSpec, ModelSpec, backbone_from_preset, graph_readout, model_spec, vector_head
+from molden.objectives.dens import DeNS
+from molden.objectives.denoising import Denoising
+from molden.objectives.noisy_nodes import NoisyNodes, position_delta_statistics
+from molden.objectives.objective import LOSS, Objective
+from molden.objectives.supervised import GraphTargetLoss, IS2RELoss, IS2RSLoss, S2EFLoss, TargetNormalizer
+from molden.objectives.units import QM9_ENERGY_TARGETS, report_unit
+from molden.train.config import FinetuneConfig, PretrainConfig
+
+EXTENSIVE_TARGETS = (*QM9_ENERGY_TARGETS, "zpve", "Cv", "alpha", "r2")
+"""QM9 targets that grow with molecule size: decoded by a sum over atoms, the others by a mean."""
+
+DELTA_STATISTICS_STRUCTURES = 2000
+"""Train structures the Noisy Nodes relaxed-position statistics are estimated from."""
+
+
+@dataclass
+class TrainingTask:
+    spec: ModelSpec
+    objective: Objective
+    validation: Objective
+    best_metric: str
+    """The validation metric (lower is better) that decides best.pt and early stopping."""
+    description: dict[str, Any] = field(default_factory=dict)
+    """JSON-able: kind, targets, fitted normalisation; saved in every checkpoint."""
+    modules: list[torch.nn.Module] = field(default_factory=list)
+    """Modules the objectives hold (target normalisers): moved to the training device."""
+
+
+def _check_tags(dataset: H5Dataset) -> None:
+    """Models embed OC20 tags (0 sub-surface, 1 surface, 2 adsorbate); ASE's slab builders
+    tag layers 1, 2, 3, … instead, which no tag embedding can index."""
+    with open_cache(dataset.path) as f:
+        if S.TAGS not in f or f[S.TAGS].shape[0] == 0:
+            return
+        tags = f[S.TAGS][:]
+    bad = np.setdiff1d(np.unique(tags), np.arange(N_TAGS))
+    if len(bad):
+        raise MoldenInputError(dataset.path, f"atom tags {bad.tolist()[:5]} are not OC20 tags (0 sub-surface, 1 surface, "
+                                             "2 adsorbate): ASE layer tags? set atoms.set_tags(...) before preprocess")
+
+
+def _backbone(choice, dataset: H5Dataset, **forced):
+    _check_tags(dataset)
+    config = backbone_from_preset(choice.preset, **{**choice.changes, **forced})
+    cutoff = getattr(config, "cutoff_angstrom", None)
+    if cutoff is not None and cutoff > dataset.cutoff_angstrom + 1e-9:
+        raise MoldenConfigError(
+            f"model {choice.preset} has a {cutoff:g} Å cutoff but the cache's graphs stop at {dataset.cutoff_angstrom:g} Å: "
+            f"preprocess with --cutoff {cutoff:g} or set the model's cutoff_angstrom"
+        )
+    return config
+
+
+def pretrain_task(config: PretrainConfig, dataset: H5Dataset) -> TrainingTask:
+    """Denoising pre-training: a noise head (and an atom-type head with masking)."""
+    backbone = _backbone(config.model, dataset)
+    heads = {keys.NOISE: vector_head(backbone)}
+    if config.denoising.mask_probability > 0:
+        heads[keys.ATOM_LOGITS] = HeadSpec(kind="atom_type")
+    objective = Denoising(config.denoising)
+    return TrainingTask(
+        spec=model_spec(backbone, heads, preset_name=config.model.preset),
+        objective=objective, validation=objective, best_metric="position",
+        description={"kind": "denoising", "sigma_angstrom": config.denoising.sigma_angstrom},
+    )
+
+
+def _train_array(dataset: H5Dataset, name: str) -> np.ndarray:
+    """A per-structure array of the cache restricted to the training structures."""
+    with open_cache(dataset.path) as f:
+        if name not in f:
+            raise MoldenInputError(dataset.path, f"the cache has no {name}, which this task trains on")
+        return f[name][:][dataset.indices]
+
+
+def _delta_statistics(dataset: H5Dataset, sigma: float) -> tuple[tuple[float, float, float], float]:
+    rng = np.random.default_rng(0)
+    pick = np.sort(rng.permutation(len(dataset))[:DELTA_STATISTICS_STRUCTURES])
+    batches = (collate([dataset[int(i)] for i in chunk], dtype=torch.float64) for chunk in np.array_split(pick, max(1, len(pick) // 64)))
+    return position_delta_statistics(batches, sigma)
+
+
+def finetune_task(config: FinetuneConfig, dataset: H5Dataset) -> TrainingTask:
+    """Supervised task (qm9, is2re, is2rs, s2ef) with Noisy Nodes or DeNS when configured."""
+    nn_config = config.noisy_nodes
+    forced = {"force_encoding": True} if config.dens is not None else {}
+    backbone = _backbone(config.model, dataset, **forced)
+    heads: dict[str, HeadSpec] = {}
+    description: dict[str, Any] = {"kind": config.task}
+    modules: list[torch.nn.Module] = []
+    conservative = False
+
+    if config.task == "qm9":
+        normalizer = TargetNormalizer.from_cache(dataset.path, config.targets)
+        modules.append(normalizer)
+        extensive = any(t in EXTENSIVE_TARGETS for t in config.targets)
+        heads[keys.TARGETS] = HeadSpec(kind="graph_scalar", n_out=len(config.targets), squeeze=False,
+                                       readout=graph_readout(backbone, extensive))
+        primary = GraphTargetLoss(normalizer)
+        description.update(targets=list(config.targets), normalizer={
+            "mean": normalizer.mean.tolist(), "std": normalizer.std.tolist(),
+            "element_reference": normalizer.element_reference.tolist()})
+        unit = report_unit(config.targets[0])
+        best = f"mae_{config.targets[0]}_{unit.unit}" if len(config.targets) == 1 else "targets_mse"
+    elif config.task == "is2re":
+        name = S.RELAXED_ENERGY if config.is2re_target is None else S.TARGETS
+        values = _train_array(dataset, name)
+        if config.is2re_target is not None:
+            values = values[:, dataset.target_names.index(config.is2re_target)] if config.is2re_target in dataset.target_names else None
+            if values is None:
+                raise MoldenConfigError(f"is2re target {config.is2re_target!r} is not in the cache ({dataset.target_names})")
+        mean, std = float(np.nanmean(values)), float(np.nanstd(values)) or 1.0
+        heads[keys.TARGETS] = HeadSpec(kind="graph_scalar", n_out=1, squeeze=False, readout=graph_readout(backbone, True))
+        primary = IS2RELoss(mean_ev=mean, std_ev=std, target_name=config.is2re_target)
+        description.update(energy_mean_ev=mean, energy_std_ev=std, target=config.is2re_target or "relaxed_energy")
+        best = "energy_mae_mev"
+    elif config.task == "is2rs":
+        heads[keys.POSITION_DELTA] = vector_head(backbone)
+        primary = IS2RSLoss()
+        best = "position_distance_mae_angstrom"
+    else:  # s2ef
+        conservative = config.model.conservative_forces
+        heads[keys.ENERGY] = HeadSpec(kind="graph_scalar", readout="sum")
+        if not conservative:
+            heads[keys.FORCES] = vector_head(backbone)
+        s2ef = (config.dens.s2ef if config.dens is not None else config.s2ef).with_statistics(dataset.statistics())
+        primary = S2EFLoss(s2ef)
+        description.update(energy_scale_ev=s2ef.energy_scale_ev, force_scale_ev_per_angstrom=s2ef.force_scale_ev_per_angstrom)
+        best = "forces_mae_mev_per_angstrom" if s2ef.force_coefficient > 0 else "energy_mae_mev"
+
+    objective: Objective = primary
+    if config.dens is not None:
+        heads[keys.NOISE] = vector_head(backbone)
+        objective = DeNS(config.dens.model_copy(update={"s2ef": s2ef}))
+        description["dens"] = config.dens.model_dump(mode="json")
+    elif nn_config is not None:
+        if nn_config.node_target == "relaxed_positions":
+            if not np.isfinite(nn_config.position_delta_std_angstrom) or nn_config.position_delta_std_angstrom == 1.0:
+                mean, std = _delta_statistics(dataset, nn_config.sigma_angstrom)
+                nn_config = nn_config.model_copy(update={"position_delta_mean_angstrom": mean, "position_delta_std_angstrom": std})
+            heads[keys.POSITION_DELTA] = vector_head(backbone)
+        else:
+            heads[keys.NOISE] = vector_head(backbone)
+        objective = NoisyNodes(nn_config, primary)
+        description["noisy_nodes"] = nn_config.model_dump(mode="json")
+    return TrainingTask(
+        spec=model_spec(backbone, heads, conservative_forces=conservative, preset_name=config.model.preset),
+        objective=objective, validation=primary, best_metric=best, description=description, modules=modules,
+    )
+
+
+def fill_cutoffs(data: dict[str, Any], sections: tuple[str, ...]) -> dict[str, Any]:
+    """A raw config mapping with the graph-rebuild cutoff of each objective section in
+    `sections` (that exists, or "denoising", which always does) set to the cache's cutoff
+    when the user gave none: the noised graph is rebuilt with the radius the cache used."""
+    path = (data.get("data") or {}).get("path")
+    if path is None or not Path(path).is_file():
+        return data  # validation reports the missing cache
+    with open_cache(path) as f:
+        cutoff = float(f.attrs["cutoff_angstrom"])
+    out = dict(data)
+    for section in sections:
+        if section in out or section == "denoising":
+            values = dict(out.get(section) or {})
+            values.setdefault("cutoff_angstrom", cutoff)
+            out[section] = values
+    return out
+
+
+def check_metric(name: str, metrics: dict[str, float]) -> None:
+    if name not in metrics and name != LOSS:
+        raise MoldenConfigError(f"the validation metrics have no {name!r}: {sorted(metrics)}")
+
+
+def validation_objective(config: PretrainConfig | FinetuneConfig, description: dict[str, Any]) -> Objective:
+    """The validation objective of a trained run, rebuilt from its config and the task
+    description its checkpoint saved (the normalisation fitted at training time, not refitted
+    on whatever cache is evaluated)."""
+    if isinstance(config, PretrainConfig):
+        return Denoising(config.denoising)
+    kind = description.get("kind", config.task)
+    if kind == "qm9":
+        n = description["normalizer"]
+        normalizer = TargetNormalizer(description["targets"], torch.tensor(n["mean"]), torch.tensor(n["std"]),
+                                      torch.tensor(n["element_reference"]))
+        return GraphTargetLoss(normalizer)
+    if kind == "is2re":
+        return IS2RELoss(mean_ev=description["energy_mean_ev"], std_ev=description["energy_std_ev"],
+                         target_name=config.is2re_target)
+    if kind == "is2rs":
+        return IS2RSLoss()
+    s2ef = config.dens.s2ef if config.dens is not None else config.s2ef
+    return S2EFLoss(s2ef.model_copy(update={"energy_scale_ev": description["energy_scale_ev"],
+                                           "force_scale_ev_per_angstrom": description["force_scale_ev_per_angstrom"]}))

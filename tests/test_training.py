@@ -1,0 +1,174 @@
+"""The training loop and its commands (issue 14): schedule and EMA rules, checkpoints refused
+when damaged, config precedence, every command end to end on small real caches, and bad
+options as one line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from molden.cli import train as train_cli
+from molden.errors import MoldenInputError
+from molden.models.checkpoint import load_model, read_checkpoint, write_checkpoint
+from molden.train.config import OptimConfig
+from molden.train.optim import EMA, lr_factor
+
+runner = CliRunner()
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command()(train_cli.pretrain)
+    app.command()(train_cli.finetune)
+    app.command()(train_cli.evaluate)
+    return app
+
+
+def _invoke(*args: str):
+    return runner.invoke(_app(), [str(a) for a in args])
+
+
+FAST = ("--steps", "6", "--log-every", "2", "--eval-every", "3", "--checkpoint-every", "3", "--warmup-steps", "2",
+        "--max-graphs", "8", "--model", "gns_oc20_cpu", "--change", "latent_dim=16", "--change", "mlp_hidden_dim=16",
+        "--change", "cutoff_angstrom=4.0")
+
+
+# ----------------------------------------------------------------------------- rules
+def test_warmup_is_linear_and_cosine_decays_to_the_final_fraction():
+    config = OptimConfig(warmup_steps=10, final_lr_fraction=0.1)
+    assert [lr_factor(s, 110, config) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert lr_factor(10, 110, config) == pytest.approx(1.0)
+    assert lr_factor(60, 110, config) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(110, 110, config) == pytest.approx(0.1)
+    assert lr_factor(50, 110, OptimConfig(warmup_steps=10, schedule="constant")) == 1.0
+
+
+def test_ema_follows_the_noisy_nodes_decay_rule():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = EMA(model, decay=0.9)
+    expected = 0.0
+    for t in range(30):
+        with torch.no_grad():
+            model.weight.fill_(float(t + 1))
+        decay = min(0.9, (1 + t) / (10 + t))
+        expected = decay * expected + (1 - decay) * (t + 1)
+        ema.update(model)
+    assert float(ema.weights()["weight"]) == pytest.approx(expected)
+    assert ema.current_decay() == pytest.approx(31 / 40)  # still below the 0.9 cap after 30 updates
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_a_checkpoint_round_trips_and_a_damaged_one_is_refused_in_one_line(tmp_path):
+    path = write_checkpoint(tmp_path / "c.pt", {"w": torch.arange(4.0), "note": "x"})
+    assert torch.equal(read_checkpoint(path)["w"], torch.arange(4.0))
+    data = path.read_bytes()
+    (tmp_path / "short.pt").write_bytes(data[:-10])
+    with pytest.raises(MoldenInputError, match="truncated checkpoint"):
+        read_checkpoint(tmp_path / "short.pt")
+    flipped = bytearray(data)
+    flipped[-3] ^= 0xFF
+    (tmp_path / "flip.pt").write_bytes(bytes(flipped))
+    with pytest.raises(MoldenInputError, match="checksum mismatch"):
+        read_checkpoint(tmp_path / "flip.pt")
+    (tmp_path / "other.pt").write_bytes(b"PK\x03\x04 a zip")
+    with pytest.raises(MoldenInputError, match="not a molden checkpoint"):
+        read_checkpoint(tmp_path / "other.pt")
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def s2ef_run(s2ef_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "s2ef"
+    result = _invoke("finetune", "--data", s2ef_cache, "--out", out, "--task", "s2ef", "--dens", *FAST)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_finetune_writes_checkpoints_metrics_curves_and_a_summary(s2ef_run):
+    for name in ("best.pt", "last.pt", "config.json", "metrics.jsonl", "metrics.csv", "learning_curves.png", "summary.json"):
+        assert (s2ef_run / name).is_file(), name
+    records = [json.loads(line) for line in (s2ef_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6]
+    assert [r["step"] for r in records if r["split"] == "val"] == [3, 6]
+    assert all("dens_noise_l2mae" in r for r in records if r["split"] == "train")
+    summary = json.loads((s2ef_run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["stopped"] == "completed"
+    assert summary["best_metric"] == "forces_mae_mev_per_angstrom"
+
+
+def test_evaluate_reproduces_the_last_validation_of_the_run(s2ef_run, s2ef_cache):
+    summary = json.loads((s2ef_run / "summary.json").read_text())
+    result = _invoke("evaluate", s2ef_run / "last.pt", "--data", s2ef_cache, "--split", "val", "--max-graphs", "8",
+                     "--out", s2ef_run / "eval.json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((s2ef_run / "eval.json").read_text())["metrics"]
+    for name, value in summary["final_validation"].items():
+        assert metrics[name] == pytest.approx(value, rel=1e-5), name
+
+
+def test_a_checkpoint_loads_as_a_model_for_inference(s2ef_run):
+    loaded = load_model(s2ef_run / "best.pt")
+    assert not loaded.model.training
+    assert set(loaded.model.heads) == {"energy", "forces", "noise"}
+    assert loaded.task["kind"] == "s2ef"
+
+
+def test_a_truncated_checkpoint_is_refused_by_evaluate_in_one_line(s2ef_run, s2ef_cache, tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes((s2ef_run / "last.pt").read_bytes()[:1000])
+    result = _invoke("evaluate", broken, "--data", s2ef_cache)
+    assert result.exit_code == 1
+    assert "truncated checkpoint" in result.output and "Traceback" not in result.output
+
+
+def test_a_config_file_is_overridden_by_the_command_line(s2ef_cache, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"task": "s2ef", "optim": {"lr": 0.0005}, "run": {"steps": 50, "seed": 7},
+                                      "data": {"max_graphs": 4}}))
+    out = tmp_path / "run"
+    result = _invoke("finetune", "--config", config, "--data", s2ef_cache, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["optim"]["lr"] == 0.0005 and saved["run"]["seed"] == 7  # from the file
+    assert saved["run"]["steps"] == 6 and saved["data"]["max_graphs"] == 8  # the command line wins
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--task", "qm8"), "invalid --task"),
+    (("--task", "qm9", "--dens"), "DeNS (--dens) is an s2ef option"),
+    (("--freeze-backbone",), "--freeze-backbone needs --init"),
+    (("--steps", "0"), "invalid --steps"),
+    (("--bf16", "--device", "cpu", "--task", "s2ef"), "--bf16 needs --device cuda"),
+    (("--task", "s2ef", "--model", "nope"), "unknown model preset 'nope'"),
+    (("--task", "s2ef", "--change", "latent_dims=3"), "has no field(s) ['latent_dims']"),
+    (("--task", "s2ef", "--resume"), "has no last.pt to resume from"),
+    (("--task", "qm9", "--target", "homo", "--change", "cutoff_angstrom=4"), "targets ['homo'] are not in the data"),
+    (("--task", "s2ef"), "model gns_qm9_cpu has a 5 Å cutoff but the cache's graphs stop at 4 Å"),
+])
+def test_bad_options_give_one_line_and_exit_1(s2ef_cache, tmp_path, args, message):
+    base = ["finetune", "--data", s2ef_cache, "--out", tmp_path / "run", "--steps", "2"]
+    result = _invoke(*base, *args)
+    assert result.exit_code == 1, result.output
+    assert message in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def test_an_existing_run_is_never_overwritten_without_overwrite(s2ef_run, s2ef_cache):
+    before = (s2ef_run / "last.pt").read_bytes()
+    result = _invoke("finetune", "--data", s2ef_cache, "--out", s2ef_run, "--task", "s2ef", *FAST)
+    assert result.exit_code == 1 and "--resume" in result.output and "--overwrite" in result.output
+    assert (s2ef_run / "last.pt").read_bytes() == before
+
+
+def test_a_missing_cache_is_one_line(tmp_path):
+    result = _invoke("finetune", "--data", tmp_path / "none.h5", "--out", tmp_path / "r", "--task", "s2ef")
+    assert result.exit_code == 1 and "none.h5" in result.output and "Traceback" not in result.output
