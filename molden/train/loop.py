@@ -400,8 +400,10 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
 
     train_model: torch.nn.Module = model
     if dist.active:
+        # Parts of a model can sit out a whole run (the tag embedding on molecules without tags)
+        # or a step (an atom-type head on a batch without masked atoms): let DDP find them.
         train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     optimizer = build_optimizer([p for p in trainable if p.requires_grad], optim_config)
     scheduler = build_scheduler(optimizer, run.steps, optim_config)
 

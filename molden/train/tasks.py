@@ -184,7 +184,7 @@ def fill_cutoffs(data: dict[str, Any], sections: tuple[str, ...]) -> dict[str, A
         cutoff = float(f.attrs["cutoff_angstrom"])
     out = dict(data)
     for section in sections:
-        if section in out or section == "denoising":
+        if out.get(section) is not None or (section == "denoising" and section not in out):
             values = dict(out.get(section) or {})
             values.setdefault("cutoff_angstrom", cutoff)
             out[section] = values
