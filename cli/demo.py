@@ -1,4 +1,5 @@
-"""`molden demo`: the pipeline that exists so far, on the embedded EMT data."""
+"""`molden demo`: the whole pipeline on the embedded EMT data: preprocess, inspect, pre-train,
+fine-tune (S2EF with DeNS, IS2RE with Noisy Nodes), evaluate."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from molden.cli.console import console, print_cache_summary, user_errors
+from molden.cli.console import console, err_console, note_line, print_cache_summary, user_errors
 from molden.cli.preprocess import EMT_SYSTEMS_DEFAULT, OPTION_NAMES, print_preprocess_summary, run_with_progress
 
 
@@ -19,10 +20,12 @@ def demo(
     systems: Optional[int] = typer.Option(None, "--systems", hidden=True, help="old name of --emt-systems"),
     workers: int = typer.Option(1, help="processes for the EMT relaxations"),
     overwrite: bool = typer.Option(False, help="redo the work even when the demo cache is already complete"),
+    train_steps: int = typer.Option(150, "--train-steps", min=0, help="optimiser steps of each training stage (0: data only)"),
 ) -> None:
-    """Run the whole pipeline that exists so far on the embedded EMT catalysis data.
+    """Run the whole pipeline on the embedded EMT catalysis data: preprocess, inspect,
+    denoising pre-training, S2EF with DeNS, IS2RE with Noisy Nodes, evaluation.
 
-    A rerun with the same options reuses the complete cache instead of redoing the work."""
+    A rerun with the same options reuses the cache and the finished runs instead of redoing them."""
     from molden.data.cache_summary import summarize_cache
     from molden.data.emt import EMTConfig
     from molden.pipeline.preprocess import PreprocessConfig
@@ -34,13 +37,60 @@ def demo(
             source="emt", out=cache, workers=workers, overwrite=overwrite,
             emt=EMTConfig.model_validate({} if n_systems is None else {"n_systems": n_systems}),
         )
-        console.rule("1/2  molden preprocess emt")
+        stages = 2 + (4 if train_steps else 0)
+        console.rule(f"1/{stages}  molden preprocess emt")
         summary = run_with_progress(config)
         print_preprocess_summary(summary)
-        console.rule("2/2  molden inspect")
+        console.rule(f"2/{stages}  molden inspect")
         print_cache_summary(summarize_cache(cache))
+        if train_steps:
+            run_training_stages(cache, out_dir, train_steps, stages, overwrite)
     rerun = f"molden demo --out-dir {out_dir}" + (f" --emt-systems {n_systems}" if n_systems is not None else "")
     print_next_steps(cache, "train" if "train" in summary.splits else next(iter(summary.splits), "train"), rerun)
+
+
+STAGE_TITLES = {
+    "pretrain": "molden pretrain (denoising, relaxed structures)",
+    "s2ef_dens": "molden finetune --task s2ef --dens --init pretrain/best.pt",
+    "is2re_noisy_nodes": "molden finetune --task is2re --noisy-nodes-sigma 0.3 --init pretrain/best.pt",
+}
+
+
+def run_training_stages(cache: Path, out_dir: Path, steps: int, stages: int, overwrite: bool = False) -> None:
+    """Pre-train, fine-tune twice, evaluate on every test split, print one table."""
+    from rich.table import Table
+
+    from molden.cli.train_display import LiveReporter
+    from molden.train.demo import demo_configs, run_or_reuse
+    from molden.train.evaluate import evaluate_checkpoint
+
+    configs, tests = demo_configs(cache, out_dir, steps)
+    rows = []
+    for k, (name, config) in enumerate(configs.items(), start=3):
+        console.rule(f"{k}/{stages}  {STAGE_TITLES[name]}")
+        with LiveReporter(console, err_console) as reporter:
+            summary, reused = run_or_reuse(config, reporter, redo=overwrite)
+        summary = summary if isinstance(summary, dict) else summary.to_json()
+        if reused:
+            note_line(f"{config.run.out} already holds this finished run: reused (--train-steps or --overwrite to redo)")
+        rows.append((name, summary))
+    console.rule(f"{stages}/{stages}  molden evaluate (best.pt of each fine-tuning, test splits)")
+    runs = Table(title=f"molden demo: training runs ({steps} steps each)")
+    for column in ("run", "wall s", "structures/s", "best validation"):
+        runs.add_column(column, no_wrap=column == "run")
+    for name, summary in rows:
+        best = f"{summary['best_metric']} {summary['best_value']:.4g}" if summary["best_step"] >= 0 else "-"
+        runs.add_row(str(out_dir / name), f"{summary['wall_s']:.0f}", f"{summary['structures_per_s']:.0f}", best)
+    console.print(runs)
+    table = Table(title="molden demo: test metrics (best.pt)")
+    for column in ("model", "split", "energy MAE meV", "forces MAE meV/Å"):
+        table.add_column(column, no_wrap=True)
+    for name, _ in rows[1:]:
+        for split in tests:
+            metrics = evaluate_checkpoint(out_dir / name / "best.pt", cache, split=split, device="cpu")["metrics"]
+            forces = metrics.get("forces_mae_mev_per_angstrom")
+            table.add_row(name, split, f"{metrics['energy_mae_mev']:.1f}", "-" if forces is None else f"{forces:.1f}")
+    console.print(table)
 
 
 def print_next_steps(cache: Path, split: str, rerun: str) -> None:

@@ -116,6 +116,7 @@ def pretrain(
     data: Optional[Path] = _DATA, out: Optional[Path] = _OUT, config_file: Optional[Path] = _CONFIG,
     model: Optional[str] = _MODEL, change: Optional[List[str]] = _CHANGE,
     sigma: Optional[float] = typer.Option(None, help="position noise σ, Å  [default: 0.02]"),
+    frames: Optional[str] = typer.Option(None, help="all | relaxed (the last frame of each trajectory: equilibrium structures)  [default: all]"),
     mask_prob: Optional[float] = typer.Option(None, help="probability an atom's type is masked  [default: 0.75]"),
     atom_type_weight: Optional[float] = typer.Option(None, help="weight of the masked-type loss  [default: 4]"),
     steps: Optional[int] = _STEPS, lr: Optional[float] = _LR, max_graphs: Optional[int] = _MAX_GRAPHS,
@@ -132,7 +133,7 @@ def pretrain(
     overrides = _common(data, out, config_file, model, change, steps, lr, max_graphs, max_atoms, max_edges, workers,
                         seed, device, dtype, bf16, log_every, eval_every, checkpoint_every, early_stopping,
                         warmup_steps, ema_decay, accumulate, threads, val_split)
-    overrides.update({"denoising.sigma_angstrom": sigma, "denoising.mask_probability": mask_prob,
+    overrides.update({"data.frames": frames, "denoising.sigma_angstrom": sigma, "denoising.mask_probability": mask_prob,
                       "denoising.atom_type_loss_weight": atom_type_weight})
     _run("pretrain", config_file, overrides, resume, overwrite)
 

@@ -102,7 +102,7 @@ def test_unknown_source_is_one_line(tmp_path):
 
 
 def test_demo_runs_end_to_end_then_reuses_its_cache_and_says_what_next(tmp_path):
-    result = _run("demo", "--out-dir", tmp_path, "--emt-systems", 1)
+    result = _run("demo", "--out-dir", tmp_path, "--emt-systems", 1, "--train-steps", 0)
     assert result.exit_code == 0, result.output
     cache = tmp_path / "emt.h5"
     assert cache.exists()
@@ -112,13 +112,27 @@ def test_demo_runs_end_to_end_then_reuses_its_cache_and_says_what_next(tmp_path)
     assert "H5Dataset(" in result.stdout
     stamp = cache.stat().st_mtime_ns
     # A rerun (also under the old option name) reuses the complete cache instead of redoing it.
-    again = _run("demo", "--out-dir", tmp_path, "--systems", 1)
+    again = _run("demo", "--out-dir", tmp_path, "--systems", 1, "--train-steps", 0)
     assert again.exit_code == 0, again.output
     assert "already complete" in again.output and cache.stat().st_mtime_ns == stamp
     # Other settings are not silently reused, nor silently replaced.
-    other = _run("demo", "--out-dir", tmp_path, "--emt-systems", 2)
+    other = _run("demo", "--out-dir", tmp_path, "--emt-systems", 2, "--train-steps", 0)
     assert other.exit_code == 1 and "--overwrite" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_demo_pretrains_finetunes_and_evaluates_then_reuses_the_finished_runs(tmp_path):
+    result = _run("demo", "--out-dir", tmp_path, "--emt-systems", 8, "--train-steps", 3)
+    assert result.exit_code == 0, result.output
+    for run in ("pretrain", "s2ef_dens", "is2re_noisy_nodes"):
+        assert (tmp_path / run / "best.pt").is_file() and (tmp_path / run / "summary.json").is_file()
+    assert "test metrics" in result.stdout and "forces MAE meV/Å" in result.stdout
+    assert "test_id" in result.stdout and "test_ood" in result.stdout
+    stamp = (tmp_path / "s2ef_dens" / "last.pt").stat().st_mtime_ns
+    again = _run("demo", "--out-dir", tmp_path, "--emt-systems", 8, "--train-steps", 3)
+    assert again.exit_code == 0 and again.output.count("reused") >= 3
+    assert (tmp_path / "s2ef_dens" / "last.pt").stat().st_mtime_ns == stamp
 
 
 def test_demo_builds_a_preprocess_config_for_the_library(tmp_path, monkeypatch):

@@ -8,13 +8,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from ase.build import niggli_reduce
+from ase import Atoms
+from ase.build import bulk
 
 from molden.data.ase_convert import structure_from_atoms
 from molden.data.batch import collate
 from molden.errors import MoldenConfigError
 from molden.models import GraphScalarHead, Model, NodeVectorHead, keys
 from molden.models.gns import PRESETS, GNSConfig, build_gns, count_parameters, gns_oc20_cpu
+from molden.models.lattice_reduction import canonical_lattice_transform
 from molden.pipeline.structure_graphs import build_graphs
 from symmetry import (TOLERANCE, example_atoms, example_batch, permutation_within_graphs, permuted,
                       random_rotation, rotated, translated)
@@ -107,15 +109,93 @@ def test_an_equivalent_unit_cell_gives_the_same_outputs_in_the_cartesian_frame()
     close(other[keys.NOISE], out[keys.NOISE])
 
 
-def test_the_periodic_basis_depends_on_the_choice_of_unit_cell_unless_cells_are_niggli_reduced():
-    m = model()
-    atoms = example_atoms("bulk")
-    other = _equivalent_cell(atoms)
-    assert (m(batch_of([other]))[keys.ENERGY] - m(batch_of([atoms]))[keys.ENERGY]).abs().max() > 1e-6
-    reduced, reduced_other = atoms.copy(), other.copy()
-    niggli_reduce(reduced)
-    niggli_reduce(reduced_other)
-    close(m(batch_of([reduced_other]))[keys.ENERGY], m(batch_of([reduced]))[keys.ENERGY])
+def _unimodular(rng, n, det):
+    while True:
+        m = rng.integers(-2, 3, size=(n, n))
+        if round(np.linalg.det(m)) == det:
+            return m
+
+
+def _in_cell(atoms, cell=None, positions=None):
+    """`atoms` described by `cell` (the same lattice, rows Å) and/or moved to `positions`,
+    wrapped back into the cell."""
+    other = atoms.copy()
+    if cell is not None:
+        other.set_cell(cell, scale_atoms=False)
+    if positions is not None:
+        other.positions = positions
+    other.wrap()
+    return other
+
+
+def _outputs(atoms_list):
+    """Energies [B], noise vectors and conservative forces [B, n, 3] of same-size systems."""
+    batch = batch_of([a.copy() for a in atoms_list])  # copies carry no calculator, no energies
+    direct, conservative = model()(batch), model(conservative=True)(batch)
+    n = len(atoms_list[0])
+    return (direct[keys.ENERGY], direct[keys.NOISE].reshape(-1, n, 3).detach(),
+            conservative[keys.FORCES].reshape(-1, n, 3))
+
+
+def test_equivalent_bulk_cells_give_the_same_outputs_with_the_periodic_basis():
+    """det M = +1: the same energy, noise vectors and forces, Cartesian frame, atoms wrapped into
+    the new cell. det M = −1 flips the cell's handedness: the outputs of the crystal inverted
+    through a point (x → −x), vectors negated (lattice_reduction's docstring says why)."""
+    rng = np.random.default_rng(0)
+    atoms = example_atoms("bulk")  # skewed cell: a generic (triclinic) lattice
+    atoms.positions += rng.normal(scale=0.3, size=atoms.positions.shape)  # far from centrosymmetric
+    proper = [_unimodular(rng, 3, +1) for _ in range(3)]
+    improper = [_unimodular(rng, 3, -1) for _ in range(2)]
+    inverted = _in_cell(atoms, positions=-atoms.positions)
+    systems = [atoms, inverted] + [_in_cell(atoms, m @ atoms.cell.array) for m in proper + improper]
+    energy, noise, forces = _outputs(systems)
+    for k in range(2, 2 + len(proper)):
+        close(energy[k], energy[0])
+        close(noise[k], noise[0])
+        close(forces[k], forces[0])
+    for k in range(2 + len(proper), len(systems)):
+        close(energy[k], energy[1])
+        close(noise[k], -noise[1])
+        close(forces[k], -forces[1])
+    assert (energy[1] - energy[0]).abs() > 1e-6 and (noise[1] + noise[0]).abs().max() > 1e-6  # not a symmetry
+
+
+def test_equivalent_slab_cells_give_the_outputs_of_the_slab_or_of_its_half_turn():
+    """M on the two periodic rows: every 2D lattice is symmetric under the half-turn about its
+    normal, which no basis chosen from the cell can tell apart (lattice_reduction)."""
+    rng = np.random.default_rng(1)
+    atoms = example_atoms("slab")
+    cell = atoms.cell.array.copy()
+    cell[:2] = cell[:2] * [[1.06], [0.97]] + [[0.0, 0.31, 0.0], [0.42, 0.0, 0.0]]  # oblique lattice
+    atoms.set_cell(cell, scale_atoms=True)
+    half_turned = cell * [[-1], [-1], [1]]
+    matrices = [_unimodular(rng, 2, det) for det in (1, -1, 1, -1, 1, -1)]
+    others = []
+    for m in matrices:
+        other = cell.copy()
+        other[:2] = m @ cell[:2]
+        others.append(_in_cell(atoms, other))
+    energy, noise, forces = _outputs([atoms, _in_cell(atoms, half_turned)] + others)
+    assert (energy[1] - energy[0]).abs() > 1e-6
+    seen = set()
+    for k in range(2, len(energy)):
+        ref = 0 if torch.allclose(energy[k], energy[0], atol=ATOL, rtol=0) else 1
+        seen.add(ref)
+        close(energy[k], energy[ref])
+        close(noise[k], noise[ref])
+        close(forces[k], forces[ref])
+    assert seen == {0, 1}
+
+
+@pytest.mark.parametrize("cubic", [True, False])
+def test_a_perfect_fcc_crystal_has_the_same_energy_in_every_equivalent_cell(cubic):
+    """Cubic lattices tie between several reduced bases; the basis picked may differ between
+    equivalent cells by a symmetry of the lattice, which is one of this perfect crystal."""
+    rng = np.random.default_rng(2)
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=cubic)
+    systems = [atoms] + [_in_cell(atoms, _unimodular(rng, 3, det) @ atoms.cell.array) for det in (1, -1, 1, -1)]
+    energy = model()(batch_of(systems))[keys.ENERGY]
+    close(energy, energy[0].expand(len(systems)))
 
 
 def test_all_blocks_gives_the_latents_after_each_of_the_n_block_iterations():
@@ -124,17 +204,18 @@ def test_all_blocks_gives_the_latents_after_each_of_the_n_block_iterations():
     every, last = backbone(batch, all_blocks=True), backbone(batch)
     assert every.n_blocks == 3 and last.n_blocks == 1
     close(every.scalars[-1], last.scalars[0])
-    encoded, _, _ = backbone.encode(batch)
+    encoded = backbone.encode(batch).nodes
     for nodes, graph in zip(every.scalars, every.graph_scalars):
         close(graph, encoded + nodes)
     assert not torch.allclose(every.scalars[0], every.scalars[1])
 
 
-def test_the_vector_frame_is_the_transposed_cell_for_periodic_graphs_and_identity_for_molecules():
+def test_the_vector_frame_is_the_canonical_basis_for_periodic_graphs_and_identity_for_molecules():
     batch = example_batch(cutoff=CUTOFF)
     frame = build_gns(tiny()).double()(batch).vector_frame
+    transform = canonical_lattice_transform(batch.cell, batch.pbc)
     for g in range(batch.num_graphs):
-        expected = batch.cell[g].clone() if bool(batch.pbc[g].any()) else torch.eye(3, dtype=torch.float64)
+        expected = transform[g] @ batch.cell[g] if bool(batch.pbc[g].any()) else torch.eye(3, dtype=torch.float64)
         if bool(batch.pbc[g].any()) and not bool(batch.pbc[g].all()):  # slab: vacuum row -> unit normal
             normal = torch.linalg.cross(expected[0], expected[1])
             expected[2] = normal / normal.norm() * torch.sign(normal @ batch.cell[g][2])
@@ -199,3 +280,32 @@ def test_a_slab_does_not_depend_on_its_vacuum_thickness_and_a_zero_vacuum_row_is
         for key in reference:
             assert torch.isfinite(other[key]).all()
             close(other[key], reference[key])
+
+
+def _triangle(r):
+    """C–O at 1.5 Å and a third atom on the same line r Å from C (within R of O)."""
+    return Atoms("COCu", positions=[[0.0, 0.0, 0.0], [1.5, 0.0, 0.0], [r, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("envelope", ["polynomial", "none"])
+def test_the_envelope_makes_the_energy_continuous_as_a_pair_crosses_the_cutoff(envelope):
+    """The graph is rebuilt at R: the pair C–Cu is an edge at R − h and none at R + h, h = 1e-6 Å.
+    The jump is the energy change less its smooth part, −F·Δx with the mean force."""
+    m, h = model(tiny(envelope=envelope), conservative=True), 1e-6
+    inside, outside = batch_of([_triangle(CUTOFF - h)]), batch_of([_triangle(CUTOFF + h)])
+    assert int(inside.n_edge.sum()) == int(outside.n_edge.sum()) + 2
+    a, b = m(inside), m(outside)
+    mean_force_x = float(a[keys.FORCES][2, 0] + b[keys.FORCES][2, 0]) / 2
+    jump = abs(float(a[keys.ENERGY].detach().sum() - b[keys.ENERGY].detach().sum()) - mean_force_x * 2 * h)
+    if envelope == "polynomial":
+        assert jump < 1e-12
+        assert (a[keys.FORCES] - b[keys.FORCES]).abs().max() < 1e-6  # forces continuous too (smooth change ~1e-8)
+    else:
+        assert jump > 1e-4
+
+
+def test_the_paper_presets_have_no_envelope_and_the_cpu_presets_do():
+    assert {name: PRESETS[name]().envelope for name in PRESETS} == {
+        "gns_qm9_paper": "none", "gns_oc20_paper": "none", "gns_tat_pcqm_paper": "none",
+        "gns_qm9_cpu": "polynomial", "gns_oc20_cpu": "polynomial"}
+    assert GNSConfig().envelope == "none"  # configs saved before the field existed load unchanged

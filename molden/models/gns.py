@@ -9,20 +9,37 @@ Edges (i, j) carry d = pos[j] + shift − pos[i] (Å): the radial Bessel basis o
 (`radial_basis.bessel_basis`) and the direction d/|d|; an MLP with LayerNorm maps them to F.
 
 Periodic systems (Noisy Nodes §5.1, with `periodic_basis`): the direction is taken in the
-cell's basis, f/|f| with f = d A⁻¹, the six cell features are appended to every edge (zeros
+lattice's basis, f/|f| with f = d A⁻¹, the six cell features are appended to every edge (zeros
 for molecules), and `Latents.vector_frame` = Aᵀ maps a vector head's output back to
-Cartesian, A(GNN(A⁻¹ν)) as in the paper (see `gns_periodic`). One choice differs: the Bessel
-basis is of the Cartesian |d|, not of |f|, so that the cutoff R keeps its meaning in Å and
-the radial features do not depend on the cell at all. Consequences, each tested:
+Cartesian, A(GNN(A⁻¹ν)) as in the paper (see `gns_periodic`). Two choices differ: A is the
+canonical reduced basis of the lattice (`lattice_reduction`), not the cell as given, so that
+equivalent unit cells give the same outputs (within the limits below); and the Bessel basis
+is of the Cartesian |d|, not of |f|, so that the cutoff R keeps its meaning in Å and the
+radial features do not depend on the cell at all. Consequences, each tested:
 - translation invariance of everything (only differences of positions enter);
 - periodic graphs, whole system rotated or reflected with its cell: scalar outputs invariant,
   vector outputs (through `vector_frame`) and conservative forces equivariant;
 - molecules: d/|d| is Cartesian, so GNS is NOT rotation invariant for them (as in the paper,
   which has "no equivariance or invariance symmetries"; train with rotation augmentation);
 - an atom wrapped back into the cell gives the same outputs (the graph's vectors are equal);
-- an equivalent but different unit cell (M A, M unimodular) gives DIFFERENT outputs with
-  `periodic_basis` (f and the cell features depend on the basis), the same outputs without it;
-  Niggli-reduce cells before building graphs to make the basis canonical.
+- an equivalent unit cell (M A, M integer with det ±1) gives the same outputs without
+  `periodic_basis`, and with it: the same outputs for bulk cells with det M = +1 (generic,
+  i.e. triclinic, lattices); for det M = −1 the outputs of the crystal inverted through a
+  point, vectors negated (the same energies for centrosymmetric crystals); for slabs, M on
+  the two periodic rows, the outputs of the slab or of the slab half-turned about its normal;
+  for lattices with more symmetry (cubic, hexagonal, ...) the outputs of the crystal turned by a
+  symmetry of its lattice, which equal the original energies when the atoms share that
+  symmetry (a perfect fcc crystal). `lattice_reduction` explains why no basis chosen from the
+  cell alone can do better while turning with rotations and reflections.
+
+Smooth cutoff (`envelope="polynomial"`): each edge's message to its receiver, in every
+interaction layer, is multiplied by DimeNet's polynomial envelope u(|d|/R) (p = 6,
+`radial_basis.polynomial_envelope`), which vanishes with its first two derivatives at R. An
+edge entering or leaving the graph (rebuilt after noise, or moving atoms) then changes no
+node latent, and the energy and conservative forces are continuous as |d| crosses R, provided
+the graph's cutoff is at least R (edges beyond R get weight 0). The edge latents themselves
+are not enveloped (a head that reads them, `EdgeVectorHead`, is not made continuous by it).
+Noisy Nodes' GNS has no envelope, so the paper presets keep "none"; the CPU presets use it.
 
 DeNS force encoding on this non-equivariant backbone (`force_encoding`): the input force
 F (`batch.force_inputs`, eV/Å) enters as the 3 numbers of F in the graph's frame (Cartesian
@@ -49,7 +66,7 @@ biases and Edge-Delta, and a mean decoder readout (`graph_readout`).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -63,7 +80,7 @@ from molden.models.gns_periodic import cell_features, periodic_frames, to_frame
 from molden.models.gns_tat import edge_delta_init, fan_in_init, tailored_relu_slope
 from molden.models.heads import N_ATOM_TYPES
 from molden.models.mlp import MLP
-from molden.models.radial_basis import bessel_basis
+from molden.models.radial_basis import bessel_basis, polynomial_envelope
 
 N_TAGS = 3  # OC20: 0 sub-surface, 1 surface, 2 adsorbate
 
@@ -85,6 +102,9 @@ class GNSConfig(BaseModel):
         True, description="Noisy Nodes §5.1: directions in the cell's basis and 6 cell features per edge"
     )
     cell_feature_scale_angstrom: float = Field(10.0, gt=0, description="unit of the cell features, Å")
+    envelope: Literal["none", "polynomial"] = Field(
+        "none", description="smooth cutoff: 'polynomial' weighs each message by DimeNet's envelope of |d|/R (p = 6) "
+        "so the energy is continuous as an edge crosses R; 'none' as in the paper")
     force_encoding: bool = Field(False, description="DeNS §3.2.2: encode batch.force_inputs (eV/Å) in the nodes")
     tat: bool = Field(False, description="GNS-TAT (Pre-training via Denoising App. B.2)")
     tat_eta: float = Field(0.8, gt=0, lt=1, description="TAT's C_f(0) target for the edge network")
@@ -117,15 +137,17 @@ def gns_tat_pcqm_paper() -> GNSConfig:
 
 
 def gns_qm9_cpu() -> GNSConfig:
-    """`gns_qm9_paper` scaled to train in minutes on 2 cores: 64 latents, 16 Bessel, 2 × 2."""
+    """`gns_qm9_paper` scaled to train in minutes on 2 cores: 64 latents, 16 Bessel, 2 × 2, and
+    the polynomial envelope (not in the paper: energies continuous under rebuilt graphs)."""
     return gns_qm9_paper().model_copy(update=dict(latent_dim=64, mlp_hidden_dim=64, n_bessel=16,
-                                                  block_size=2, block_iterations=2))
+                                                  block_size=2, block_iterations=2, envelope="polynomial"))
 
 
 def gns_oc20_cpu() -> GNSConfig:
-    """`gns_oc20_paper` scaled to train in minutes on 2 cores: 64 latents, 16 Bessel, 2 × 2."""
+    """`gns_oc20_paper` scaled to train in minutes on 2 cores: 64 latents, 16 Bessel, 2 × 2, and
+    the polynomial envelope (not in the paper: energies continuous under rebuilt graphs)."""
     return gns_oc20_paper().model_copy(update=dict(latent_dim=64, mlp_hidden_dim=64, n_bessel=16,
-                                                   block_size=2, block_iterations=2))
+                                                   block_size=2, block_iterations=2, envelope="polynomial"))
 
 
 PRESETS = {f.__name__: f for f in (gns_qm9_paper, gns_oc20_paper, gns_tat_pcqm_paper, gns_qm9_cpu, gns_oc20_cpu)}
@@ -157,11 +179,24 @@ class InteractionLayer(nn.Module):
             self.node_fn = MLP(2 * f, h, f, n, "ssp", layer_norm=True)
             self.shortcut, self.branch = 1.0, 1.0
 
-    def forward(self, nodes: Tensor, edges: Tensor, receivers: Tensor, senders: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, nodes: Tensor, edges: Tensor, receivers: Tensor, senders: Tensor,
+                edge_weights: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """New (nodes [N, F], edges [E, F]); `edge_weights` [E] (the envelope) scale each edge's
+        message to its receiver, not the edge's own residual update."""
         update = self.edge_fn(torch.cat([edges, nodes[receivers], nodes[senders]], dim=1))
-        received = torch.zeros_like(nodes).index_add_(0, receivers, update)
+        messages = update if edge_weights is None else update * edge_weights[:, None].to(update.dtype)
+        received = torch.zeros_like(nodes).index_add_(0, receivers, messages)
         node_update = self.node_fn(torch.cat([nodes, received], dim=1))
         return self.shortcut * nodes + self.branch * node_update, self.shortcut * edges + self.branch * update
+
+
+class Encoding(NamedTuple):
+    """What the encoder hands to the processor."""
+
+    nodes: Tensor  # [N, F] node latents
+    edges: Tensor  # [E, F] edge latents
+    frame: Tensor | None  # [N, 3, 3] per-atom vector frame (Aᵀ), None without `periodic_basis`
+    edge_weights: Tensor | None  # [E] envelope of |d|/R, None without an envelope
 
 
 class GNS(Backbone):
@@ -202,23 +237,23 @@ class GNS(Backbone):
         """How a graph head should aggregate `graph_scalars`: sum (GNS), mean (GNS-TAT, App. B.2)."""
         return "mean" if self.config.tat else "sum"
 
-    def encode(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Node latents [N, F], edge latents [E, F] and the per-atom vector frame [N, 3, 3]
-        (None without `periodic_basis`)."""
+    def encode(self, batch: Batch) -> Encoding:
+        """Node and edge latents, the per-atom vector frame and the edge weights (`Encoding`)."""
         config = self.config
         d = edge_vectors(batch)
         dtype = d.dtype
         length = d.norm(dim=1)
         receivers = batch.edge_index[0]
-        frame = inverse = None
+        frame = inverse = frames = None
         if config.periodic_basis:
             frames = periodic_frames(batch, dtype)
             inverse = torch.linalg.inv_ex(frames).inverse  # inv_ex: no host sync on a device
             d = to_frame(d, inverse, batch.batch[receivers])
             frame = frames.transpose(1, 2)[batch.batch]
         edge_parts = [bessel_basis(length, config.n_bessel, config.cutoff_angstrom), d / d.norm(dim=1, keepdim=True)]
-        if config.periodic_basis:
-            edge_parts.append(cell_features(batch, dtype, config.cell_feature_scale_angstrom)[batch.batch[receivers]])
+        if frames is not None:
+            features = cell_features(frames, batch.pbc, config.cell_feature_scale_angstrom)
+            edge_parts.append(features[batch.batch[receivers]])
         edges = self.edge_encoder(torch.cat(edge_parts, dim=1))
 
         atoms = self.atom_embedding(batch.numbers)
@@ -230,7 +265,8 @@ class GNS(Backbone):
         elif batch.force_inputs is not None:
             raise MoldenConfigError("the batch carries force inputs (DeNS) but the GNS was built without force_encoding")
         nodes = self.node_encoder(torch.cat(node_parts, dim=1))
-        return nodes, edges, frame
+        weights = None if config.envelope == "none" else polynomial_envelope(length, config.cutoff_angstrom)
+        return Encoding(nodes, edges, frame, weights)
 
     @staticmethod
     def _encoded_forces(batch: Batch, dtype: torch.dtype, inverse: Tensor | None) -> Tensor:
@@ -246,14 +282,14 @@ class GNS(Backbone):
         """Latents after the last block iteration, or after each of the N when `all_blocks`."""
         if not batch.has_graph:
             raise MoldenConfigError("GNS needs a batch with a graph (build it with molden.graph first)")
-        nodes, edges, frame = self.encode(batch)
+        nodes, edges, frame, weights = self.encode(batch)
         encoded = nodes
         receivers, senders = batch.edge_index
         outputs: list[Tensor] = []
         edge_outputs: list[Tensor] = []
         for _ in range(self.config.block_iterations):
             for layer in self.block:
-                nodes, edges = layer(nodes, edges, receivers, senders)
+                nodes, edges = layer(nodes, edges, receivers, senders, weights)
             outputs.append(nodes)
             edge_outputs.append(edges)
         if not all_blocks:
@@ -274,5 +310,5 @@ def count_parameters(config: GNSConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["GNS", "GNSConfig", "InteractionLayer", "PRESETS", "build_gns", "count_parameters",
+__all__ = ["GNS", "Encoding", "GNSConfig", "InteractionLayer", "PRESETS", "build_gns", "count_parameters",
            "gns_oc20_cpu", "gns_oc20_paper", "gns_qm9_cpu", "gns_qm9_paper", "gns_tat_pcqm_paper"]

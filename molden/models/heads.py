@@ -30,16 +30,20 @@ class GraphScalarHead(Head):
 
     def __init__(self, in_dim: int, n_out: int = 1, *, hidden_dim: int | None = None, n_layers: int = 3,
                  act: Activation = "ssp", readout: Literal["sum", "mean"] = "sum", squeeze: bool = True,
-                 slope: float = 0.0):
+                 slope: float = 0.0, element_reference: Tensor | None = None):
         super().__init__()
         self.mlp = MLP(in_dim, hidden_dim or in_dim, n_out, n_layers, act, slope=slope)
         self.readout = readout
         self.n_out = n_out
         self.squeeze = squeeze and n_out == 1
+        # Fixed per-element offsets [119, n_out] added to each atom's output (a sum readout's
+        # E = Σ_atoms (mlp + E0[Z]), MACE's E0s): the network learns the small residual.
+        reference = torch.zeros(N_ATOM_TYPES, n_out) if element_reference is None else torch.as_tensor(element_reference, dtype=torch.float32).reshape(N_ATOM_TYPES, n_out)
+        self.register_buffer("element_reference", reference)
 
     def forward(self, latents: Latents, block: int, batch: Batch) -> Tensor:
         nodes = (latents.graph_scalars or latents.scalars)[block]
-        per_atom = self.mlp(nodes)
+        per_atom = self.mlp(nodes) + self.element_reference.to(nodes.dtype)[batch.numbers]
         out = per_atom.new_zeros(batch.num_graphs, self.n_out).index_add_(0, batch.batch, per_atom)
         if self.readout == "mean":
             out = out / batch.n_node.to(out.dtype)[:, None]

@@ -20,8 +20,9 @@ BackboneConfig = Union[gns.GNSConfig, forcenet.ForceNetConfig, painn.PaiNNConfig
 def gns_tat_cpu() -> gns.GNSConfig:
     """`gns_tat_pcqm_paper` scaled to pre-train in minutes on 2 cores: 64 latents, 16 Bessel,
     2 layers × 3 block iterations (the paper's iteration count, so every decoded block is
-    denoised as in App. B.2)."""
-    return gns.gns_tat_pcqm_paper().model_copy(update=dict(latent_dim=64, mlp_hidden_dim=64, n_bessel=16, block_size=2))
+    denoised as in App. B.2), with the polynomial envelope of the other CPU presets."""
+    return gns.gns_tat_pcqm_paper().model_copy(update=dict(latent_dim=64, mlp_hidden_dim=64, n_bessel=16, block_size=2,
+                                                           envelope="polynomial"))
 
 
 PRESETS: dict[str, Callable[[], BackboneConfig]] = {

@@ -40,6 +40,8 @@ class HeadSpec(BaseModel):
     squeeze: bool = Field(True, description="graph_scalar with one output: [B] instead of [B, 1]")
     n_layers: int = Field(3, ge=1, description="linear layers of the head's MLP")
     act: Activation = Field("ssp", description="the head MLP's activation")
+    element_reference: list[float] | None = Field(
+        None, description="graph_scalar with one output: fixed per-element offsets added per atom (119 values, index = Z; eV for energies)")
 
 
 class ModelSpec(BaseModel):
@@ -99,7 +101,7 @@ def _build_head(spec: HeadSpec, backbone) -> Head:
     scalar_dim = backbone.scalar_dim
     if spec.kind == "graph_scalar":
         return GraphScalarHead(scalar_dim, spec.n_out, n_layers=spec.n_layers, act=spec.act, readout=spec.readout,
-                               squeeze=spec.squeeze)
+                               squeeze=spec.squeeze, element_reference=spec.element_reference)
     if spec.kind == "node_vector":
         return NodeVectorHead(scalar_dim, backbone.vector_dim, n_layers=spec.n_layers, act=spec.act)
     if spec.kind == "edge_vector":

@@ -35,6 +35,7 @@ class DataConfig(_Strict):
     train_split: str = Field("train", description="split trained on")
     val_split: str | None = Field("val", description="split validated on (None: no validation)")
     train_size: int | None = Field(None, ge=1, description="train on a seeded random subset of this many structures of the train split")
+    frames: Literal["all", "relaxed"] = Field("all", description="all structures, or only the last frame of each system's trajectory (the relaxed, equilibrium structure)")
     max_graphs: int | None = Field(32, ge=1, description="structures per batch at most (per process; the global batch is this × processes × accumulation)")
     max_atoms: int | None = Field(None, ge=1, description="atoms per batch at most")
     max_edges: int | None = Field(None, ge=1, description="edges of the cached graphs per batch at most")
@@ -89,6 +90,14 @@ class ModelChoice(_Strict):
     conservative_forces: bool = Field(False, description="forces as −∂E/∂positions instead of a direct head (S2EF)")
 
 
+def default_denoising(cutoff_angstrom: float) -> DenoisingConfig:
+    """Pre-training via Denoising App. H (Table 3): σ = 0.02 Å, mask probability 0.75, atom-type
+    loss weight 4; without its 20-neighbour cap, so the rebuilt graph keeps every edge the
+    cache's graph has within the cutoff."""
+    return DenoisingConfig(sigma_angstrom=0.02, position_loss_weight=1.0, mask_probability=0.75,
+                           atom_type_loss_weight=4.0, cutoff_angstrom=cutoff_angstrom)
+
+
 class PretrainConfig(_Strict):
     """`molden pretrain`: denoising pre-training on equilibrium structures (Pre-training via
     Denoising §3.2)."""
@@ -97,7 +106,7 @@ class PretrainConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     run: RunConfig
     model: ModelChoice = Field(default_factory=lambda: ModelChoice(preset="gns_tat_cpu"))
-    denoising: DenoisingConfig = Field(default_factory=lambda: DenoisingConfig(cutoff_angstrom=5.0))
+    denoising: DenoisingConfig = Field(default_factory=lambda: default_denoising(5.0))
 
 
 class FinetuneConfig(_Strict):

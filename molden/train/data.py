@@ -13,7 +13,7 @@ Batches are cut to a count that is a multiple of V by halving the largest ones
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Iterator
 
@@ -23,15 +23,20 @@ from torch.utils.data import DataLoader, Sampler
 
 from molden.data.batch import Batch, collate
 from molden.data.dynamic_batches import DynamicBatchSampler
-from molden.data.h5_dataset import H5Dataset
+from molden.data import h5_schema as S
+from molden.data.h5_dataset import H5Dataset, open_cache
 from molden.data.sampling import BlockShuffleSampler, RandomOrderSampler
 from molden.errors import MoldenConfigError
+from molden.graph.edges import edge_vectors
 from molden.train.config import DataConfig
 
 
 def open_split(config: DataConfig, split: str, *, subset: int | None = None, seed: int = 0) -> H5Dataset:
-    """The cache's `split`, or a seeded random subset of `subset` of its structures."""
+    """The cache's `split` (its relaxed frames only with `frames="relaxed"`), or a seeded random
+    subset of `subset` of its structures."""
     dataset = H5Dataset(config.path, split)
+    if config.frames == "relaxed":
+        dataset.indices = dataset.indices[last_frames(config.path, dataset.indices)]
     if len(dataset) == 0:
         raise MoldenConfigError(f"{config.path}: split {split!r} is empty")
     if subset is not None:
@@ -40,6 +45,19 @@ def open_split(config: DataConfig, split: str, *, subset: int | None = None, see
         pick = np.sort(np.random.default_rng([seed, 7]).permutation(len(dataset))[:subset])
         dataset.indices = dataset.indices[pick]
     return dataset
+
+
+def last_frames(path, indices: np.ndarray) -> np.ndarray:
+    """Positions in `indices` of the structures that are the last frame of their system."""
+    with open_cache(path) as f:
+        if S.FRAME not in f:
+            return np.arange(len(indices))
+        frame = f[S.FRAME][:][indices]
+        system = f[S.SYSTEM_ID].asstr()[:][indices] if len(indices) else np.zeros(0, dtype=object)
+    _, owner = np.unique(system, return_inverse=True)
+    last = np.full(owner.max() + 1 if len(owner) else 0, -1, dtype=np.int64)
+    np.maximum.at(last, owner, frame)
+    return np.flatnonzero(frame == last[owner])
 
 
 def batch_sampler(dataset: H5Dataset, config: DataConfig, *, seed: int, virtual_ranks: int) -> DynamicBatchSampler:
@@ -106,5 +124,16 @@ def validation_batches(dataset: H5Dataset, config: DataConfig, *, rank: int, wor
     return every[rank::world_size]
 
 
-def move(batch: Batch, device: torch.device) -> Batch:
-    return batch if device.type == "cpu" else batch.to(device, non_blocking=True)
+def move(batch: Batch, device: torch.device, cutoff_angstrom: float | None = None) -> Batch:
+    """`batch` on `device`, its cached graph cut to `cutoff_angstrom` when the model's radius is
+    below the cache's (so clean and rebuilt-after-noise graphs hold the same edges)."""
+    batch = batch if device.type == "cpu" else batch.to(device, non_blocking=True)
+    return batch if cutoff_angstrom is None else trim_graph(batch, cutoff_angstrom)
+
+
+def trim_graph(batch: Batch, cutoff_angstrom: float) -> Batch:
+    """The batch with only the edges no longer than `cutoff_angstrom` (Å)."""
+    keep = edge_vectors(batch).norm(dim=1) <= cutoff_angstrom
+    edge_index = batch.edge_index[:, keep]
+    n_edge = torch.bincount(batch.batch[edge_index[0]], minlength=batch.num_graphs)
+    return replace(batch, edge_index=edge_index, unit_shifts=batch.unit_shifts[keep], n_edge=n_edge)

@@ -15,7 +15,7 @@ from molden.train.config import DataConfig, FinetuneConfig, PretrainConfig
 from molden.train.data import open_split, validation_batches
 from molden.train.distributed import resolve_device
 from molden.train.loop import evaluate
-from molden.train.tasks import validation_objective
+from molden.train.tasks import trim_cutoff, validation_objective
 
 
 def saved_config(payload: dict[str, Any], path: Path) -> PretrainConfig | FinetuneConfig:
@@ -44,8 +44,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str 
     dataset = open_split(data_config, split)
     batches = validation_batches(dataset, data_config, rank=0, world_size=1)
     dtype = next(loaded.model.parameters()).dtype
+    trim = trim_cutoff(loaded.spec.backbone_config(), dataset)
     metrics = evaluate(loaded.model, objective, dataset, batches, device=torch_device, dtype=dtype,
-                       seed=config.run.seed, data_config=data_config)
+                       seed=config.run.seed, data_config=data_config, trim_cutoff_angstrom=trim)
     result = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "structures": len(dataset),
               "task": loaded.task.get("kind"), "metrics": metrics}
     if out is not None:

@@ -276,6 +276,7 @@ def evaluate(
     data_config,
     dist: D.Distributed | None = None,
     bf16: bool = False,
+    trim_cutoff_angstrom: float | None = None,
 ) -> dict[str, float]:
     """The objective's terms over `batches` of `dataset`, each batch weighted by its number of
     structures, summed over processes: {term: mean}. Corruption (denoising validation) draws
@@ -287,7 +288,7 @@ def evaluate(
     grad = torch.enable_grad() if conservative else torch.no_grad()
     with grad:
         for index, batch in enumerate(loader(dataset, batches, data_config, dtype, pin=device.type == "cuda")):
-            batch = move(batch, device)
+            batch = move(batch, device, trim_cutoff_angstrom)
             inputs, targets = objective.corrupt(batch, corruption_generator(seed, VALIDATION_EPOCH, index))
             with _autocast(device, bf16):
                 predictions = model(inputs, all_blocks=False)
@@ -471,7 +472,7 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
         if ema is not None:
             eval_model.load_state_dict(ema.weights())
         values = evaluate(eval_model, task.validation, val_set, val_batches, device=device, dtype=dtype, seed=run.seed,
-                          data_config=config.data, dist=dist, bf16=run.bf16)
+                          data_config=config.data, dist=dist, bf16=run.bf16, trim_cutoff_angstrom=task.trim_cutoff_angstrom)
         model.train()
         return values
 
@@ -493,7 +494,7 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
             flat = [b for step_batches in plan.batches[progress.step_in_epoch:] for b in step_batches]
             stream = iter(loader(train_set, flat, config.data, dtype, pin=device.type == "cuda"))
             for t in range(progress.step_in_epoch, plan.steps):
-                batches = [move(next(stream), device) for _ in range(optim_config.accumulate)]
+                batches = [move(next(stream), device, task.trim_cutoff_angstrom) for _ in range(optim_config.accumulate)]
                 base = t * virtual + dist.rank * optim_config.accumulate
                 generators = [corruption_generator(run.seed, progress.epoch, base + a) for a in range(len(batches))]
                 terms, ok = take_step(train_model, task.objective, batches, generators, optimizer, device=device,

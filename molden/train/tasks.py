@@ -28,7 +28,7 @@ from molden.objectives.noisy_nodes import NoisyNodes, position_delta_statistics
 from molden.objectives.objective import LOSS, Objective
 from molden.objectives.supervised import GraphTargetLoss, IS2RELoss, IS2RSLoss, S2EFLoss, TargetNormalizer
 from molden.objectives.units import QM9_ENERGY_TARGETS, report_unit
-from molden.train.config import FinetuneConfig, PretrainConfig
+from molden.train.config import FinetuneConfig, ModelChoice, PretrainConfig, default_denoising
 
 EXTENSIVE_TARGETS = (*QM9_ENERGY_TARGETS, "zpve", "Cv", "alpha", "r2")
 """QM9 targets that grow with molecule size: decoded by a sum over atoms, the others by a mean."""
@@ -48,6 +48,8 @@ class TrainingTask:
     """JSON-able: kind, targets, fitted normalisation; saved in every checkpoint."""
     modules: list[torch.nn.Module] = field(default_factory=list)
     """Modules the objectives hold (target normalisers): moved to the training device."""
+    trim_cutoff_angstrom: float | None = None
+    """The model's radius when it is below the cache's: cached graphs are cut to it."""
 
 
 def _check_tags(dataset: H5Dataset) -> None:
@@ -61,6 +63,12 @@ def _check_tags(dataset: H5Dataset) -> None:
     if len(bad):
         raise MoldenInputError(dataset.path, f"atom tags {bad.tolist()[:5]} are not OC20 tags (0 sub-surface, 1 surface, "
                                              "2 adsorbate): ASE layer tags? set atoms.set_tags(...) before preprocess")
+
+
+def trim_cutoff(backbone, dataset: H5Dataset) -> float | None:
+    """The model's cutoff (Å) when below the cache's, else None."""
+    cutoff = getattr(backbone, "cutoff_angstrom", None)
+    return cutoff if cutoff is not None and cutoff < dataset.cutoff_angstrom - 1e-9 else None
 
 
 def _backbone(choice, dataset: H5Dataset, **forced):
@@ -86,6 +94,7 @@ def pretrain_task(config: PretrainConfig, dataset: H5Dataset) -> TrainingTask:
         spec=model_spec(backbone, heads, preset_name=config.model.preset),
         objective=objective, validation=objective, best_metric="position",
         description={"kind": "denoising", "sigma_angstrom": config.denoising.sigma_angstrom},
+        trim_cutoff_angstrom=trim_cutoff(backbone, dataset),
     )
 
 
@@ -144,10 +153,13 @@ def finetune_task(config: FinetuneConfig, dataset: H5Dataset) -> TrainingTask:
         best = "position_distance_mae_angstrom"
     else:  # s2ef
         conservative = config.model.conservative_forces
-        heads[keys.ENERGY] = HeadSpec(kind="graph_scalar", readout="sum")
+        statistics = dataset.statistics()
+        reference = statistics.get("element_reference_energy_ev")
+        heads[keys.ENERGY] = HeadSpec(kind="graph_scalar", readout="sum", element_reference=(
+            None if reference is None else np.nan_to_num(np.asarray(reference, dtype=np.float64)).tolist()))
         if not conservative:
             heads[keys.FORCES] = vector_head(backbone)
-        s2ef = (config.dens.s2ef if config.dens is not None else config.s2ef).with_statistics(dataset.statistics())
+        s2ef = (config.dens.s2ef if config.dens is not None else config.s2ef).with_statistics(statistics)
         primary = S2EFLoss(s2ef)
         description.update(energy_scale_ev=s2ef.energy_scale_ev, force_scale_ev_per_angstrom=s2ef.force_scale_ev_per_angstrom)
         best = "forces_mae_mev_per_angstrom" if s2ef.force_coefficient > 0 else "energy_mae_mev"
@@ -170,22 +182,33 @@ def finetune_task(config: FinetuneConfig, dataset: H5Dataset) -> TrainingTask:
     return TrainingTask(
         spec=model_spec(backbone, heads, conservative_forces=conservative, preset_name=config.model.preset),
         objective=objective, validation=primary, best_metric=best, description=description, modules=modules,
+        trim_cutoff_angstrom=trim_cutoff(backbone, dataset),
     )
 
 
 def fill_cutoffs(data: dict[str, Any], sections: tuple[str, ...]) -> dict[str, Any]:
     """A raw config mapping with the graph-rebuild cutoff of each objective section in
-    `sections` (that exists, or "denoising", which always does) set to the cache's cutoff
-    when the user gave none: the noised graph is rebuilt with the radius the cache used."""
+    `sections` (that exists, or "denoising", which always does) set, when the user gave none,
+    to the model's cutoff or the cache's, whichever is smaller: the graph rebuilt after noise
+    holds the edges the model reads from a clean (trimmed) cached graph."""
     path = (data.get("data") or {}).get("path")
     if path is None or not Path(path).is_file():
         return data  # validation reports the missing cache
     with open_cache(path) as f:
         cutoff = float(f.attrs["cutoff_angstrom"])
+    model = data.get("model") or {}
+    try:
+        default = PretrainConfig.model_fields["model"].default_factory().preset if "denoising" in sections else ModelChoice().preset
+        backbone = backbone_from_preset(model.get("preset") or default, **(model.get("changes") or {}))
+        cutoff = min(cutoff, float(getattr(backbone, "cutoff_angstrom", cutoff)))
+    except (MoldenConfigError, ValueError, TypeError):
+        pass  # validation reports a bad preset or change
     out = dict(data)
     for section in sections:
         if out.get(section) is not None or (section == "denoising" and section not in out):
             values = dict(out.get(section) or {})
+            if section == "denoising":  # the paper's settings under what the user gave
+                values = {**default_denoising(cutoff).model_dump(), **values}
             values.setdefault("cutoff_angstrom", cutoff)
             out[section] = values
     return out
