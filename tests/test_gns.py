@@ -14,7 +14,7 @@ from ase.build import bulk
 from molden.data.ase_convert import structure_from_atoms
 from molden.data.batch import collate
 from molden.errors import MoldenConfigError
-from molden.models import GraphScalarHead, Model, NodeVectorHead, keys
+from molden.models import EdgeVectorHead, GraphScalarHead, Model, NodeVectorHead, keys
 from molden.models.gns import PRESETS, GNSConfig, build_gns, count_parameters, gns_oc20_cpu
 from molden.models.lattice_reduction import canonical_lattice_transform
 from molden.pipeline.structure_graphs import build_graphs
@@ -302,6 +302,17 @@ def test_the_envelope_makes_the_energy_continuous_as_a_pair_crosses_the_cutoff(e
         assert (a[keys.FORCES] - b[keys.FORCES]).abs().max() < 1e-6  # forces continuous too (smooth change ~1e-8)
     else:
         assert jump > 1e-4
+
+
+@pytest.mark.parametrize("envelope", ["polynomial", "none"])
+def test_the_edge_force_readout_is_continuous_as_a_pair_crosses_the_cutoff_with_the_envelope(envelope):
+    torch.manual_seed(0)
+    m = Model(build_gns(tiny(envelope=envelope)), {keys.FORCES: EdgeVectorHead(16)}).double()
+    h = 1e-6
+    a = m(batch_of([_triangle(CUTOFF - h)]))[keys.FORCES]
+    b = m(batch_of([_triangle(CUTOFF + h)]))[keys.FORCES]
+    change = float((a - b).abs().max())
+    assert change < 1e-6 if envelope == "polynomial" else change > 1e-3  # smooth part ~ 1e-7 at h = 1e-6 Å
 
 
 def test_the_paper_presets_have_no_envelope_and_the_cpu_presets_do():

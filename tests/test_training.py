@@ -172,3 +172,108 @@ def test_an_existing_run_is_never_overwritten_without_overwrite(s2ef_run, s2ef_c
 def test_a_missing_cache_is_one_line(tmp_path):
     result = _invoke("finetune", "--data", tmp_path / "none.h5", "--out", tmp_path / "r", "--task", "s2ef")
     assert result.exit_code == 1 and "none.h5" in result.output and "Traceback" not in result.output
+
+
+def test_evaluation_metrics_are_their_definitions_over_the_split_whatever_the_batching(s2ef_run, s2ef_cache):
+    from molden.train.evaluate import evaluate_checkpoint
+
+    one = evaluate_checkpoint(s2ef_run / "best.pt", s2ef_cache, split="val", max_graphs=1)["metrics"]
+    all_at_once = evaluate_checkpoint(s2ef_run / "best.pt", s2ef_cache, split="val", max_graphs=1000)["metrics"]
+    for name in ("forces_mae_mev_per_angstrom", "energy_mae_mev", "forces_l2mae"):
+        assert one[name] == pytest.approx(all_at_once[name], rel=1e-5), name
+
+
+# ----------------------------------------------------------------------------- pre-training
+@pytest.fixture(scope="module")
+def pretrain_run(s2ef_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "pre"
+    result = _invoke("pretrain", "--data", s2ef_cache, "--out", out, "--frames", "relaxed", *FAST)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_pretrain_denoises_with_masked_atom_types_by_default(pretrain_run):
+    records = [json.loads(line) for line in (pretrain_run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert {"position", "atom_type", "atom_type_accuracy"} <= set(train[-1])
+    saved = json.loads((pretrain_run / "config.json").read_text())
+    assert saved["denoising"]["mask_probability"] == 0.75 and saved["denoising"]["cutoff_angstrom"] == 4.0
+    assert saved["data"]["frames"] == "relaxed"
+
+
+def test_finetune_starts_from_the_pretrained_backbone_and_refuses_another_one(pretrain_run, s2ef_cache, tmp_path):
+    from molden.train.loop import initialise_backbone
+    from molden.models.spec import ModelSpec, build_model
+
+    payload = read_checkpoint(pretrain_run / "best.pt")
+    spec = ModelSpec.model_validate_json(payload["model_spec"])
+    model = build_model(spec.model_copy(update={"heads": {}}))
+    initialise_backbone(model, spec, pretrain_run / "best.pt")
+    for name, value in model.backbone.state_dict().items():
+        assert torch.equal(value, payload["ema"][f"backbone.{name}"]), name  # the EMA weights, as validated
+    result = _invoke("finetune", "--data", s2ef_cache, "--out", tmp_path / "ft", "--task", "s2ef", "--init",
+                     pretrain_run / "best.pt", "--freeze-backbone", *FAST)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
+    assert 0 < summary["trainable_parameters"] < summary["parameters"]  # heads only
+    other = _invoke("finetune", "--data", s2ef_cache, "--out", tmp_path / "ft2", "--task", "s2ef", "--init",
+                    pretrain_run / "best.pt", *FAST[:-2], "--change", "cutoff_angstrom=3.5")
+    assert other.exit_code == 1 and "backbone differs from this run's in ['cutoff_angstrom']" in other.output
+
+
+# ----------------------------------------------------------------------------- robustness
+class _SometimesNaN:
+    """An objective whose loss is NaN when asked to be."""
+
+    needs_all_blocks = False
+
+    def __init__(self, poison: bool):
+        self.poison = poison
+
+    def corrupt(self, batch, generator):
+        return batch, {}
+
+    def loss(self, predictions, batch, targets):
+        loss = predictions["energy"].sum() * 0 + (float("nan") if self.poison else 1.0) + predictions["energy"].square().mean()
+        return {"loss": loss}
+
+
+def test_a_non_finite_loss_skips_the_step_and_leaves_the_weights_alone(s2ef_cache):
+    from molden.data import H5Dataset, collate
+    from molden.models import GraphScalarHead, Model, build_backbone, preset
+    from molden.train.loop import take_step
+
+    batch = collate([H5Dataset(s2ef_cache, "train")[i] for i in range(4)])
+    backbone = build_backbone(preset("painn_cpu"))
+    model = Model(backbone, {"energy": GraphScalarHead(backbone.scalar_dim)})
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    terms, ok = take_step(model, _SometimesNaN(True), [batch], [torch.Generator()], optimizer, device=torch.device("cpu"),
+                          grad_clip_norm=1.0)
+    assert not ok and math.isnan(float(terms["loss"]))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    _, ok = take_step(model, _SometimesNaN(False), [batch], [torch.Generator()], optimizer, device=torch.device("cpu"),
+                      grad_clip_norm=1.0)
+    assert ok and any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_dataloader_workers_give_the_same_run_as_reading_in_process(s2ef_cache, tmp_path):
+    runs = {}
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        result = _invoke("finetune", "--data", s2ef_cache, "--out", out, "--task", "s2ef", "--workers", workers, *FAST)
+        assert result.exit_code == 0, result.output
+        runs[workers] = read_checkpoint(out / "last.pt")["model"]
+    for name, value in runs[0].items():
+        assert torch.equal(value, runs[2][name]), name
+
+
+def test_a_checkpoint_resumes_under_another_number_of_processes_from_the_next_epoch(s2ef_cache, tmp_path):
+    out = tmp_path / "run"
+    first = _invoke("finetune", "--data", s2ef_cache, "--out", out, "--task", "s2ef", "--accumulate", "2", *FAST)
+    assert first.exit_code == 0, first.output
+    more = _invoke("finetune", "--data", s2ef_cache, "--out", out, "--resume", "--steps", "9", "--accumulate", "1")
+    assert more.exit_code == 0, more.output
+    assert "resuming 2 processes × accumulation on 1" in more.output
+    progress = read_checkpoint(out / "last.pt")["progress"]
+    assert progress["step"] == 9 and progress["virtual_ranks"] == 1

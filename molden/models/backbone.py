@@ -35,6 +35,9 @@ class Latents:
         edges: one [E, F] tensor of edge latents per block iteration (edges in the batch's
             `edge_index` order), or None for backbones without edge latents; `EdgeVectorHead`
             reads them.
+        edge_weights: [E] smooth cutoff weight of each edge (1 inside, 0 at the cutoff), or
+            None: a head summing over edges multiplies by it, so an edge entering the graph
+            changes nothing abruptly.
     """
 
     scalars: list[Tensor]
@@ -42,6 +45,7 @@ class Latents:
     graph_scalars: list[Tensor] | None = None
     vector_frame: Tensor | None = None
     edges: list[Tensor] | None = None
+    edge_weights: Tensor | None = None
 
     @property
     def n_blocks(self) -> int:

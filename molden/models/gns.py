@@ -38,7 +38,7 @@ interaction layer, is multiplied by DimeNet's polynomial envelope u(|d|/R) (p = 
 edge entering or leaving the graph (rebuilt after noise, or moving atoms) then changes no
 node latent, and the energy and conservative forces are continuous as |d| crosses R, provided
 the graph's cutoff is at least R (edges beyond R get weight 0). The edge latents themselves
-are not enveloped (a head that reads them, `EdgeVectorHead`, is not made continuous by it).
+are returned with the envelope as `Latents.edge_weights`, which `EdgeVectorHead` multiplies by.
 Noisy Nodes' GNS has no envelope, so the paper presets keep "none"; the CPU presets use it.
 
 DeNS force encoding on this non-equivariant backbone (`force_encoding`): the input force
@@ -295,7 +295,7 @@ class GNS(Backbone):
         if not all_blocks:
             outputs, edge_outputs = outputs[-1:], edge_outputs[-1:]
         return Latents(scalars=outputs, graph_scalars=[encoded + o for o in outputs], vector_frame=frame,
-                       edges=edge_outputs)
+                       edges=edge_outputs, edge_weights=weights)
 
 
 def build_gns(config: GNSConfig) -> GNS:

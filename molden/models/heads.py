@@ -101,7 +101,10 @@ class EdgeVectorHead(Head):
             raise ValueError("EdgeVectorHead needs a backbone that returns edge latents (GNS)")
         d = edge_vectors(batch)
         unit = d / d.norm(dim=1, keepdim=True).clamp_min(1e-9)
-        weighted = self.mlp(latents.edges[block]).to(unit.dtype) * unit
+        weight = self.mlp(latents.edges[block]).to(unit.dtype)
+        if latents.edge_weights is not None:  # the backbone's smooth cutoff
+            weight = weight * latents.edge_weights.to(unit.dtype)[:, None]
+        weighted = weight * unit
         return torch.zeros_like(batch.positions).index_add_(0, batch.edge_index[0], weighted)
 
 

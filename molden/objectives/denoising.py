@@ -121,3 +121,8 @@ class Denoising:
             total = total + cfg.atom_type_loss_weight * atom_type
         out[LOSS] = total
         return out
+
+    def term_weights(self, batch: Batch, targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The position term averages over free atoms, the atom-type terms over masked atoms."""
+        masked = targets[ATOM_MASK].sum().to(torch.float64)
+        return {"position": (~batch.fixed).sum().to(torch.float64), "atom_type": masked, "atom_type_accuracy": masked}

@@ -32,3 +32,13 @@ class Objective(Protocol):
     def needs_all_blocks(self) -> bool:
         """True when the loss reads every block iteration's decoding (Noisy Nodes)."""
         ...
+
+
+def term_weights(objective: object, batch: Batch, targets: Mapping[str, Tensor], names) -> dict[str, Tensor]:
+    """How many items each loss term of this batch averages over (structures by default;
+    atoms for per-atom terms when the objective has `term_weights`), so terms of many batches
+    combine into the mean over all items, as the metric is defined."""
+    structures = torch.tensor(float(batch.num_graphs), dtype=torch.float64, device=batch.positions.device)
+    own = getattr(objective, "term_weights", None)
+    given = own(batch, targets) if own is not None else {}
+    return {name: torch.as_tensor(given.get(name, structures), dtype=torch.float64, device=structures.device) for name in names}

@@ -228,6 +228,11 @@ class IS2RSLoss:
         distance = weighted_atom_mean(vector_error(difference.detach() * self.delta_std_angstrom, "l2mae"), free)
         return {LOSS: total, f"position_delta_{self.loss_kind}": total.detach(), "position_distance_mae_angstrom": distance}
 
+    def term_weights(self, batch: Batch, targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Every term is a mean over free atoms."""
+        free = (~batch.fixed).sum().to(torch.float64)
+        return {LOSS: free, f"position_delta_{self.loss_kind}": free, "position_distance_mae_angstrom": free}
+
 
 # ----------------------------------------------------------------- S2EF
 class S2EFConfig(BaseModel):
@@ -321,3 +326,10 @@ class S2EFLoss:
     def loss(self, predictions: Mapping[str, Tensor], batch: Batch, targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """λ_E·err(E)/σ_E + λ_F·Σ w·err(F)/σ_F / Σ w; metrics in meV and meV/Å (free atoms)."""
         return self.terms(predictions, batch, targets)
+
+    def term_weights(self, batch: Batch, targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Force terms average over (weighted) atoms, the force MAE over free atoms; energy
+        terms over structures."""
+        c = self.config
+        return {f"forces_{c.force_loss}": atom_weights(batch, c.fixed_atom_weight, torch.float64).sum(),
+                "forces_mae_mev_per_angstrom": (~batch.fixed).sum().to(torch.float64)}

@@ -38,7 +38,7 @@ from molden.models.checkpoint import read_checkpoint, write_checkpoint
 from molden.models.freezing import freeze_backbone
 from molden.models.model import Model
 from molden.models.spec import ModelSpec, build_model
-from molden.objectives.objective import LOSS, Objective
+from molden.objectives.objective import LOSS, Objective, term_weights
 from molden.train import distributed as D
 from molden.train.config import FinetuneConfig, PretrainConfig
 from molden.train.data import StepPlan, batch_sampler, epoch_plan, loader, move, open_split, validation_batches
@@ -278,12 +278,13 @@ def evaluate(
     bf16: bool = False,
     trim_cutoff_angstrom: float | None = None,
 ) -> dict[str, float]:
-    """The objective's terms over `batches` of `dataset`, each batch weighted by its number of
-    structures, summed over processes: {term: mean}. Corruption (denoising validation) draws
+    """The objective's terms over `batches` of `dataset`, summed over processes: {term: mean}
+    over every item the term averages (structures, or atoms: `objective.term_weights`), so a
+    metric is its definition over the whole split, whatever the batching. Corruption (denoising validation) draws
     from a generator fixed by (seed, batch index), so validations are comparable."""
     model.eval()
     sums: dict[str, Tensor] = {}
-    count = torch.zeros((), dtype=torch.float64, device=device)
+    counts: dict[str, Tensor] = {}
     conservative = getattr(model, "conservative_forces", False)
     grad = torch.enable_grad() if conservative else torch.no_grad()
     with grad:
@@ -293,19 +294,20 @@ def evaluate(
             with _autocast(device, bf16):
                 predictions = model(inputs, all_blocks=False)
                 terms = objective.loss(predictions, inputs, targets)
-            weight = float(batch.num_graphs)
+            weights = term_weights(objective, inputs, targets, terms)
             for name, value in terms.items():
-                value = value.detach().to(torch.float64) * weight
-                sums[name] = sums[name] + value if name in sums else value
-            count += weight
+                value = value.detach().to(torch.float64)
+                sums[name] = sums.get(name, 0) + value * weights[name]
+                counts[name] = counts.get(name, 0) + weights[name]
     names = sorted(sums)
     if dist is not None and dist.active:
         names = _agreed_names(names, dist)
-    packed = torch.stack([sums.get(n, torch.zeros((), dtype=torch.float64, device=device)) for n in names] + [count])
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    packed = torch.stack([sums.get(n, zero) for n in names] + [counts.get(n, zero) for n in names])
     if dist is not None:
         packed = D.all_reduce_sum(packed, dist)
-    total = float(packed[-1])
-    return {name: float(packed[i]) / max(total, 1.0) for i, name in enumerate(names)}
+    n = len(names)
+    return {name: float(packed[i]) / max(float(packed[n + i]), 1e-300) for i, name in enumerate(names)}
 
 
 def _agreed_names(names: list[str], dist: D.Distributed) -> list[str]:
