@@ -419,7 +419,7 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
         if ema is not None and payload.get("ema_state") is not None:
-            ema.load_state_dict(payload["ema_state"])
+            ema.load_state_dict(payload["ema_state"], payload["ema"])
         progress = Progress(**payload["progress"])
         set_rng_state(payload["rng"])
         if progress.virtual_ranks != virtual:

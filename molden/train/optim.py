@@ -62,12 +62,14 @@ class EMA:
         self.updates += 1
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+        """The counters; the averaged weights themselves are `weights()` (a checkpoint stores
+        them once, as the inference weights)."""
+        return {"decay": self.decay, "updates": self.updates}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, weights: dict) -> None:
         self.decay = float(state["decay"])
         self.updates = int(state["updates"])
-        for name, value in state["shadow"].items():
+        for name, value in weights.items():
             self.shadow[name].copy_(value)
 
     def weights(self) -> dict:

@@ -1,0 +1,1 @@
+"""Relaxation: batched L-BFGS / FIRE with a learned or physical force field."""

@@ -1,0 +1,151 @@
+"""Relax many structures at once: a queue of structures, a fixed number of slots, one batched
+optimiser; converged structures leave and the next ones move in, so the device stays busy.
+
+The energy/force provider is any callable `Batch -> (energy [B] eV, forces [N, 3] eV/Å)`: a
+molden model or ASE's EMT (`molden.relax.providers`); the optimiser does not know which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Literal, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from molden.data.batch import Batch, collate
+from molden.data.structure import Structure
+from molden.relax.optimizers import BatchedFIRE, BatchedLBFGS, FIRESettings, LBFGSSettings
+
+Method = Literal["lbfgs", "fire"]
+
+
+class ForceProvider(Protocol):
+    def __call__(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Energies [B] eV and forces [N, 3] eV/Å of `batch` at its positions."""
+        ...
+
+
+@dataclass
+class Relaxed:
+    """One structure's relaxation."""
+
+    positions: np.ndarray
+    """[N, 3] final positions, Å (not wrapped into the cell)."""
+    energy_ev: float
+    fmax_ev_per_angstrom: float
+    """Largest force norm over the free atoms at the final positions."""
+    steps: int
+    converged: bool
+
+
+def relax(
+    structures: Sequence[Structure],
+    provider: ForceProvider,
+    *,
+    method: Method = "lbfgs",
+    fmax_ev_per_angstrom: float = 0.05,
+    max_steps: int = 300,
+    batch_size: int = 64,
+    lbfgs: LBFGSSettings | None = None,
+    fire: FIRESettings | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device = "cpu",
+    on_finished: Callable[[int, Relaxed], None] | None = None,
+) -> list[Relaxed]:
+    """Relax `structures` with `provider`'s forces until every free atom's force is below
+    `fmax_ev_per_angstrom` or `max_steps` steps were taken (ASE's criterion and step count),
+    `batch_size` structures at a time. Fixed atoms never move."""
+    n = len(structures)
+    if n == 0:
+        return []
+    device = torch.device(device)
+    n_slots = min(batch_size, n)
+    n_atoms = max(len(s.numbers) for s in structures)
+    optimizer = (BatchedLBFGS(n_slots, n_atoms, lbfgs or LBFGSSettings(), dtype=dtype, device=device) if method == "lbfgs"
+                 else BatchedFIRE(n_slots, n_atoms, fire or FIRESettings(), dtype=dtype, device=device))
+    positions = torch.zeros(n_slots, n_atoms, 3, dtype=dtype, device=device)
+    free = torch.zeros(n_slots, n_atoms, dtype=torch.bool, device=device)
+    occupant = [-1] * n_slots  # structure index in each slot
+    steps = torch.zeros(n_slots, dtype=torch.long, device=device)
+    results: list[Relaxed | None] = [None] * n
+    queue = iter(range(n))
+
+    def move_in(slot: int) -> bool:
+        index = next(queue, None)
+        occupant[slot] = -1 if index is None else index
+        positions[slot] = 0
+        free[slot] = False
+        steps[slot] = 0
+        if index is None:
+            return False
+        s = structures[index]
+        k = len(s.numbers)
+        positions[slot, :k] = torch.as_tensor(s.positions, dtype=dtype, device=device)
+        fixed = np.zeros(k, bool) if s.fixed is None else np.asarray(s.fixed, bool)
+        free[slot, :k] = torch.as_tensor(~fixed, device=device)
+        optimizer.reset(torch.tensor([slot], device=device))
+        return True
+
+    for slot in range(n_slots):
+        move_in(slot)
+    layout = _Layout.of(structures, occupant, n_atoms, dtype, device)
+    while layout.slots.numel():
+        batch = replace(layout.batch, positions=positions[layout.slots_of_atoms, layout.atom_in_slot])
+        energy, forces = provider(batch)
+        padded = torch.zeros_like(positions)
+        padded[layout.slots_of_atoms, layout.atom_in_slot] = forces.to(dtype)
+        padded = padded * free[..., None]  # as FixAtoms: no force on fixed atoms
+        fmax = padded.norm(dim=2).amax(dim=1)
+        active = torch.zeros(n_slots, dtype=torch.bool, device=device)
+        active[layout.slots] = True
+        done = active & ((fmax < fmax_ev_per_angstrom) | (steps >= max_steps))
+        if bool(done.any()):
+            energy_by_slot = torch.zeros(n_slots, dtype=dtype, device=device)
+            energy_by_slot[layout.slots] = energy.detach().to(dtype)
+            for slot in torch.nonzero(done).flatten().tolist():
+                index = occupant[slot]
+                k = len(structures[index].numbers)
+                results[index] = Relaxed(
+                    positions=positions[slot, :k].cpu().numpy().copy(), energy_ev=float(energy_by_slot[slot]),
+                    fmax_ev_per_angstrom=float(fmax[slot]), steps=int(steps[slot]),
+                    converged=bool(fmax[slot] < fmax_ev_per_angstrom))
+                if on_finished is not None:
+                    on_finished(index, results[index])
+        stepping = active & ~done
+        new_positions = optimizer.step(positions, padded, stepping)
+        positions.copy_(torch.where(free[..., None], new_positions, positions))
+        steps += stepping.long()
+        if bool(done.any()):
+            for slot in torch.nonzero(done).flatten().tolist():
+                move_in(slot)
+            layout = _Layout.of(structures, occupant, n_atoms, dtype, device)
+    return [r for r in results]  # every structure finished
+
+
+@dataclass
+class _Layout:
+    """The occupied slots as one `Batch`, and where each of its atoms sits in the padding."""
+
+    batch: Batch
+    slots: Tensor
+    slots_of_atoms: Tensor
+    atom_in_slot: Tensor
+
+    @classmethod
+    def of(cls, structures, occupant, n_atoms, dtype, device) -> _Layout:
+        slots = [k for k, index in enumerate(occupant) if index >= 0]
+        if not slots:
+            empty = torch.zeros(0, dtype=torch.long, device=device)
+            return cls(batch=None, slots=empty, slots_of_atoms=empty, atom_in_slot=empty)  # type: ignore[arg-type]
+        # The queue position as system id: providers may keep per-structure state by it.
+        members = [replace(structures[occupant[k]], edge_index=None, unit_shifts=None, system_id=f"relax:{occupant[k]}")
+                   for k in slots]
+        batch = collate(members, dtype=dtype).to(device)
+        sizes = torch.tensor([len(m.numbers) for m in members], device=device)
+        slot_tensor = torch.tensor(slots, device=device)
+        slots_of_atoms = torch.repeat_interleave(slot_tensor, sizes)
+        starts = torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
+        atom_in_slot = torch.arange(int(sizes.sum()), device=device) - starts
+        return cls(batch=batch, slots=slot_tensor, slots_of_atoms=slots_of_atoms, atom_in_slot=atom_in_slot)

@@ -1,0 +1,156 @@
+"""Batched L-BFGS and FIRE in torch: many structures at once, each with its own history, step
+size and convergence, on any device.
+
+Every structure sits in a slot of padded [B, N, 3] tensors (N the largest structure), so the
+per-structure algebra is a masked reduction over one axis: no Python loop over structures or
+atoms. A slot's state is its own; nothing is shared across the batch (a shared L-BFGS history
+corrupts the curvature: kUPS #94), and a slot is reset when a new structure moves in.
+
+Both follow ASE's algorithms step for step (`ase.optimize.LBFGS`, `ase.optimize.FIRE`, ASE
+3.23+), so a structure takes the same path as under ASE, alone or in any batch, up to float
+rounding: forces on fixed atoms are zero and fixed atoms never move, as under `FixAtoms`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """[B] Σ over atoms and components of a·b, for [B, N, 3] tensors."""
+    return (a * b).sum(dim=(1, 2))
+
+
+@dataclass
+class LBFGSSettings:
+    maxstep_angstrom: float = 0.2
+    memory: int = 100
+    damping: float = 1.0
+    alpha_ev_per_angstrom2: float = 70.0
+
+
+class BatchedLBFGS:
+    """L-BFGS without line search (ASE's `LBFGS`): inverse Hessian guess 1/α, the step scaled
+    so that no atom moves more than `maxstep`, then multiplied by `damping`.
+
+    History is a ring buffer [B, M, N, 3] per slot with its own write position; entries a
+    structure does not have yet are masked out of both loops of the two-loop recursion.
+    """
+
+    def __init__(self, n_slots: int, n_atoms: int, settings: LBFGSSettings, *, dtype=torch.float64, device=None):
+        self.settings = settings
+        shape = (n_slots, settings.memory, n_atoms, 3)
+        self.s = torch.zeros(shape, dtype=dtype, device=device)
+        self.y = torch.zeros(shape, dtype=dtype, device=device)
+        self.rho = torch.zeros(n_slots, settings.memory, dtype=dtype, device=device)
+        self.head = torch.zeros(n_slots, dtype=torch.long, device=device)  # next write position
+        self.count = torch.zeros(n_slots, dtype=torch.long, device=device)
+        self.iteration = torch.zeros(n_slots, dtype=torch.long, device=device)
+        self.r0 = torch.zeros(n_slots, n_atoms, 3, dtype=dtype, device=device)
+        self.f0 = torch.zeros_like(self.r0)
+
+    def reset(self, slots: Tensor) -> None:
+        """Forget everything about the structures in `slots` (a new structure moved in)."""
+        for t in (self.rho, self.head, self.count, self.iteration, self.r0, self.f0):
+            t[slots] = 0
+
+    def step(self, positions: Tensor, forces: Tensor, active: Tensor) -> Tensor:
+        """New positions [B, N, 3] Å for the `active` [B] slots (others unchanged), from the
+        forces [B, N, 3] eV/Å at `positions` (zero on fixed and padding atoms)."""
+        cfg, m = self.settings, self.settings.memory
+        update = torch.nonzero(active & (self.iteration > 0)).flatten()
+        if update.numel():
+            s0 = positions[update] - self.r0[update]
+            y0 = self.f0[update] - forces[update]  # the gradient's change
+            slot = self.head[update]
+            self.s[update, slot] = s0
+            self.y[update, slot] = y0
+            self.rho[update, slot] = 1.0 / _dot(y0, s0)
+            self.head[update] = (slot + 1) % m
+            self.count[update] = (self.count[update] + 1).clamp(max=m)
+        rows = torch.arange(len(self.head), device=self.head.device)
+        q = -forces
+        depth = int(self.count.max()) if len(self.count) else 0
+        a = forces.new_zeros(len(rows), depth)
+        for j in range(depth):  # newest to oldest
+            k = (self.head - 1 - j) % m
+            rho = torch.where(j < self.count, self.rho[rows, k], 0.0)
+            a[:, j] = rho * _dot(self.s[rows, k], q)
+            q = q - a[:, j, None, None] * self.y[rows, k]
+        z = q / cfg.alpha_ev_per_angstrom2
+        for j in reversed(range(depth)):  # oldest to newest
+            k = (self.head - 1 - j) % m
+            rho = torch.where(j < self.count, self.rho[rows, k], 0.0)
+            b = rho * _dot(self.y[rows, k], z)
+            z = z + self.s[rows, k] * (a[:, j] - b)[:, None, None]
+        step = -z
+        longest = step.norm(dim=2).amax(dim=1)
+        scale = torch.where(longest >= cfg.maxstep_angstrom, cfg.maxstep_angstrom / longest.clamp_min(1e-300), 1.0)
+        dr = step * (scale * cfg.damping)[:, None, None]
+        keep = active[:, None, None]
+        self.r0 = torch.where(keep, positions, self.r0)
+        self.f0 = torch.where(keep, forces, self.f0)
+        self.iteration = self.iteration + active.long()
+        return torch.where(keep, positions + dr, positions)
+
+
+@dataclass
+class FIRESettings:
+    dt: float = 0.1
+    maxstep_angstrom: float = 0.2
+    dtmax: float = 1.0
+    n_min: int = 5
+    finc: float = 1.1
+    fdec: float = 0.5
+    astart: float = 0.1
+    fa: float = 0.99
+    a: float = 0.1
+
+
+class BatchedFIRE:
+    """FIRE (Bitzek et al. 2006) as ASE's `FIRE` (no downhill check): the whole structure's
+    step is scaled to at most `maxstep` in norm (ASE normalises the full 3N vector)."""
+
+    def __init__(self, n_slots: int, n_atoms: int, settings: FIRESettings, *, dtype=torch.float64, device=None):
+        self.settings = settings
+        self.v = torch.zeros(n_slots, n_atoms, 3, dtype=dtype, device=device)
+        self.dt = torch.full((n_slots,), settings.dt, dtype=dtype, device=device)
+        self.a = torch.full((n_slots,), settings.a, dtype=dtype, device=device)
+        self.n_steps = torch.zeros(n_slots, dtype=torch.long, device=device)
+        self.started = torch.zeros(n_slots, dtype=torch.bool, device=device)
+
+    def reset(self, slots: Tensor) -> None:
+        cfg = self.settings
+        self.v[slots] = 0
+        self.dt[slots] = cfg.dt
+        self.a[slots] = cfg.a
+        self.n_steps[slots] = 0
+        self.started[slots] = False
+
+    def step(self, positions: Tensor, forces: Tensor, active: Tensor) -> Tensor:
+        cfg = self.settings
+        vf = _dot(forces, self.v)
+        uphill_free = self.started & (vf > 0)
+        reset = self.started & ~(vf > 0)
+        f_norm = _dot(forces, forces).sqrt().clamp_min(1e-300)
+        v_norm = _dot(self.v, self.v).sqrt()
+        mixed = (1 - self.a)[:, None, None] * self.v + (self.a * v_norm / f_norm)[:, None, None] * forces
+        grow = uphill_free & (self.n_steps > cfg.n_min)
+        v = torch.where(uphill_free[:, None, None], mixed, torch.where(reset[:, None, None], 0.0, self.v))
+        dt = torch.where(grow, (self.dt * cfg.finc).clamp(max=cfg.dtmax), torch.where(reset, self.dt * cfg.fdec, self.dt))
+        a = torch.where(grow, self.a * cfg.fa, torch.where(reset, torch.full_like(self.a, cfg.astart), self.a))
+        n_steps = torch.where(uphill_free, self.n_steps + 1, torch.where(reset, 0, self.n_steps))
+        v = v + dt[:, None, None] * forces
+        dr = dt[:, None, None] * v
+        norm = _dot(dr, dr).sqrt()
+        dr = dr * torch.where(norm > cfg.maxstep_angstrom, cfg.maxstep_angstrom / norm.clamp_min(1e-300), 1.0)[:, None, None]
+        keep = active[:, None, None]
+        self.v = torch.where(keep, v, self.v)
+        self.dt = torch.where(active, dt, self.dt)
+        self.a = torch.where(active, a, self.a)
+        self.n_steps = torch.where(active, n_steps, self.n_steps)
+        self.started = self.started | active
+        return torch.where(keep, positions + dr, positions)
