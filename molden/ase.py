@@ -1,0 +1,43 @@
+"""`MoldenCalculator`: a trained molden model as an ASE calculator, for every ASE optimiser and
+molecular-dynamics integrator.
+
+    from molden.ase import MoldenCalculator
+    atoms.calc = MoldenCalculator("runs/s2ef/best.pt")
+    LBFGS(atoms).run(fmax=0.05)
+
+Energies in eV, forces in eV/Å on every atom (ASE applies `FixAtoms` itself). `atoms.pbc`
+is honoured as given: a slab periodic in x and y only gets images in x and y (fairchem #428
+ignored it). The radius graph is rebuilt at every call.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator, all_changes
+
+from molden.data.ase_convert import structure_from_atoms
+from molden.data.batch import collate
+from molden.models.checkpoint import load_model
+from molden.relax.providers import ModelProvider
+
+
+class MoldenCalculator(Calculator):
+    """An ASE calculator from a molden checkpoint (EMA weights) with energy and forces."""
+
+    implemented_properties = ["energy", "free_energy", "forces"]
+
+    def __init__(self, checkpoint: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float64, **kwargs):
+        super().__init__(**kwargs)
+        self.provider = ModelProvider(load_model(checkpoint, device=device, dtype=dtype))
+
+    def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes) -> None:
+        super().calculate(atoms, properties, system_changes)
+        structure = structure_from_atoms(self.atoms, system_id="ase")
+        batch = collate([structure], dtype=self.provider.dtype)
+        energy, forces = self.provider(batch)
+        self.results = {"energy": float(energy[0]), "free_energy": float(energy[0]),
+                        "forces": forces.cpu().double().numpy().astype(np.float64)}

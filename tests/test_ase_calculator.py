@@ -1,0 +1,67 @@
+"""`molden.ase.MoldenCalculator` (issue 15): forces are the energy's gradient (ASE's own
+finite-difference check), every ASE optimiser runs with it, and `atoms.pbc` is honoured."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase.build import molecule
+from ase.calculators.fd import calculate_numerical_forces
+from ase.optimize import BFGS
+from typer.testing import CliRunner
+
+from molden.ase import MoldenCalculator
+from molden.cli import train as train_cli
+
+import typer
+
+
+@pytest.fixture(scope="module")
+def conservative_checkpoint(s2ef_cache, tmp_path_factory):
+    app = typer.Typer()
+    app.command()(train_cli.finetune)
+    app.command()(train_cli.pretrain)
+    out = tmp_path_factory.mktemp("runs") / "conservative"
+    result = CliRunner().invoke(app, ["finetune", "--data", str(s2ef_cache), "--out", str(out), "--task", "s2ef",
+                                      "--model", "painn_cpu", "--change", "cutoff_angstrom=4.0", "--conservative-forces",
+                                      "--steps", "3", "--max-graphs", "8", "--eval-every", "3", "--warmup-steps", "1"])
+    assert result.exit_code == 0, result.output
+    return out / "best.pt"
+
+
+def _slab():
+    from molden.data.emt import EMTConfig, build_slab
+
+    return build_slab("Cu", "111", EMTConfig(slab_size=(2, 2), n_layers=3))
+
+
+def test_forces_are_minus_the_gradient_of_the_energy(conservative_checkpoint):
+    atoms = _slab()
+    atoms.positions += np.random.default_rng(0).normal(scale=0.05, size=atoms.positions.shape)
+    atoms.calc = MoldenCalculator(conservative_checkpoint)
+    numerical = calculate_numerical_forces(atoms, eps=1e-4)
+    np.testing.assert_allclose(atoms.get_forces(apply_constraint=False), numerical, atol=1e-6)
+
+
+def test_an_ase_optimiser_lowers_the_energy_and_leaves_fixed_atoms(conservative_checkpoint):
+    atoms = _slab()
+    atoms.positions += np.random.default_rng(1).normal(scale=0.05, size=atoms.positions.shape)
+    atoms.calc = MoldenCalculator(conservative_checkpoint)
+    start, fixed = atoms.get_potential_energy(), atoms.constraints[0].index
+    before = atoms.positions[fixed].copy()
+    BFGS(atoms, logfile=None).run(fmax=0.05, steps=20)
+    assert atoms.get_potential_energy() < start
+    np.testing.assert_array_equal(atoms.positions[fixed], before)
+
+
+def test_the_calculator_honours_atoms_pbc(conservative_checkpoint):
+    atoms = molecule("CO")
+    atoms.set_cell([3.0, 3.0, 3.0])  # periodic images within the 4 Å cutoff
+    atoms.calc = MoldenCalculator(conservative_checkpoint)
+    atoms.pbc = False
+    isolated = atoms.get_potential_energy()
+    atoms.pbc = (True, True, False)
+    slab_like = atoms.get_potential_energy()
+    atoms.pbc = True
+    bulk = atoms.get_potential_energy()
+    assert len({round(isolated, 9), round(slab_like, 9), round(bulk, 9)}) == 3
