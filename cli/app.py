@@ -9,7 +9,7 @@ import sys
 import typer
 
 from molden import __version__
-from molden.cli import demo, export, inspect, models, plot, preprocess, train
+from molden.cli import demo, export, inspect, models, plot, preprocess, relax, train
 
 app = typer.Typer(
     help="molden: denoising for molecular and materials graph neural networks.",
@@ -43,6 +43,7 @@ app.command()(train.pretrain)
 app.command()(train.finetune)
 app.command()(train.evaluate)
 app.command()(plot.plot)
+app.command()(relax.relax)
 
 
 def main() -> None:

@@ -76,3 +76,15 @@ def qm9_cache(tmp_path_factory):
     out = tmp_path_factory.mktemp("qm9") / "qm9.h5"
     run_preprocess(PreprocessConfig(source="qm9", out=out, limit=400, split=SplitConfig(val=60, test=40)))
     return out
+
+
+@pytest.fixture(scope="session")
+def emt_cache(tmp_path_factory):
+    """8 EMT adsorbate + slab relaxations (every frame, relaxed positions and energies, OC20
+    tags, ID/OOD splits), 6 Å graphs."""
+    from molden.data.emt import EMTConfig
+    from molden.pipeline.preprocess import PreprocessConfig, run_preprocess
+
+    out = tmp_path_factory.mktemp("emt") / "emt.h5"
+    run_preprocess(PreprocessConfig(source="emt", out=out, emt=EMTConfig(n_systems=8)))
+    return out

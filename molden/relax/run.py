@@ -1,0 +1,222 @@
+"""`molden relax`: relax structures with a force field (batched L-BFGS / FIRE) or predict their
+relaxed structures directly (one forward pass of an IS2RS model, Noisy Nodes §5.1), and
+compare with reference relaxed structures when the input has them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import ase.io
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from molden.data.ase_convert import atoms_from_structure
+from molden.data.batch import collate
+from molden.data.structure import Structure
+from molden.errors import MoldenConfigError, MoldenInputError
+from molden.models import keys
+from molden.relax.driver import Relaxed, relax
+from molden.relax.metrics import adwt, energy_metrics, mean_free_atom_distance
+from molden.relax.optimizers import FIRESettings, LBFGSSettings
+from molden.relax.providers import provider_for
+
+Method = Literal["direct", "lbfgs", "fire"]
+
+
+class RelaxConfig(BaseModel):
+    """What `molden relax` does."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: Path = Field(description="an ASE-readable file (every frame is relaxed) or a molden .h5 cache")
+    split: str | None = Field(None, description="cache only: the split whose systems are relaxed (from their first frame)")
+    model: str = Field("emt", description="force field for lbfgs/fire: a molden checkpoint with energy and forces, or 'emt'")
+    direct_model: Path | None = Field(None, description="checkpoint of a direct IS2RS model (position head) for 'direct'")
+    methods: list[Method] = Field(default_factory=lambda: ["lbfgs"], description="direct, lbfgs, fire")
+    fmax_ev_per_angstrom: float = Field(0.05, gt=0, description="converged when every free atom's force is below this, eV/Å")
+    max_steps: int = Field(300, ge=1, description="optimiser steps at most per structure")
+    preset: Literal["ase", "oc20"] = Field("ase", description="optimiser settings: ASE's defaults, or OC20's IS2RS L-BFGS (maxstep 0.04 Å, memory 50)")
+    batch_size: int = Field(64, ge=1, description="structures relaxed at once")
+    limit: int | None = Field(None, ge=1, description="relax only the first this many structures")
+    device: str = Field("cpu", description="cpu or cuda")
+    out: Path = Field(description="relaxed structures (.extxyz / .traj; one file per method when several)")
+    overwrite: bool = False
+
+
+def oc20_lbfgs() -> LBFGSSettings:
+    """OC20's IS2RS relaxations (fairchem #471): L-BFGS, maxstep 0.04 Å, memory 50, damping 1,
+    α 70 (300 steps, fmax 0.05 eV/Å)."""
+    return LBFGSSettings(maxstep_angstrom=0.04, memory=50, damping=1.0, alpha_ev_per_angstrom2=70.0)
+
+
+@dataclass
+class MethodResult:
+    method: str
+    structures: list[Structure]
+    energies_ev: list[float]
+    steps: list[int]
+    converged: list[bool]
+    wall_s: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def row(self) -> dict:
+        n = max(1, len(self.structures))
+        return {"method": self.method, "structures": len(self.structures), **self.metrics,
+                "mean_steps": float(np.mean(self.steps)) if self.steps else 0.0,
+                "converged_fraction": float(np.mean(self.converged)) if self.converged else 0.0,
+                "wall_s": self.wall_s, "wall_ms_per_structure": 1000 * self.wall_s / n}
+
+
+def read_inputs(config: RelaxConfig) -> list[Structure]:
+    """The structures to relax: every frame of an ASE file, or each system's first frame in a
+    cache split (with the system's relaxed positions and energy as the reference)."""
+    path = config.input
+    if not path.exists():
+        raise MoldenInputError(path, "no such file")
+    if path.suffix in (".h5", ".hdf5"):
+        from molden.data.h5_dataset import H5Dataset
+
+        dataset = H5Dataset(path, config.split)
+        first: dict[str, int] = {}
+        for i in range(len(dataset)):
+            s = dataset[i]
+            if s.system_id not in first or s.frame < dataset[first[s.system_id]].frame:
+                first[s.system_id] = i
+        structures = [dataset[i] for i in sorted(first.values())]
+    else:
+        if config.split is not None:
+            raise MoldenConfigError("--split is for .h5 caches; an ASE file is relaxed frame by frame")
+        from molden.data.readers.ase_files import read_ase
+
+        structures = list(read_ase(path))
+    structures = structures[: config.limit] if config.limit else structures
+    if not structures:
+        raise MoldenInputError(path, "no structures to relax")
+    return [replace(s, edge_index=None, unit_shifts=None) for s in structures]
+
+
+def direct_prediction(structures: Sequence[Structure], checkpoint: Path, *, device: str = "cpu",
+                      batch_size: int = 64) -> tuple[list[np.ndarray], list[float | None]]:
+    """Relaxed positions (and energies, when the model has an IS2RE head) from one forward pass
+    of a direct IS2RS model: input positions + its position-delta head, fixed atoms unmoved."""
+    from molden.models.checkpoint import load_model
+    from molden.objectives.noise import with_positions
+
+    loaded = load_model(checkpoint, device=device, dtype=torch.float64)
+    if keys.POSITION_DELTA not in loaded.spec.heads:
+        raise MoldenConfigError(f"{checkpoint}: no position head, so no direct prediction (train with "
+                                "molden finetune --task is2rs, or --task is2re with Noisy Nodes relaxed positions)")
+    task = loaded.task
+    nn = task.get("noisy_nodes") or {}
+    mean = torch.tensor(nn.get("position_delta_mean_angstrom", (0.0, 0.0, 0.0)), dtype=torch.float64)
+    std = float(nn.get("position_delta_std_angstrom", 1.0))
+    cutoff = float(loaded.spec.backbone_config().cutoff_angstrom)
+    positions, energies = [], []
+    for start in range(0, len(structures), batch_size):
+        chunk = structures[start : start + batch_size]
+        batch = collate(chunk, dtype=torch.float64).to(device)
+        batch = with_positions(batch, batch.positions, cutoff_angstrom=cutoff)
+        with torch.no_grad():
+            out = loaded.model(batch)
+        step = (out[keys.POSITION_DELTA] * std + mean.to(device)) * (~batch.fixed)[:, None]
+        moved = (batch.positions + step).cpu().numpy()
+        bounds = np.r_[0, np.cumsum(batch.n_node.cpu().numpy())]
+        positions += [moved[bounds[g] : bounds[g + 1]] for g in range(batch.num_graphs)]
+        if keys.TARGETS in out and task.get("kind") == "is2re":
+            e = out[keys.TARGETS].reshape(-1) * task["energy_std_ev"] + task["energy_mean_ev"]
+            energies += e.cpu().tolist()
+        else:
+            energies += [None] * batch.num_graphs
+    return positions, energies
+
+
+def _metrics(structures: Sequence[Structure], positions: Sequence[np.ndarray], energies: Sequence[float | None]) -> dict[str, float]:
+    """ADwT and energy metrics against the structures' reference relaxed positions/energies."""
+    out: dict[str, float] = {}
+    with_reference = [k for k, s in enumerate(structures) if s.relaxed_positions is not None]
+    if with_reference:
+        batch = collate([structures[k] for k in with_reference], dtype=torch.float64)
+        predicted = torch.as_tensor(np.concatenate([positions[k] for k in with_reference]))
+        reference = torch.as_tensor(np.concatenate([structures[k].relaxed_positions for k in with_reference]))
+        out["adwt"] = adwt(mean_free_atom_distance(batch, predicted, reference))
+    pairs = [(energies[k], s.relaxed_energy) for k, s in enumerate(structures)
+             if energies[k] is not None and s.relaxed_energy is not None]
+    if pairs:
+        out.update(energy_metrics(torch.tensor([p for p, _ in pairs]), torch.tensor([r for _, r in pairs])))
+    return out
+
+
+def run_relax(config: RelaxConfig, on_progress: Callable[[str, int, int], None] | None = None) -> list[MethodResult]:
+    """Every requested method on the input; relaxed structures written to `out` (atomically);
+    a results JSON beside it."""
+    outputs = {m: _output_path(config.out, m, len(config.methods)) for m in config.methods}
+    for path in [*outputs.values(), config.out.with_suffix(".json")]:
+        if path.exists() and not config.overwrite:
+            raise MoldenConfigError(f"{path} exists: pass --overwrite to replace it")
+        if path.resolve() == config.input.resolve():
+            raise MoldenConfigError(f"--out {path} is the input")
+    if "direct" in config.methods and config.direct_model is None:
+        raise MoldenConfigError("method 'direct' needs --direct-model (a checkpoint with a position head)")
+    structures = read_inputs(config)
+    results = []
+    for method in config.methods:
+        start = time.perf_counter()
+        if method == "direct":
+            positions, energies = direct_prediction(structures, config.direct_model, device=config.device,
+                                                    batch_size=config.batch_size)
+            steps, converged = [0] * len(structures), [True] * len(structures)
+        else:
+            provider = provider_for(config.model, device=config.device)
+            done = [0]
+
+            def finished(index: int, result: Relaxed) -> None:
+                done[0] += 1
+                if on_progress is not None:
+                    on_progress(method, done[0], len(structures))
+
+            relaxed = relax(structures, provider, method=method, fmax_ev_per_angstrom=config.fmax_ev_per_angstrom,
+                            max_steps=config.max_steps, batch_size=config.batch_size, device=config.device,
+                            lbfgs=oc20_lbfgs() if config.preset == "oc20" else None, on_finished=finished)
+            positions = [r.positions for r in relaxed]
+            energies = [r.energy_ev for r in relaxed]
+            steps = [r.steps for r in relaxed]
+            converged = [r.converged for r in relaxed]
+        wall = time.perf_counter() - start
+        out_structures = [replace(s, positions=p, energy=e, forces=None) for s, p, e in zip(structures, positions, energies)]
+        result = MethodResult(method, out_structures, energies, steps, converged, wall, _metrics(structures, positions, energies))
+        _write_structures(outputs[method], out_structures)
+        results.append(result)
+    rows = [r.row() for r in results]
+    lbfgs = next((r for r in results if r.method == "lbfgs"), None)
+    direct = next((r for r in results if r.method == "direct"), None)
+    summary = {"input": str(config.input), "model": config.model, "rows": rows}
+    if lbfgs is not None and direct is not None and direct.wall_s > 0:
+        summary["direct_speedup_over_lbfgs"] = lbfgs.wall_s / direct.wall_s
+    tmp = config.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, config.out.with_suffix(".json"))
+    return results
+
+
+def _output_path(out: Path, method: str, n_methods: int) -> Path:
+    if n_methods == 1:
+        return out
+    name = out.name
+    stem, dot, ext = name.partition(".")
+    return out.with_name(f"{stem}_{method}{dot}{ext}")
+
+
+def _write_structures(path: Path, structures: Sequence[Structure]) -> None:
+    """extxyz/traj keep tags and FixAtoms; written to a temporary name, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    fmt = "traj" if path.suffix == ".traj" else "extxyz"
+    ase.io.write(tmp, [atoms_from_structure(s) for s in structures], format=fmt)
+    os.replace(tmp, path)

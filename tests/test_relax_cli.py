@@ -1,0 +1,80 @@
+"""`molden relax` end to end (issue 15): EMT relaxations of a cache's systems reproduce the
+cache's own reference relaxations; relaxed structures keep tags and fixed atoms; direct
+prediction from a trained position head; bad options in one line."""
+
+from __future__ import annotations
+
+import json
+
+import ase.io
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from molden.cli import relax as relax_cli
+from molden.cli import train as train_cli
+
+runner = CliRunner()
+
+
+def _invoke(*args):
+    app = typer.Typer()
+    app.command()(relax_cli.relax)
+    app.command()(train_cli.finetune)
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _split(cache):
+    from molden.data import H5Dataset
+
+    return next(n for n in H5Dataset(cache).split_names if len(H5Dataset(cache, n)))
+
+
+def test_emt_lbfgs_reproduces_the_caches_reference_relaxations(emt_cache, tmp_path):
+    out = tmp_path / "relaxed.extxyz"
+    result = _invoke("relax", emt_cache, "--split", _split(emt_cache), "--method", "lbfgs", "--method", "fire",
+                     "--model", "emt", "--out", out)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["method"]: r for r in summary["rows"]}
+    # The cache's relaxations are ASE L-BFGS with EMT: molden's batched L-BFGS lands on them.
+    assert rows["lbfgs"]["adwt"] == 1.0 and rows["lbfgs"]["energy_mae_mev"] < 1.0
+    assert rows["fire"]["converged_fraction"] == 1.0
+    frames = ase.io.read(tmp_path / "relaxed_lbfgs.extxyz", ":")
+    assert len(frames) == rows["lbfgs"]["structures"]
+    assert all(len(a.constraints) == 1 and a.get_tags().max() == 2 for a in frames)
+    again = _invoke("relax", emt_cache, "--split", _split(emt_cache), "--out", out, "--method", "lbfgs",
+                    "--method", "fire")
+    assert again.exit_code == 1 and "--overwrite" in again.output
+
+
+@pytest.mark.slow
+def test_direct_prediction_from_a_trained_position_head_beside_lbfgs(emt_cache, tmp_path):
+    run = tmp_path / "is2rs"
+    trained = _invoke("finetune", "--data", emt_cache, "--out", run, "--task", "is2rs", "--model", "painn_cpu",
+                      "--steps", "4", "--max-graphs", "8", "--val-split", "val_id", "--eval-every", "4")
+    assert trained.exit_code == 0, trained.output
+    out = tmp_path / "r.extxyz"
+    result = _invoke("relax", emt_cache, "--split", _split(emt_cache), "--method", "all", "--direct-model",
+                     run / "best.pt", "--out", out, "--limit", "3")
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
+    assert set(rows) == {"direct", "lbfgs", "fire"}
+    assert 0.0 <= rows["direct"]["adwt"] <= 1.0 and rows["direct"]["mean_steps"] == 0
+    assert "faster than L-BFGS" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--method", "direct"), "needs --direct-model"),
+    (("--method", "lbfgs", "--fmax", "-1"), "invalid --fmax"),
+    (("--method", "newton"), "invalid --method"),
+])
+def test_bad_relax_options_are_one_line(emt_cache, tmp_path, args, message):
+    result = _invoke("relax", emt_cache, "--out", tmp_path / "x.extxyz", *args)
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_a_missing_input_is_one_line(tmp_path):
+    result = _invoke("relax", tmp_path / "none.traj", "--out", tmp_path / "x.extxyz")
+    assert result.exit_code == 1 and "none.traj" in result.output and "Traceback" not in result.output
