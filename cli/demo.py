@@ -37,7 +37,7 @@ def demo(
             source="emt", out=cache, workers=workers, overwrite=overwrite,
             emt=EMTConfig.model_validate({} if n_systems is None else {"n_systems": n_systems}),
         )
-        stages = 2 + (4 if train_steps else 0)
+        stages = 2 + (5 if train_steps else 0)
         console.rule(f"1/{stages}  molden preprocess emt")
         summary = run_with_progress(config)
         print_preprocess_summary(summary)
@@ -74,7 +74,7 @@ def run_training_stages(cache: Path, out_dir: Path, steps: int, stages: int, ove
         if reused:
             note_line(f"{config.run.out} already holds this finished run: reused (--train-steps or --overwrite to redo)")
         rows.append((name, summary))
-    console.rule(f"{stages}/{stages}  molden evaluate (best.pt of each fine-tuning, test splits)")
+    console.rule(f"{stages - 1}/{stages}  molden evaluate (best.pt of each fine-tuning, test splits)")
     runs = Table(title=f"molden demo: training runs ({steps} steps each)")
     for column in ("run", "wall s", "structures/s", "best validation"):
         runs.add_column(column, no_wrap=column == "run")
@@ -91,6 +91,32 @@ def run_training_stages(cache: Path, out_dir: Path, steps: int, stages: int, ove
             forces = metrics.get("forces_mae_mev_per_angstrom")
             table.add_row(name, split, f"{metrics['energy_mae_mev']:.1f}", "-" if forces is None else f"{forces:.1f}")
     console.print(table)
+    relax_stage(cache, out_dir, tests, stages)
+
+
+def relax_stage(cache: Path, out_dir: Path, tests: list[str], stages: int) -> None:
+    """Direct IS2RS prediction (the Noisy Nodes IS2RE model's position head) against L-BFGS
+    with the DeNS force field, on the in-distribution test split (Noisy Nodes §5.1)."""
+    from rich.table import Table
+
+    from molden.relax.run import RelaxConfig, run_relax
+
+    split = "test_id" if "test_id" in tests else tests[0]
+    console.rule(f"{stages}/{stages}  molden relax --method direct --method lbfgs ({split})")
+    config = RelaxConfig(input=cache, split=split, model=str(out_dir / "s2ef_dens" / "best.pt"),
+                         direct_model=out_dir / "is2re_noisy_nodes" / "best.pt", methods=["direct", "lbfgs"],
+                         max_steps=100, out=out_dir / "relaxed.extxyz", overwrite=True)
+    rows = [r.row() for r in run_relax(config)]
+    table = Table(title=f"molden demo: relaxed structures of {split} against EMT's relaxations")
+    for column in ("method", "structures", "ADwT", "mean steps", "ms / structure"):
+        table.add_column(column, no_wrap=True)
+    for r in rows:
+        table.add_row(r["method"], str(r["structures"]), f"{r.get('adwt', float('nan')):.3f}", f"{r['mean_steps']:.1f}",
+                      f"{r['wall_ms_per_structure']:.1f}")
+    console.print(table)
+    speedup = rows[1]["wall_s"] / max(rows[0]["wall_s"], 1e-9)
+    console.print(f"direct prediction: {speedup:.0f}× faster than L-BFGS with the learned force field "
+                  f"(files: {config.out.parent / 'relaxed_direct.extxyz'}, relaxed_lbfgs.extxyz, relaxed.json)")
 
 
 def print_next_steps(cache: Path, split: str, rerun: str) -> None:

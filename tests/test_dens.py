@@ -3,6 +3,8 @@ per structure, force encoding, which atoms predict noise and which forces, the p
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from dataclasses import fields
 
 import pytest
@@ -11,7 +13,8 @@ import torch
 from molden.graph import neighbor_list
 from molden.models import keys
 from molden.objectives import Objective
-from molden.objectives.dens import DENS_ATOMS, DENS_STRUCTURES, DeNS, DeNSConfig, dens_cpu, dens_oc20_2m_paper
+from molden.objectives.dens import (DENS_ATOMS, DENS_STRUCTURES, DeNS, DeNSConfig, dens_cpu,
+                                    dens_oc20_2m_paper, encoded_forces)
 from molden.objectives.supervised import S2EFConfig, S2EFLoss
 from symmetry import example_batch
 
@@ -50,7 +53,8 @@ def test_force_inputs_are_the_original_forces_of_corrupted_atoms_and_zero_elsewh
     noisy, targets = DeNS(CONFIG).corrupt(batch, torch.Generator().manual_seed(4))
     corrupted = targets[DENS_ATOMS]
     assert corrupted.any() and not corrupted.all()
-    assert torch.equal(noisy.force_inputs[corrupted], batch.forces[corrupted])
+    scale = CONFIG.s2ef.force_scale_ev_per_angstrom
+    torch.testing.assert_close(noisy.force_inputs[corrupted], encoded_forces(batch.forces[corrupted], scale))
     assert torch.all(noisy.force_inputs[~corrupted] == 0)
     assert torch.equal(targets[keys.FORCES], batch.forces) and torch.equal(targets[keys.ENERGY], batch.energy)
     assert torch.all(noisy.positions[~corrupted] == batch.positions[~corrupted])
@@ -130,3 +134,26 @@ def test_rebuilt_graph_is_the_radius_graph_of_the_noised_positions(batch):
     edge_index, shifts = neighbor_list(noisy.positions, 5.0, cell=noisy.cell, pbc=noisy.pbc, batch=noisy.batch, n_node=noisy.n_node)
     key = lambda ei, s: sorted(zip(ei[0].tolist(), ei[1].tolist(), map(tuple, s.tolist())))  # noqa: E731
     assert key(noisy.edge_index, noisy.unit_shifts) == key(edge_index, shifts)
+
+
+def test_encoded_forces_keep_direction_and_order_but_stay_below_one():
+    forces = torch.tensor([[0.3, 0.0, 0.4], [30.0, 0.0, 40.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    encoded = encoded_forces(forces, 0.5)
+    norms = encoded.norm(dim=1)
+    torch.testing.assert_close(norms[:2], torch.tensor([0.5, 100 / 101], dtype=torch.float64))  # m/(1+m), m = |f|/σ_F
+    torch.testing.assert_close(encoded[1] / norms[1], forces[1] / forces[1].norm())  # same direction
+    assert torch.equal(encoded[2], torch.zeros(3, dtype=torch.float64))
+
+
+def test_painn_stays_finite_with_a_huge_input_force(batch):
+    from molden.models import Model, NodeVectorHead, keys as k
+    from molden.models.painn import build_painn, painn_cpu
+
+    torch.manual_seed(0)
+    backbone = build_painn(painn_cpu())
+    model = Model(backbone, {k.FORCES: NodeVectorHead(backbone.scalar_dim, backbone.vector_dim)}).float()
+    loud = replace(batch, forces=batch.forces * 0 + 55.0).to(dtype=torch.float32)  # the worst EMT frame's 55 eV/Å
+    emt_scale = CONFIG.s2ef.model_copy(update={"force_scale_ev_per_angstrom": 0.24})  # EMT's force rms
+    config = CONFIG.model_copy(update={"probability": 1.0, "corruption_ratio": 1.0, "s2ef": emt_scale})
+    noisy, _ = DeNS(config).corrupt(loud, torch.Generator().manual_seed(0))
+    assert torch.isfinite(model(noisy)[k.FORCES]).all()

@@ -51,9 +51,10 @@ class Batch:
         targets: [B, T] graph-level targets in the order of `target_names`, or None.
         target_names: names of the columns of `targets`.
         system_ids: the B `Structure.system_id`s, so predictions map back to records.
-        force_inputs: [N, 3] forces given to the model as an input, eV/Å (DeNS §3.2.2 force
-            encoding: the original structure's forces for the atoms being denoised, zero rows
-            elsewhere), or None when no forces are encoded.
+        force_inputs: [N, 3] forces given to the model as an input, in units of the training
+            set's force scale σ_F with magnitudes clipped (DeNS §3.2.2 force encoding: the
+            original structure's forces for the atoms being denoised, zero rows elsewhere;
+            `molden.objectives.dens.encoded_forces`), or None when no forces are encoded.
     """
 
     positions: Tensor

@@ -105,11 +105,18 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", ema: boo
     spec = ModelSpec.model_validate_json(payload["model_spec"])
     model = build_model(spec)
     state = payload["ema"] if ema and payload.get("ema") is not None else payload["model"]
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        first = str(error).splitlines()[0]
-        raise MoldenInputError(path, f"the weights do not fit the model the checkpoint describes: {first}") from None
+    expected = model.state_dict()
+    for name in set(expected) - set(state):
+        if name.endswith("element_reference"):  # checkpoints from before per-element offsets: none
+            state[name] = torch.zeros_like(expected[name])
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    misshapen = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or misshapen:
+        parts = [f"{label} {names[:3]}{' …' if len(names) > 3 else ''}" for label, names in
+                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen)) if names]
+        raise MoldenInputError(path, "the weights do not fit the model the checkpoint describes (written by another "
+                                     f"molden version?): {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
     dtype = dtype or getattr(torch, str(payload.get("dtype", "float32")))
     model = model.to(device=device, dtype=dtype).eval()
     return LoadedModel(model=model, spec=spec, task=json.loads(payload.get("task", "{}")), path=Path(path))

@@ -81,6 +81,16 @@ def dens_cpu() -> DeNSConfig:
     return dens_oc20_2m_paper().model_copy(update={"cutoff_angstrom": 5.0, "max_num_neighbors": None})
 
 
+def encoded_forces(forces: Tensor, scale_ev_per_angstrom: float) -> Tensor:
+    """[N, 3] the force inputs a backbone encodes: m/(1 + m) times the force's direction,
+    m = |f|/σ_F, so a typical force (1 σ_F) enters at 0.5 and none above 1, with the order of
+    magnitudes kept (a rotation-equivariant map). Raw eV/Å inputs of tens of eV/Å made PaiNN's
+    multiplicative vector updates overflow, and even 3 σ_F sends an untrained PaiNN's outputs
+    to 1e5 (docs/RESULTS.md, experiment 3; tests/test_dens.py)."""
+    scaled = forces / scale_ev_per_angstrom
+    return scaled / (1.0 + scaled.norm(dim=1, keepdim=True))
+
+
 @dataclass
 class DeNS:
     """The DeNS objective (DeNS §3.2, Algorithm 2 of App. F)."""
@@ -96,7 +106,8 @@ class DeNS:
         return False
 
     def corrupt(self, batch: Batch, generator: torch.Generator) -> tuple[Batch, dict[str, Tensor]]:
-        """The partially corrupted batch with the corrupted atoms' forces as `force_inputs`;
+        """The partially corrupted batch with the corrupted atoms' forces as `force_inputs`
+        (bounded, in units of σ_F: `encoded_forces`);
         targets: the S2EF targets of the original structures (energy eV, forces eV/Å),
         `keys.NOISE` ε/σ [N, 3] (zero on uncorrupted atoms), `DENS_ATOMS`, `DENS_STRUCTURES`.
 
@@ -114,7 +125,7 @@ class DeNS:
         noise = gaussian_noise(batch, c.sigma_angstrom, generator, mask=corrupted)
         noisy = with_positions(batch, batch.positions + noise, rebuild_graph=c.rebuild_graph,
                                cutoff_angstrom=c.cutoff_angstrom, max_num_neighbors=c.max_num_neighbors)
-        noisy = replace(noisy, force_inputs=forces * corrupted[:, None].to(forces.dtype))
+        noisy = replace(noisy, force_inputs=encoded_forces(forces, c.s2ef.force_scale_ev_per_angstrom) * corrupted[:, None].to(forces.dtype))
         targets.update({keys.NOISE: noise / c.sigma_angstrom, DENS_ATOMS: corrupted, DENS_STRUCTURES: structures})
         return noisy, targets
 

@@ -69,6 +69,18 @@ def run_or_reuse(config: PretrainConfig | FinetuneConfig, reporter: Reporter | N
     out = Path(config.run.out)
     saved_config, saved_summary = out / CONFIG_FILE, out / SUMMARY_FILE
     if not redo and saved_config.is_file() and saved_summary.is_file():
-        if json.loads(saved_config.read_text()) == config.model_dump(mode="json"):
+        if json.loads(saved_config.read_text()) == config.model_dump(mode="json") and _loads(out / "best.pt"):
             return json.loads(saved_summary.read_text()), True
     return train(config, overwrite=True, reporter=reporter), False
+
+
+def _loads(checkpoint: Path) -> bool:
+    """Whether this molden can load the checkpoint (one from an older version may not)."""
+    from molden.errors import MoldenError
+    from molden.models.checkpoint import load_model
+
+    try:
+        load_model(checkpoint)
+    except MoldenError:
+        return False
+    return True
