@@ -197,6 +197,7 @@ def evaluate(
     split: str = typer.Option("test", help="the split evaluated"),
     max_graphs: int = typer.Option(64, help="structures per batch"),
     device: str = typer.Option("auto", help="cpu | cuda | auto"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads", min=1),
     out: Optional[Path] = typer.Option(None, "--out", help="write the metrics as JSON here"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing --out file"),
 ) -> None:
@@ -205,6 +206,10 @@ def evaluate(
 
     from molden.train.evaluate import evaluate_checkpoint
 
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     with user_errors(OPTION_NAMES):
         if out is not None and out.exists() and not overwrite:
             from molden.errors import MoldenConfigError
