@@ -90,7 +90,7 @@ _CONFIG = typer.Option(None, "--config", help="YAML/TOML/JSON file with any opti
 _MODEL = typer.Option(None, "--model", help="backbone preset (`molden models`)")
 _CHANGE = typer.Option(None, "--change", help="backbone field changed from the preset, FIELD=VALUE (repeatable)")
 _STEPS = typer.Option(None, help="optimiser steps  [default: 1000]")
-_LR = typer.Option(None, help="peak learning rate  [default: 1e-3]")
+_LR = typer.Option(None, help="peak learning rate  [default: 0.001]")
 _MAX_GRAPHS = typer.Option(None, help="structures per batch at most  [default: 32]")
 _MAX_ATOMS = typer.Option(None, help="atoms per batch at most")
 _MAX_EDGES = typer.Option(None, help="edges per batch at most")

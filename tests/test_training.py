@@ -277,3 +277,45 @@ def test_a_checkpoint_resumes_under_another_number_of_processes_from_the_next_ep
     assert "resuming 2 processes × accumulation on 1" in more.output
     progress = read_checkpoint(out / "last.pt")["progress"]
     assert progress["step"] == 9 and progress["virtual_ranks"] == 1
+
+
+def test_the_defaults_shown_in_help_are_the_configs_defaults():
+    import inspect
+    import re
+
+    from molden.train.config import DataConfig, FinetuneConfig, OptimConfig, PretrainConfig, RunConfig, default_denoising
+    from molden.objectives.dens import DeNSConfig
+    from molden.objectives.noisy_nodes import NoisyNodesConfig
+    from molden.objectives.supervised import S2EFConfig
+
+    def default(model, name):
+        return model.model_fields[name].get_default(call_default_factory=True)
+
+    truth = {
+        "steps": default(RunConfig, "steps"), "lr": default(OptimConfig, "lr"), "max_graphs": default(DataConfig, "max_graphs"),
+        "workers": default(DataConfig, "workers"), "seed": default(RunConfig, "seed"), "device": default(RunConfig, "device"),
+        "dtype": default(RunConfig, "dtype"), "log_every": default(RunConfig, "log_every"),
+        "eval_every": default(RunConfig, "eval_every"), "checkpoint_every": default(RunConfig, "checkpoint_every"),
+        "warmup_steps": default(OptimConfig, "warmup_steps"), "ema_decay": default(OptimConfig, "ema_decay"),
+        "accumulate": default(OptimConfig, "accumulate"), "val_split": default(DataConfig, "val_split"),
+        "frames": default(DataConfig, "frames"),
+        "noisy_nodes_target": f"{default(NoisyNodesConfig, 'node_target')}; is2re: relaxed_positions",
+        "sigma": default_denoising(5.0).sigma_angstrom, "mask_prob": default_denoising(5.0).mask_probability,
+        "atom_type_weight": default_denoising(5.0).atom_type_loss_weight, "task": default(FinetuneConfig, "task"),
+        "target": default(FinetuneConfig, "targets")[0], "noisy_nodes_weight": default(NoisyNodesConfig, "node_loss_weight"),
+        "dens_probability": default(DeNSConfig, "probability"), "dens_sigma": default(DeNSConfig, "sigma_angstrom"),
+        "dens_ratio": default(DeNSConfig, "corruption_ratio"), "dens_coefficient": default(DeNSConfig, "coefficient"),
+        "energy_coefficient": default(S2EFConfig, "energy_coefficient"), "force_coefficient": default(S2EFConfig, "force_coefficient"),
+    }
+    assert default(PretrainConfig, "model").preset == "gns_tat_cpu"
+    seen = 0
+    for command in (train_cli.pretrain, train_cli.finetune):
+        for name, parameter in inspect.signature(command).parameters.items():
+            shown = re.search(r"\[default: ([^\]]+)\]", getattr(parameter.default, "help", "") or "")
+            if shown is None:
+                continue
+            seen += 1
+            assert name in truth, name
+            value = truth[name]
+            assert shown.group(1) == (str(value) if isinstance(value, str) else f"{value:g}"), (name, shown.group(1), value)
+    assert seen >= len(truth)
