@@ -1,0 +1,159 @@
+"""The paper-experiment configs in examples/configs (issue 14): each validates into its command's
+config as written (no cutoff filling), names presets that exist, carries the objective preset
+it says it does, has a CPU twin of the same recipe, is listed in the README, and the QM9 twin
+trains through `molden finetune --config`."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from molden.cli import train as train_cli
+from molden.models.presets import PRESETS
+from molden.models.spec import backbone_from_preset
+from molden.objectives import dens, denoising, noisy_nodes, supervised
+from molden.train.config import FinetuneConfig, PretrainConfig, load_config, read_config_file
+
+CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
+FILES = sorted(CONFIGS.glob("*.yaml"))
+PAPER = sorted(p for p in FILES if p.stem.endswith("_paper"))
+OBJECTIVE_SECTIONS = ("noisy_nodes", "dens", "denoising")
+"""Sections whose graph is rebuilt under noise: each must give its cutoff."""
+
+# The objective preset each file's objective section equals (and says so in a comment).
+OBJECTIVE_PRESETS = {
+    "qm9_homo_noisy_nodes_paper": ("noisy_nodes", noisy_nodes.noisy_nodes_qm9_paper),
+    "qm9_homo_noisy_nodes_cpu": ("noisy_nodes", noisy_nodes.noisy_nodes_qm9_cpu),
+    "oc20_is2re_noisy_nodes_paper": ("noisy_nodes", noisy_nodes.noisy_nodes_oc20_paper),
+    "oc20_is2re_noisy_nodes_cpu": ("noisy_nodes", noisy_nodes.noisy_nodes_emt_cpu),
+    "pcqm4mv2_pretrain_paper": ("denoising", denoising.denoising_pcqm4mv2_paper),
+    "pcqm4mv2_pretrain_cpu": ("denoising", denoising.denoising_cpu),
+    "qm9_homo_from_pretrained_paper": ("noisy_nodes", noisy_nodes.noisy_nodes_qm9_finetune_paper),
+    "qm9_homo_from_pretrained_cpu": ("noisy_nodes", noisy_nodes.noisy_nodes_qm9_finetune_paper),
+    "s2ef_dens_paper": ("dens", dens.dens_oc20_2m_paper),
+    "s2ef_dens_cpu": ("dens", dens.dens_cpu),
+    "forcenet_s2ef_paper": ("s2ef", supervised.s2ef_forcenet_paper),
+    "forcenet_s2ef_cpu": ("s2ef", supervised.s2ef_forcenet_paper),
+}
+OBJECTIVE_MODULES = (noisy_nodes, denoising, dens, supervised)
+
+
+def _load(path: Path) -> PretrainConfig | FinetuneConfig:
+    raw = read_config_file(path)
+    return load_config(PretrainConfig if "denoising" in raw else FinetuneConfig, path)
+
+
+def _ids(paths):
+    return [p.stem for p in paths]
+
+
+def test_there_is_a_config_pair_for_every_paper_experiment():
+    assert {p.stem.removesuffix("_paper") for p in PAPER} == {
+        "qm9_homo_noisy_nodes", "oc20_is2re_noisy_nodes", "pcqm4mv2_pretrain", "qm9_homo_from_pretrained",
+        "s2ef_dens", "forcenet_s2ef"}
+    assert set(_ids(FILES)) == set(OBJECTIVE_PRESETS)
+
+
+@pytest.mark.parametrize("path", FILES, ids=_ids(FILES))
+def test_each_config_validates_as_written_with_explicit_rebuild_cutoffs(path):
+    raw = read_config_file(path)
+    config = _load(path)  # no fill_cutoffs: the file must be complete
+    assert isinstance(config, PretrainConfig) == ("denoising" in raw)
+    for section in OBJECTIVE_SECTIONS:
+        if section in raw:
+            assert "cutoff_angstrom" in raw[section], f"{path.name}: {section} gives no cutoff_angstrom"
+    # placeholders the user overrides with --data / --out, relative to where molden runs
+    assert not config.data.path.is_absolute() and not config.run.out.is_absolute()
+    assert config.data.path.suffix == ".h5"
+
+
+@pytest.mark.parametrize("path", FILES, ids=_ids(FILES))
+def test_each_config_names_an_existing_model_preset_of_its_size(path):
+    config = _load(path)
+    assert config.model.preset in PRESETS
+    size = path.stem.rsplit("_", 1)[1]
+    assert config.model.preset.endswith(f"_{size}"), f"{path.name} uses {config.model.preset}"
+    backbone_from_preset(config.model.preset, **config.model.changes)  # the changes are fields of it
+
+
+@pytest.mark.parametrize("path", FILES, ids=_ids(FILES))
+def test_the_objective_section_equals_the_preset_its_comment_names(path):
+    section, preset = OBJECTIVE_PRESETS[path.stem]
+    config = _load(path)
+    assert getattr(config, section) == preset(), f"{path.name}: {section} differs from {preset.__name__}()"
+    assert f"{preset.__name__}()" in path.read_text()
+
+
+@pytest.mark.parametrize("path", FILES, ids=_ids(FILES))
+def test_every_preset_function_a_comment_names_exists(path):
+    named = set(re.findall(r"\b(\w+_(?:paper|cpu))\(\)", path.read_text()))
+    assert named, f"{path.name} names no preset"
+    for name in named:
+        assert any(callable(getattr(m, name, None)) for m in OBJECTIVE_MODULES) or name in PRESETS, name
+
+
+@pytest.mark.parametrize("path", FILES, ids=_ids(FILES))
+def test_the_graph_rebuilt_under_noise_has_the_model_radius(path):
+    config = _load(path)
+    cutoff = backbone_from_preset(config.model.preset, **config.model.changes).cutoff_angstrom
+    for section in OBJECTIVE_SECTIONS:
+        objective = getattr(config, section, None)
+        if objective is not None:
+            assert objective.cutoff_angstrom == pytest.approx(cutoff), f"{path.name}: {section}"
+
+
+@pytest.mark.parametrize("paper", PAPER, ids=_ids(PAPER))
+def test_each_paper_config_has_a_cpu_twin_of_the_same_recipe(paper):
+    twin = paper.with_name(paper.name.replace("_paper.yaml", "_cpu.yaml"))
+    assert twin.is_file(), f"{paper.name} has no {twin.name}"
+    big, small = _load(paper), _load(twin)
+    assert type(big) is type(small)
+    assert small.run.device == "cpu" and big.run.device != "cpu"
+    assert small.run.steps < big.run.steps
+    if isinstance(big, FinetuneConfig):
+        assert (small.task, small.targets, small.model.conservative_forces) == (big.task, big.targets, big.model.conservative_forces)
+        assert (small.noisy_nodes is None, small.dens is None, small.init is None) == (big.noisy_nodes is None, big.dens is None, big.init is None)
+        if big.noisy_nodes is not None:
+            assert small.noisy_nodes.node_target == big.noisy_nodes.node_target
+        if big.dens is None and big.noisy_nodes is None:
+            assert small.s2ef == big.s2ef
+    assert small.optim.optimizer == big.optim.optimizer and small.optim.schedule == big.optim.schedule
+
+
+def test_every_cpu_config_has_a_paper_twin():
+    for cpu in CONFIGS.glob("*_cpu.yaml"):
+        assert cpu.with_name(cpu.name.replace("_cpu.yaml", "_paper.yaml")).is_file(), cpu.name
+
+
+@pytest.mark.parametrize("size", ["paper", "cpu"])
+def test_fine_tuning_starts_from_its_pretraining_run_with_the_same_backbone(size):
+    pretrain = _load(CONFIGS / f"pcqm4mv2_pretrain_{size}.yaml")
+    finetune = _load(CONFIGS / f"qm9_homo_from_pretrained_{size}.yaml")
+    assert finetune.init == pretrain.run.out / "best.pt"
+    assert (finetune.model.preset, finetune.model.changes) == (pretrain.model.preset, pretrain.model.changes)
+    assert finetune.data.path == pretrain.data.path or size == "paper"
+
+
+def test_the_readme_gives_every_config_and_its_command():
+    readme = (CONFIGS / "README.md").read_text()
+    for path in FILES:
+        command = "pretrain" if "denoising" in read_config_file(path) else "finetune"
+        assert f"molden {command} --config examples/configs/{path.name}" in readme, path.name
+
+
+def test_the_qm9_cpu_config_trains_through_the_command_line(qm9_cache, tmp_path):
+    app = typer.Typer()
+    app.command()(train_cli.finetune)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["--config", str(CONFIGS / "qm9_homo_noisy_nodes_cpu.yaml"), "--steps", "2",
+                                      "--data", str(qm9_cache), "--out", str(out), "--log-every", "1"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["run"]["steps"] == 2 and saved["data"]["path"] == str(qm9_cache)  # the command line wins
+    assert saved["noisy_nodes"]["sigma_angstrom"] == 0.02 and saved["data"]["max_atoms"] == 256  # the file's values
+    assert (out / "best.pt").is_file()
