@@ -116,7 +116,7 @@ def pretrain(
     data: Optional[Path] = _DATA, out: Optional[Path] = _OUT, config_file: Optional[Path] = _CONFIG,
     model: Optional[str] = _MODEL, change: Optional[List[str]] = _CHANGE,
     sigma: Optional[float] = typer.Option(None, help="position noise σ, Å  [default: 0.02]"),
-    frames: Optional[str] = typer.Option(None, help="all | relaxed (the last frame of each trajectory: equilibrium structures)  [default: all]"),
+    frames: Optional[str] = typer.Option(None, help="all | initial | relaxed (each trajectory's first or last frame)  [default: all]"),
     mask_prob: Optional[float] = typer.Option(None, help="probability an atom's type is masked  [default: 0.75]"),
     atom_type_weight: Optional[float] = typer.Option(None, help="weight of the masked-type loss  [default: 4]"),
     steps: Optional[int] = _STEPS, lr: Optional[float] = _LR, max_graphs: Optional[int] = _MAX_GRAPHS,
@@ -195,6 +195,7 @@ def evaluate(
     checkpoint: Path = typer.Argument(..., help="a checkpoint (best.pt or last.pt of a run)"),
     data: Path = typer.Option(..., "--data", help="the .h5 cache to evaluate on"),
     split: str = typer.Option("test", help="the split evaluated"),
+    frames: str = typer.Option("all", help="all | initial | relaxed: every frame, or each trajectory's first (IS2RE) or last"),
     max_graphs: int = typer.Option(64, help="structures per batch"),
     device: str = typer.Option("auto", help="cpu | cuda | auto"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads", min=1),
@@ -215,7 +216,8 @@ def evaluate(
             from molden.errors import MoldenConfigError
 
             raise MoldenConfigError(f"--out {out} exists: pass --overwrite to replace it")
-        result = evaluate_checkpoint(checkpoint, data, split=split, max_graphs=max_graphs, device=device, out=out)
+        result = evaluate_checkpoint(checkpoint, data, split=split, max_graphs=max_graphs, device=device, out=out,
+                                     frames=frames)
     table = Table(title=f"{checkpoint} on {data} [{split}], {result['structures']:,} structures")
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -319,3 +319,21 @@ def test_the_defaults_shown_in_help_are_the_configs_defaults():
             value = truth[name]
             assert shown.group(1) == (str(value) if isinstance(value, str) else f"{value:g}"), (name, shown.group(1), value)
     assert seen >= len(truth)
+
+
+def test_frames_select_each_trajectorys_first_or_last_frame(emt_cache):
+    import numpy as np
+
+    from molden.data import H5Dataset
+    from molden.train.config import DataConfig
+    from molden.train.data import open_split
+
+    everything = H5Dataset(emt_cache, "train")
+    systems = {everything[i].system_id for i in range(len(everything))}
+    for which, pick in (("initial", min), ("relaxed", max)):
+        chosen = open_split(DataConfig(path=emt_cache, frames=which), "train")
+        frames = {chosen[i].system_id: chosen[i].frame for i in range(len(chosen))}
+        assert len(chosen) == len(systems) == len(frames)
+        expected = {s: pick(everything[i].frame for i in range(len(everything)) if everything[i].system_id == s) for s in systems}
+        assert frames == expected
+    assert np.array_equal(open_split(DataConfig(path=emt_cache), "train").indices, everything.indices)

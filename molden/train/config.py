@@ -35,7 +35,7 @@ class DataConfig(_Strict):
     train_split: str = Field("train", description="split trained on")
     val_split: str | None = Field("val", description="split validated on (None: no validation)")
     train_size: int | None = Field(None, ge=1, description="train on a seeded random subset of this many structures of the train split")
-    frames: Literal["all", "relaxed"] = Field("all", description="all structures, or only the last frame of each system's trajectory (the relaxed, equilibrium structure)")
+    frames: Literal["all", "initial", "relaxed"] = Field("all", description="all structures, or only the first (initial) or last (relaxed, equilibrium) frame of each system's trajectory")
     max_graphs: int | None = Field(32, ge=1, description="structures per batch at most (per process; the global batch is this × processes × accumulation)")
     max_atoms: int | None = Field(None, ge=1, description="atoms per batch at most")
     max_edges: int | None = Field(None, ge=1, description="edges of the cached graphs per batch at most")

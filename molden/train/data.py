@@ -32,11 +32,11 @@ from molden.train.config import DataConfig
 
 
 def open_split(config: DataConfig, split: str, *, subset: int | None = None, seed: int = 0) -> H5Dataset:
-    """The cache's `split` (its relaxed frames only with `frames="relaxed"`), or a seeded random
-    subset of `subset` of its structures."""
+    """The cache's `split` (only each trajectory's first or last frame with `frames="initial"`
+    or `"relaxed"`), or a seeded random subset of `subset` of its structures."""
     dataset = H5Dataset(config.path, split)
-    if config.frames == "relaxed":
-        dataset.indices = dataset.indices[last_frames(config.path, dataset.indices)]
+    if config.frames != "all":
+        dataset.indices = dataset.indices[trajectory_frames(config.path, dataset.indices, config.frames)]
     if len(dataset) == 0:
         raise MoldenConfigError(f"{config.path}: split {split!r} is empty")
     if subset is not None:
@@ -47,17 +47,23 @@ def open_split(config: DataConfig, split: str, *, subset: int | None = None, see
     return dataset
 
 
-def last_frames(path, indices: np.ndarray) -> np.ndarray:
-    """Positions in `indices` of the structures that are the last frame of their system."""
+def trajectory_frames(path, indices: np.ndarray, which: str) -> np.ndarray:
+    """Positions in `indices` of the structures that are the first ("initial") or last
+    ("relaxed") frame of their system's trajectory."""
     with open_cache(path) as f:
         if S.FRAME not in f:
             return np.arange(len(indices))
         frame = f[S.FRAME][:][indices]
         system = f[S.SYSTEM_ID].asstr()[:][indices] if len(indices) else np.zeros(0, dtype=object)
     _, owner = np.unique(system, return_inverse=True)
-    last = np.full(owner.max() + 1 if len(owner) else 0, -1, dtype=np.int64)
-    np.maximum.at(last, owner, frame)
-    return np.flatnonzero(frame == last[owner])
+    n = owner.max() + 1 if len(owner) else 0
+    if which == "relaxed":
+        chosen = np.full(n, -1, dtype=np.int64)
+        np.maximum.at(chosen, owner, frame)
+    else:
+        chosen = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(chosen, owner, frame)
+    return np.flatnonzero(frame == chosen[owner])
 
 
 def batch_sampler(dataset: H5Dataset, config: DataConfig, *, seed: int, virtual_ranks: int) -> DynamicBatchSampler:

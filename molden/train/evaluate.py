@@ -28,7 +28,7 @@ def saved_config(payload: dict[str, Any], path: Path) -> PretrainConfig | Finetu
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str = "test", max_graphs: int = 64,
-                        device: str = "auto", out: str | Path | None = None) -> dict[str, Any]:
+                        device: str = "auto", out: str | Path | None = None, frames: str = "all") -> dict[str, Any]:
     """{"metrics": {name: value}, "structures": n, ...} of the checkpoint's EMA model on `split`
     of `data` (each batch's terms weighted by its structures); written as JSON to `out`."""
     checkpoint = Path(checkpoint)
@@ -40,14 +40,14 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str 
     for module in (getattr(objective, "normalizer", None),):
         if module is not None:
             module.to(torch_device)
-    data_config = DataConfig(path=Path(data), max_graphs=max_graphs, val_split=split)
+    data_config = DataConfig(path=Path(data), max_graphs=max_graphs, val_split=split, frames=frames)
     dataset = open_split(data_config, split)
     batches = validation_batches(dataset, data_config, rank=0, world_size=1)
     dtype = next(loaded.model.parameters()).dtype
     trim = trim_cutoff(loaded.spec.backbone_config(), dataset)
     metrics = evaluate(loaded.model, objective, dataset, batches, device=torch_device, dtype=dtype,
                        seed=config.run.seed, data_config=data_config, trim_cutoff_angstrom=trim)
-    result = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "structures": len(dataset),
+    result = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "frames": frames, "structures": len(dataset),
               "task": loaded.task.get("kind"), "metrics": metrics}
     if out is not None:
         out = Path(out)
