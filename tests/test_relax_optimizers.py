@@ -62,10 +62,10 @@ def test_batched_optimisers_reach_ases_minima_alone_and_in_one_batch(systems, me
     assert len(stable) >= N_SYSTEMS - 2, f"only {len(stable)} of {N_SYSTEMS} relaxations are well conditioned"
     structures = [structure_from_atoms(atoms) for atoms in systems]
     provider = ASECalculatorProvider()
-    together = relax(structures, provider, method=method, fmax_ev_per_angstrom=FMAX, max_steps=MAX_STEPS, batch_size=N_SYSTEMS)
-    queued = relax(structures, provider, method=method, fmax_ev_per_angstrom=FMAX, max_steps=MAX_STEPS, batch_size=3)
-    alone = {k: relax([structures[k]], provider, method=method, fmax_ev_per_angstrom=FMAX, max_steps=MAX_STEPS)[0]
-             for k in stable[:4]}
+    exact = dict(method=method, fmax_ev_per_angstrom=FMAX, max_steps=MAX_STEPS, lbfgs=LBFGSSettings(curvature_guard=False))
+    together = relax(structures, provider, batch_size=N_SYSTEMS, **exact)
+    queued = relax(structures, provider, batch_size=3, **exact)
+    alone = {k: relax([structures[k]], provider, **exact)[0] for k in stable[:4]}
     for k in stable:
         positions, energy, steps = reference[k]
         for result in (together[k], queued[k]) + ((alone[k],) if k in alone else ()):
@@ -94,3 +94,31 @@ def test_settings_follow_ases_defaults():
     assert (s.dt, s.dtmax, s.n_min, s.finc, s.fdec, s.astart, s.fa, s.a) == tuple(
         fire[k].default for k in ("dt", "dtmax", "Nmin", "finc", "fdec", "astart", "fa", "a"))
     assert s.maxstep_angstrom == FIRE.defaults["maxstep"]
+
+
+def test_lbfgs_skips_pairs_of_negative_curvature_and_stays_finite():
+    """On a concave surface (E = −k|x|²/2, forces +k x) y·s < 0: the guard does not store the
+    pair, so the inverse-Hessian estimate stays positive definite and the step bounded."""
+    import torch
+
+    from molden.relax.optimizers import BatchedLBFGS
+
+    optimizer = BatchedLBFGS(1, 2, LBFGSSettings(curvature_guard=True))
+    positions = torch.tensor([[[0.1, 0.0, 0.0], [0.0, -0.2, 0.0]]], dtype=torch.float64)
+    active = torch.tensor([True])
+    for _ in range(5):
+        positions = optimizer.step(positions, 2.0 * positions, active)
+        assert torch.isfinite(positions).all()
+    assert int(optimizer.count[0]) == 0  # no pair stored
+    step = (optimizer.step(positions, 2.0 * positions, active) - positions).norm(dim=2).max()
+    assert float(step) <= LBFGSSettings().maxstep_angstrom + 1e-12
+
+
+@pytest.mark.slow
+def test_the_curvature_guard_converges_where_ases_lbfgs_stalls(systems):
+    """System 9 (`LBFGSSettings.curvature_guard`): ASE's L-BFGS stores negative-curvature pairs and is
+    unconverged after 300 steps; the guarded one converges to fmax."""
+    structure = structure_from_atoms(systems[9])
+    positions, _, ase_steps = _ase_relax(systems[9], "lbfgs")
+    guarded = relax([structure], ASECalculatorProvider(), method="lbfgs", fmax_ev_per_angstrom=FMAX, max_steps=MAX_STEPS)[0]
+    assert ase_steps == MAX_STEPS and guarded.converged and guarded.steps < MAX_STEPS

@@ -100,7 +100,10 @@ def relax(
         fmax = padded.norm(dim=2).amax(dim=1)
         active = torch.zeros(n_slots, dtype=torch.bool, device=device)
         active[layout.slots] = True
-        done = active & ((fmax < fmax_ev_per_angstrom) | (steps >= max_steps))
+        # A non-finite force (a learned model far outside its data) ends that structure's
+        # relaxation, unconverged, before it can poison the positions and the graph.
+        broken = ~torch.isfinite(fmax)
+        done = active & ((fmax < fmax_ev_per_angstrom) | (steps >= max_steps) | broken)
         if bool(done.any()):
             energy_by_slot = torch.zeros(n_slots, dtype=dtype, device=device)
             energy_by_slot[layout.slots] = energy.detach().to(dtype)
@@ -110,7 +113,7 @@ def relax(
                 results[index] = Relaxed(
                     positions=positions[slot, :k].cpu().numpy().copy(), energy_ev=float(energy_by_slot[slot]),
                     fmax_ev_per_angstrom=float(fmax[slot]), steps=int(steps[slot]),
-                    converged=bool(fmax[slot] < fmax_ev_per_angstrom))
+                    converged=bool(fmax[slot] < fmax_ev_per_angstrom))  # False for NaN
                 if on_finished is not None:
                     on_finished(index, results[index])
         stepping = active & ~done

@@ -138,7 +138,8 @@ def direct_prediction(structures: Sequence[Structure], checkpoint: Path, *, devi
 
 
 def _metrics(structures: Sequence[Structure], positions: Sequence[np.ndarray], energies: Sequence[float | None]) -> dict[str, float]:
-    """ADwT and energy metrics against the structures' reference relaxed positions/energies."""
+    """ADwT and energy metrics against the structures' reference relaxed positions/energies;
+    energies over the structures whose relaxation stayed finite, `failed` counting the others."""
     out: dict[str, float] = {}
     with_reference = [k for k, s in enumerate(structures) if s.relaxed_positions is not None]
     if with_reference:
@@ -147,7 +148,8 @@ def _metrics(structures: Sequence[Structure], positions: Sequence[np.ndarray], e
         reference = torch.as_tensor(np.concatenate([structures[k].relaxed_positions for k in with_reference]))
         out["adwt"] = adwt(mean_free_atom_distance(batch, predicted, reference))
     pairs = [(energies[k], s.relaxed_energy) for k, s in enumerate(structures)
-             if energies[k] is not None and s.relaxed_energy is not None]
+             if energies[k] is not None and s.relaxed_energy is not None and np.isfinite(energies[k])]
+    out["failed"] = float(sum(e is not None and not np.isfinite(e) for e in energies))  # non-finite model output
     if pairs:
         out.update(energy_metrics(torch.tensor([p for p, _ in pairs]), torch.tensor([r for _, r in pairs])))
     return out
