@@ -20,7 +20,7 @@ def demo(
     systems: Optional[int] = typer.Option(None, "--systems", hidden=True, help="old name of --emt-systems"),
     workers: int = typer.Option(1, help="processes for the EMT relaxations"),
     overwrite: bool = typer.Option(False, help="redo the work even when the demo cache is already complete"),
-    train_steps: int = typer.Option(150, "--train-steps", min=0, help="optimiser steps of each training stage (0: data only)"),
+    train_steps: int = typer.Option(600, "--train-steps", min=0, help="optimiser steps of each training stage (0: data only)"),
 ) -> None:
     """Run the whole pipeline on the embedded EMT catalysis data: preprocess, inspect,
     denoising pre-training, S2EF with DeNS, IS2RE with Noisy Nodes, evaluation.

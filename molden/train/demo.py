@@ -21,7 +21,7 @@ DEMO_MODEL = "painn_cpu"
 """Equivariant, so DeNS's force encoding is equivariant (DeNS §3.2) and one backbone serves
 pre-training, forces and energies."""
 
-DEMO_STEPS = 150
+DEMO_STEPS = 600
 
 
 def _splits(cache: Path) -> tuple[str | None, list[str]]:
