@@ -88,3 +88,13 @@ def emt_cache(tmp_path_factory):
     out = tmp_path_factory.mktemp("emt") / "emt.h5"
     run_preprocess(PreprocessConfig(source="emt", out=out, emt=EMTConfig(n_systems=8)))
     return out
+
+
+@pytest.fixture
+def keep_torch_threads():
+    """Restores torch's thread count after a test that sets it process-wide (the benchmarks)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

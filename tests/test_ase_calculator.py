@@ -65,3 +65,17 @@ def test_the_calculator_honours_atoms_pbc(conservative_checkpoint):
     atoms.pbc = True
     bulk = atoms.get_potential_energy()
     assert len({round(isolated, 9), round(slab_like, 9), round(bulk, 9)}) == 3
+
+
+def test_the_model_provider_returns_detached_tensors(conservative_checkpoint):
+    """A relaxer keeps forces across steps; an attached autograd graph would grow with every
+    step until memory runs out (torch-sim #559)."""
+    from molden.data.ase_convert import structure_from_atoms
+    from molden.data.batch import collate
+    from molden.models.checkpoint import load_model
+    from molden.relax.providers import ModelProvider
+
+    provider = ModelProvider(load_model(conservative_checkpoint))
+    energy, forces = provider(collate([structure_from_atoms(_slab())]))
+    assert not energy.requires_grad and not forces.requires_grad
+    assert energy.grad_fn is None and forces.grad_fn is None

@@ -17,12 +17,8 @@ from molden.models.presets import PRESETS
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("qm9pack") is None,  # its import needs pkg_resources
                                 reason="qm9pack is not installed (pip install -e '.[qm9]')")
+pytestmark = [pytestmark, pytest.mark.usefixtures("keep_torch_threads")]
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    threads = torch.get_num_threads()  # the benchmark sets them process-wide
-    yield
-    torch.set_num_threads(threads)
 
 
 TIMES = ("clean_step_ms", "noisy_nodes_step_ms", "corrupt_ms", "corrupt_in_step_ms", "corrupt_kept_graph_ms")

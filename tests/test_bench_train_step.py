@@ -17,13 +17,9 @@ from molden.errors import MoldenConfigError
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("qm9pack") is None,  # its import needs pkg_resources
                                 reason="qm9pack is not installed (pip install -e '.[qm9]')")
+pytestmark = [pytestmark, pytest.mark.usefixtures("keep_torch_threads")]
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    threads = torch.get_num_threads()  # the benchmark sets them process-wide
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_qm9_cpu_presets_are_the_cpu_presets_that_fit_5_angstrom_graphs():

@@ -337,3 +337,17 @@ def test_frames_select_each_trajectorys_first_or_last_frame(emt_cache):
         expected = {s: pick(everything[i].frame for i in range(len(everything)) if everything[i].system_id == s) for s in systems}
         assert frames == expected
     assert np.array_equal(open_split(DataConfig(path=emt_cache), "train").indices, everything.indices)
+
+
+def test_overwrite_replaces_a_run_but_never_a_folder_of_other_files(s2ef_cache, tmp_path):
+    out = tmp_path / "run"
+    first = _invoke("finetune", "--data", s2ef_cache, "--out", out, "--task", "s2ef", *FAST)
+    assert first.exit_code == 0, first.output
+    (out / ".last.pt.abc.tmp").write_bytes(b"left by a kill")  # molden's own leftover: fine
+    again = _invoke("finetune", "--data", s2ef_cache, "--out", out, "--task", "s2ef", "--overwrite", *FAST)
+    assert again.exit_code == 0, again.output
+    assert not (out / ".last.pt.abc.tmp").exists()
+    (out / "thesis.tex").write_text("the user's work")
+    refused = _invoke("finetune", "--data", s2ef_cache, "--out", out, "--task", "s2ef", "--overwrite", *FAST)
+    assert refused.exit_code == 1 and "thesis.tex" in refused.output
+    assert (out / "thesis.tex").read_text() == "the user's work" and (out / "last.pt").is_file()

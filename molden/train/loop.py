@@ -19,12 +19,11 @@ import json
 import math
 import random
 import signal
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -52,6 +51,8 @@ LAST = "last.pt"
 BEST = "best.pt"
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
+RUN_FILES = frozenset({LAST, BEST, CONFIG_FILE, SUMMARY_FILE, "metrics.jsonl", "metrics.csv", "learning_curves.png"})
+"""What a run folder holds: all `--overwrite` removes."""
 
 
 class TrainingStopped(MoldenError):
@@ -169,6 +170,11 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- run folder
+def _leftover(name: str) -> bool:
+    """A temporary file of molden's atomic writes that a killed run left behind."""
+    return name.startswith(".") and name.endswith(".tmp") or name.endswith((".jsonl.tmp", ".csv.tmp", ".png.tmp"))
+
+
 def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool, inputs: list[Path]) -> bool:
     """True when the run resumes from `out/last.pt`. Refuses to touch a folder holding a run
     unless `resume` (continue it) or `overwrite` (start over), and an `out` that is an input."""
@@ -178,15 +184,20 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool, inputs: list[Pa
             raise MoldenConfigError(f"--out {out} holds an input ({path}): pick another run folder")
     if out.exists() and not out.is_dir():
         raise MoldenConfigError(f"--out {out} is a file, not a run folder")
-    has_run = out.is_dir() and any(out.iterdir())
+    present = sorted(out.iterdir()) if out.is_dir() else []
     if resume:
         if not (out / LAST).is_file():
             raise MoldenConfigError(f"--resume: {out} has no {LAST} to resume from")
         return True
-    if has_run:
+    if present:
         if not overwrite:
             raise MoldenConfigError(f"{out} already holds a run: pass --resume to continue it or --overwrite to start over")
-        shutil.rmtree(out)
+        foreign = [p.name for p in present if p.name not in RUN_FILES and not _leftover(p.name)]
+        if foreign:  # --overwrite replaces a run, never a folder of the user's other files
+            raise MoldenConfigError(f"--overwrite: {out} holds files molden did not write ({', '.join(foreign[:3])}): "
+                                    "pick an empty or new run folder")
+        for path in present:
+            path.unlink()
     return False
 
 
@@ -445,8 +456,8 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
         "best_metric": task.best_metric, "dtype": run.dtype,
     })
 
-    def checkpoint_payload(include_training_state: bool = True) -> dict[str, Any]:
-        payload = {
+    def checkpoint_payload() -> dict[str, Any]:
+        return {
             "model_spec": task.spec.model_dump_json(),
             "task": json.dumps(task.description),
             "config": json.dumps(config.model_dump(mode="json")),
@@ -454,15 +465,11 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
             "model": model.state_dict(),
             "ema": ema.weights() if ema is not None else None,
             "progress": progress.state(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "ema_state": ema.state_dict() if ema is not None else None,
+            "rng": rng_state(),
         }
-        if include_training_state:
-            payload.update({
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "ema_state": ema.state_dict() if ema is not None else None,
-                "rng": rng_state(),
-            })
-        return payload
 
     def save(name: str) -> None:
         if dist.is_main:
@@ -595,5 +602,3 @@ def _check_resumable(payload: Mapping[str, Any], spec: ModelSpec, path: Path) ->
         raise MoldenConfigError(f"{path} was written for another model or task than this command builds: "
                                 "resume with the run's own options (see config.json in the run folder)")
 
-
-TrainFunction = Callable[[TrainConfig], RunSummary]

@@ -26,7 +26,7 @@ from molden.objectives.dens import DeNS
 from molden.objectives.denoising import Denoising
 from molden.objectives.noisy_nodes import NoisyNodes, position_delta_statistics
 from molden.objectives.objective import LOSS, Objective
-from molden.objectives.supervised import GraphTargetLoss, IS2RELoss, IS2RSLoss, S2EFLoss, TargetNormalizer
+from molden.objectives.supervised import GraphTargetLoss, IS2RELoss, IS2RSLoss, S2EFLoss, TargetNormalizer, target_columns
 from molden.objectives.units import QM9_ENERGY_TARGETS, report_unit
 from molden.train.config import FinetuneConfig, ModelChoice, PretrainConfig, default_denoising
 
@@ -139,9 +139,7 @@ def finetune_task(config: FinetuneConfig, dataset: H5Dataset) -> TrainingTask:
         name = S.RELAXED_ENERGY if config.is2re_target is None else S.TARGETS
         values = _train_array(dataset, name)
         if config.is2re_target is not None:
-            values = values[:, dataset.target_names.index(config.is2re_target)] if config.is2re_target in dataset.target_names else None
-            if values is None:
-                raise MoldenConfigError(f"is2re target {config.is2re_target!r} is not in the cache ({dataset.target_names})")
+            values = values[:, target_columns(dataset.target_names, [config.is2re_target])[0]]
         mean, std = float(np.nanmean(values)), float(np.nanstd(values)) or 1.0
         heads[keys.TARGETS] = HeadSpec(kind="graph_scalar", n_out=1, squeeze=False, readout=graph_readout(backbone, True))
         primary = IS2RELoss(mean_ev=mean, std_ev=std, target_name=config.is2re_target)
