@@ -192,9 +192,10 @@ def run_relax(config: RelaxConfig, on_progress: Callable[[str, int, int], None] 
             converged = [r.converged for r in relaxed]
         wall = time.perf_counter() - start
         out_structures = [replace(s, positions=p, energy=e, forces=None) for s, p, e in zip(structures, positions, energies)]
-        result = MethodResult(method, out_structures, energies, steps, converged, wall, _metrics(structures, positions, energies))
-        _write_structures(outputs[method], out_structures)
-        results.append(result)
+        results.append(MethodResult(method, out_structures, energies, steps, converged, wall,
+                                    _metrics(structures, positions, energies)))
+    for result in results:  # only once every method finished: an interrupted run leaves no file to refuse
+        _write_structures(outputs[result.method], result.structures)
     rows = [r.row() for r in results]
     lbfgs = next((r for r in results if r.method == "lbfgs"), None)
     direct = next((r for r in results if r.method == "direct"), None)
