@@ -9,7 +9,7 @@ import sys
 import typer
 
 from molden import __version__
-from molden.cli import demo, export, inspect, models, plot, preprocess, relax, train
+from molden.cli import benchmark, demo, export, inspect, models, plot, preprocess, relax, train
 
 app = typer.Typer(
     help="molden: denoising for molecular and materials graph neural networks.",
@@ -44,6 +44,7 @@ app.command()(train.finetune)
 app.command()(train.evaluate)
 app.command()(plot.plot)
 app.command()(relax.relax)
+app.command()(benchmark.benchmark)
 
 
 def main() -> None:

@@ -38,8 +38,10 @@ def _rate(fn, n_items: int, repeats: int = 3) -> float:
     return n_items / float(np.median(times))
 
 
-def run_cache_read_benchmark(path: str | Path, n_reads: int = 5000, batch_size: int = 128, seed: int = 0) -> list[dict]:
-    """Rows of {mode, structures_per_second} for one cache file."""
+def run_cache_read_benchmark(path: str | Path, n_reads: int = 5000, batch_size: int = 128, seed: int = 0,
+                             workers: int = 2) -> list[dict]:
+    """Rows of {mode, structures_per_second} for one cache file; with `workers` > 0 also the
+    training loop's own DataLoader (`molden.train.data.loader`) with that many worker processes."""
     rows = []
     in_memory = H5Dataset(path)
     rng = np.random.default_rng(seed)
@@ -67,9 +69,24 @@ def run_cache_read_benchmark(path: str | Path, n_reads: int = 5000, batch_size: 
         (f"shuffled batches of {batch_size}, in memory, collated", lambda: batches(in_memory, order)),
         (f"block-shuffled batches of {batch_size}, from disk, collated", lambda: batches(on_disk(), block_order())),
     ]
+    if workers:
+        cases.append((f"shuffled batches of {batch_size}, training DataLoader, {workers} workers",
+                      lambda: _through_training_loader(path, order, batch_size, workers)))
     for mode, fn in cases:
         rows.append({"mode": mode, "structures_per_second": _rate(fn, len(order))})
     return rows
+
+
+def _through_training_loader(path: str | Path, indices: np.ndarray, batch_size: int, workers: int) -> None:
+    """One pass of the training loop's DataLoader (worker start-up included, as every epoch
+    pays it) over `indices` in batches of `batch_size`."""
+    from molden.train.config import DataConfig
+    from molden.train.data import loader
+
+    config = DataConfig(path=Path(path), max_graphs=batch_size, workers=workers)
+    plan = [indices[k : k + batch_size].tolist() for k in range(0, len(indices), batch_size)]
+    n = sum(batch.num_graphs for batch in loader(H5Dataset(path), plan, config, torch.float32, pin=False))
+    assert n == len(indices), (n, len(indices))
 
 
 def _memory_case(path: str, context: str, workers: int, batch_size: int, touch_first: bool,
@@ -145,7 +162,7 @@ def main() -> None:
     parser.add_argument("--reads", type=int, default=5000)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--memory", action="store_true", help="peak memory of a DataLoader epoch instead of speed")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: no DataLoader case)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--memory-case", choices=["fork", "spawn"], help=argparse.SUPPRESS)
     parser.add_argument("--touch-first", action="store_true", help=argparse.SUPPRESS)
@@ -165,7 +182,7 @@ def main() -> None:
         if args.out:
             args.out.write_text(json.dumps({"cache": str(args.cache), "rows": rows}, indent=2))
         return
-    rows = run_cache_read_benchmark(args.cache, args.reads)
+    rows = run_cache_read_benchmark(args.cache, args.reads, args.batch_size, workers=args.workers)
     for row in rows:
         print(f"{row['mode']:<40} {row['structures_per_second']:>12,.0f} structures/s")
     if args.out:

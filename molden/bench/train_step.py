@@ -61,6 +61,12 @@ DEFAULT_LIMIT = 2000
 PEAK_MATMUL_SIZE = 2048
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so that a phase's time is its own (CUDA runs ahead)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class _TimedObjective:
     """The task's objective, adding the seconds of each `corrupt` call to `seconds`."""
 
@@ -69,8 +75,10 @@ class _TimedObjective:
         self.seconds = 0.0
 
     def corrupt(self, batch: Batch, generator: torch.Generator):
+        _synchronize(batch.positions.device)
         start = time.perf_counter()
         out = self.objective.corrupt(batch, generator)
+        _synchronize(batch.positions.device)
         self.seconds += time.perf_counter() - start
         return out
 
@@ -78,32 +86,36 @@ class _TimedObjective:
         return getattr(self.objective, name)
 
 
-def matmul_peak_flops(threads: int | None = None, size: int = PEAK_MATMUL_SIZE, repeats: int = 7) -> float:
-    """The machine's fp32 matmul rate (FLOP/s): 2·n³ over the median time of `torch.mm` of two
+def matmul_peak_flops(threads: int | None = None, size: int = PEAK_MATMUL_SIZE, repeats: int = 7,
+                      device: str = "cpu") -> float:
+    """The device's fp32 matmul rate (FLOP/s): 2·n³ over the median time of `torch.mm` of two
     n × n float32 matrices, with the current (or `threads`) torch threads, after a warm-up."""
     if threads is not None:
         torch.set_num_threads(threads)
+    where = torch.device(device)
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=generator)
-    b = torch.randn(size, size, generator=generator)
-    out = torch.empty(size, size)
+    a = torch.randn(size, size, generator=generator).to(where)
+    b = torch.randn(size, size, generator=generator).to(where)
+    out = torch.empty(size, size, device=where)
     torch.mm(a, b, out=out)
     times = []
     for _ in range(repeats):
+        _synchronize(where)
         start = time.perf_counter()
         torch.mm(a, b, out=out)
+        _synchronize(where)
         times.append(time.perf_counter() - start)
     return 2.0 * size**3 / statistics.median(times)
 
 
 def finetune_config(cache: Path, preset: str, *, max_graphs: int, workers: int, threads: int | None,
-                    steps: int, seed: int) -> FinetuneConfig:
+                    steps: int, seed: int, device: str = "cpu") -> FinetuneConfig:
     """The config `molden finetune --data CACHE --task qm9 --target homo --noisy-nodes-sigma 0.02
     --model PRESET --max-graphs N --workers W --val-split none` resolves to (cutoffs filled as
     the CLI fills them). Nothing is written: the run folder is never created."""
     data = {
         "data": {"path": str(cache), "max_graphs": max_graphs, "workers": workers, "val_split": None},
-        "run": {"out": os.devnull, "steps": steps, "seed": seed, "threads": threads, "device": "cpu"},
+        "run": {"out": os.devnull, "steps": steps, "seed": seed, "threads": threads, "device": device},
         "model": {"preset": preset}, "task": "qm9", "targets": [TARGET],
         "noisy_nodes": {"sigma_angstrom": NOISY_NODES_SIGMA_ANGSTROM},
     }
@@ -138,13 +150,13 @@ class PresetRun:
     own batch stream; `step()` runs and times one training step."""
 
     def __init__(self, cache: Path, preset: str, *, steps: int, max_graphs: int, workers: int,
-                 threads: int | None, seed: int):
+                 threads: int | None, seed: int, device: str = "cpu"):
         self.preset, self.seed = preset, seed
         self.config = config = finetune_config(cache, preset, max_graphs=max_graphs, workers=workers,
-                                               threads=threads, steps=steps, seed=seed)
+                                               threads=threads, steps=steps, seed=seed, device=device)
         self.dataset = open_split(config.data, config.data.train_split)
         self.task = finetune_task(config, self.dataset)
-        self.device = torch.device("cpu")
+        self.device = torch.device(device)
         dtype = getattr(torch, config.run.dtype)
         torch.manual_seed(seed)
         self.model = build_model(self.task.spec).to(device=self.device, dtype=dtype)
@@ -163,6 +175,7 @@ class PresetRun:
         start = time.perf_counter()
         epoch, index, batch = next(self.batches)
         batch = move(batch, self.device, self.task.trim_cutoff_angstrom)
+        _synchronize(self.device)
         loaded = time.perf_counter()
         self.objective.seconds = 0.0
         _, ok = take_step(self.model, self.objective, [batch], [corruption_generator(self.seed, epoch, index)],
@@ -170,6 +183,7 @@ class PresetRun:
         self.scheduler.step()
         if ok and self.ema is not None:
             self.ema.update(self.model)
+        _synchronize(self.device)
         end = time.perf_counter()
         corrupt = self.objective.seconds
         return {"step": end - start, "data": loaded - start, "corrupt": corrupt, "compute": end - loaded - corrupt,
@@ -208,11 +222,11 @@ class PresetRun:
 
 
 def preset_rows(cache: Path, presets: Sequence[str], *, steps: int, warmup: int, max_graphs: int, workers: int,
-                threads: int | None, seed: int) -> list[dict]:
+                threads: int | None, seed: int, device: str = "cpu") -> list[dict]:
     """One row per preset (`PresetRun.row`): `warmup` untimed then `steps` timed training steps,
     the presets taking turns step by step, so a busy spell of a shared machine touches them alike."""
     runs = [PresetRun(cache, name, steps=warmup + steps, max_graphs=max_graphs, workers=workers, threads=threads,
-                      seed=seed) for name in presets]
+                      seed=seed, device=device) for name in presets]
     records: list[list[dict]] = [[] for _ in runs]
     for i in range(warmup + steps):
         for run, kept in zip(runs, records):
@@ -235,7 +249,7 @@ def build_qm9_cache(out: Path, limit: int) -> Path:
 def run_train_step_benchmark(cache: Path | None = None, steps: int = 20, warmup: int = 3,
                              presets: Sequence[str] = QM9_CPU_PRESETS, threads: int | None = 2,
                              max_graphs: int = 128, workers: int = 0, seed: int = 0,
-                             limit: int = DEFAULT_LIMIT, peak_size: int = PEAK_MATMUL_SIZE) -> dict:
+                             limit: int = DEFAULT_LIMIT, peak_size: int = PEAK_MATMUL_SIZE, device: str = "cpu") -> dict:
     """{"machine", "setup", "peak", "rows"}: one row per preset (`PresetRun.row`) on the QM9 cache
     `cache` (or one of `limit` molecules built in a temporary folder); the peak from `torch.mm`
     of `peak_size`² matrices."""
@@ -255,10 +269,10 @@ def run_train_step_benchmark(cache: Path | None = None, steps: int = 20, warmup:
     with tempfile.TemporaryDirectory(prefix="molden_train_step_") as folder:
         if built:
             cache = build_qm9_cache(Path(folder) / "qm9.h5", limit)
-        peak_before = matmul_peak_flops(size=peak_size)
+        peak_before = matmul_peak_flops(size=peak_size, device=device)
         rows = preset_rows(Path(cache), presets, steps=steps, warmup=warmup, max_graphs=max_graphs, workers=workers,
-                           threads=threads, seed=seed)
-        peak_after = matmul_peak_flops(size=peak_size)
+                           threads=threads, seed=seed, device=device)
+        peak_after = matmul_peak_flops(size=peak_size, device=device)
     peak = max(peak_before, peak_after)
     for row in rows:  # fractions of the higher of the two peak measurements
         row["peak_fraction"] = row["achieved_gflops"] * 1e9 / peak
@@ -267,7 +281,7 @@ def run_train_step_benchmark(cache: Path | None = None, steps: int = 20, warmup:
         "setup": {"cache": f"temporary QM9 cache of the first {limit} molecules" if built else str(cache),
                   "train_structures": rows[0]["train_structures"], "max_graphs": max_graphs, "workers": workers,
                   "target": TARGET, "noisy_nodes_sigma_angstrom": NOISY_NODES_SIGMA_ANGSTROM,
-                  "steps": steps, "warmup": warmup, "seed": seed, "dtype": "float32"},
+                  "steps": steps, "warmup": warmup, "seed": seed, "dtype": "float32", "device": device},
         "peak": {"matmul_size": peak_size, "gflops": peak / 1e9,
                  "gflops_before": peak_before / 1e9, "gflops_after": peak_after / 1e9},
         "rows": rows,
@@ -308,11 +322,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--peak-size", type=int, default=PEAK_MATMUL_SIZE, help="n of the n × n matmul timed for the peak")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
     try:
         result = run_train_step_benchmark(args.cache, args.steps, args.warmup, args.presets, args.threads,
-                                          args.max_graphs, args.workers, args.seed, args.limit, args.peak_size)
+                                          args.max_graphs, args.workers, args.seed, args.limit, args.peak_size,
+                                          args.device)
     except MoldenConfigError as error:
         parser.exit(2, f"error: {error}\n")
     _print_table(result)

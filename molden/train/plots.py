@@ -43,7 +43,7 @@ def plot_learning_curves(run_dir: Path, out: Path | None = None) -> list[Path]:
     target = base / CURVES_NAME if out is None else Path(out)
     if target.is_dir():
         target = target / CURVES_NAME
-    _save_png(figure, target)
+    save_png(figure, target)
     return [target]
 
 
@@ -118,7 +118,7 @@ def plot_mae_vs_wallclock(runs: Mapping[str, list[dict]], metric: str, out: Path
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(frameon=False)
     out = Path(out)
-    _save_png(figure, out)
+    save_png(figure, out)
     return out
 
 
@@ -130,7 +130,7 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _save_png(figure: Figure, path: Path) -> None:
+def save_png(figure: Figure, path: Path) -> None:
     """Render on an Agg canvas to a temporary file, then rename: a reader never sees half a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
