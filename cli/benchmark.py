@@ -13,7 +13,7 @@ OPTION_NAMES = {"suites": "--suite", "out": "--out", "threads": "--threads", "ca
 
 
 def benchmark(
-    suite: str = typer.Option("all", help="comma-separated suites: radius, train, io (all: every one)"),
+    suite: str = typer.Option("all", help="comma-separated suites: radius, train, io, relax (all: every one)"),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     quick: bool = typer.Option(False, "--quick", help="small inputs, seconds per suite: checks the output, not figures"),
     out: Path = typer.Option(Path("benchmark"), "--out", "-o", help="folder for benchmark.json and one PNG per suite"),

@@ -79,3 +79,35 @@ def test_the_model_provider_returns_detached_tensors(conservative_checkpoint):
     energy, forces = provider(collate([structure_from_atoms(_slab())]))
     assert not energy.requires_grad and not forces.requires_grad
     assert energy.grad_fn is None and forces.grad_fn is None
+
+
+@pytest.mark.parametrize("edges_per_call", [1, 300])
+def test_the_model_provider_in_runs_of_structures_gives_the_whole_batchs_numbers(conservative_checkpoint, edges_per_call):
+    """On a CPU the provider runs the model on a few structures at a time (cache-sized);
+    energies and forces must not depend on the split, and a structure larger than the budget
+    still runs (alone)."""
+    import torch
+
+    from molden.data.ase_convert import structure_from_atoms
+    from molden.data.batch import collate
+    from molden.models.checkpoint import load_model
+    from molden.objectives.noise import with_positions
+    from molden.relax.providers import ModelProvider, structure_runs
+
+    rng = np.random.default_rng(2)
+    systems = []
+    for k in range(5):
+        atoms = _slab() if k % 2 else molecule("CH3CH2OH")
+        if not k % 2:
+            atoms.set_tags(np.full(len(atoms), 2))  # an adsorbate-like molecule: OC20 tag 2
+        atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
+        systems.append(structure_from_atoms(atoms, system_id=f"s{k}"))
+    batch = collate(systems, dtype=torch.float64)
+    loaded = load_model(conservative_checkpoint, dtype=torch.float64)
+    whole = ModelProvider(loaded, edges_per_call=None)(batch)
+    chunked_provider = ModelProvider(loaded, edges_per_call=edges_per_call)
+    graphed = with_positions(batch, batch.positions, cutoff_angstrom=chunked_provider.cutoff_angstrom)
+    assert len(structure_runs(graphed, edges_per_call)) == (5 if edges_per_call == 1 else 3)
+    chunked = chunked_provider(batch)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)

@@ -157,3 +157,35 @@ def test_pinned_batch_moves_to_cuda_without_blocking(cache):
     moved = batch.to("cuda", non_blocking=True)
     torch.cuda.synchronize()
     assert moved.positions.is_cuda and torch.equal(moved.edge_index.cpu(), batch.edge_index)
+
+
+def test_structures_of_a_batch_equal_the_batch_of_those_structures():
+    """`Batch.structures(a, b)` (the relax provider's runs of structures) is exactly the batch
+    collated from structures a..b: every per-atom, per-structure and per-edge field, indices
+    renumbered from zero."""
+    import dataclasses
+
+    from ase.build import fcc111, molecule
+
+    from molden.data.ase_convert import structure_from_atoms
+    from molden.objectives.noise import with_positions
+
+    systems = [molecule("H2O"), fcc111("Cu", (2, 2, 3), vacuum=5.0), molecule("CH4"), fcc111("Pt", (2, 2, 2), vacuum=4.0)]
+    for atoms in systems:
+        atoms.set_tags(np.arange(len(atoms)) % 3)
+        atoms.set_array("forces", np.random.default_rng(len(atoms)).normal(size=(len(atoms), 3)))
+    structures = [structure_from_atoms(a, system_id=f"s{k}") for k, a in enumerate(systems)]
+
+    def graphed(batch):
+        return with_positions(batch, batch.positions, cutoff_angstrom=4.0)
+
+    whole = graphed(collate(structures))
+    for start, stop in [(0, 1), (1, 3), (2, 4), (0, 4)]:
+        part = whole.structures(start, stop)
+        expected = graphed(collate(structures[start:stop]))
+        for field in dataclasses.fields(expected):
+            got, want = getattr(part, field.name), getattr(expected, field.name)
+            if isinstance(want, torch.Tensor):
+                assert torch.equal(got, want), field.name
+            else:
+                assert got == want, field.name

@@ -34,13 +34,13 @@ def _invoke(*args):
 @pytest.mark.slow
 def test_quick_benchmark_writes_every_row_every_chart_and_the_machine(qm9_cache, tmp_path):
     out = tmp_path / "bench"
-    result = _invoke("--quick", "--suite", "radius,train,io", "--threads", "1", "--cache", qm9_cache, "--out", out)
+    result = _invoke("--quick", "--threads", "1", "--cache", qm9_cache, "--out", out)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "benchmark.json").read_text())
     machine = report["machine"]
     assert machine["torch_threads"] == 1 and machine["cpu"] and machine["versions"]["torch"]
-    assert set(report["suites"]) == {"radius", "train", "io"}
-    for name in ("radius", "train", "io"):
+    assert set(report["suites"]) == {"radius", "train", "io", "relax"}
+    for name in ("radius", "train", "io", "relax"):
         assert (out / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
 
     radius = report["suites"]["radius"]["rows"]
@@ -59,6 +59,11 @@ def test_quick_benchmark_writes_every_row_every_chart_and_the_machine(qm9_cache,
     assert io["setup"]["consumer_structures_per_second"] == consumed
     assert len(io["rows"]) == 6 and all(r["headroom"] == pytest.approx(r["structures_per_second"] / consumed)
                                         for r in io["rows"])
+    relax = report["suites"]["relax"]["rows"]
+    for method in ("lbfgs", "fire"):
+        assert {r["tool"] for r in relax if r["method"] == method and r["case"] == "fixed steps"} >= {"molden", "ase"}
+    assert all(r["agree"] is True for r in relax if r["case"] == "fixed steps")
+    assert [r["direct_speedup"] > 0 for r in relax if r["method"] == "direct"] == [True]
     # the tables name every suite and the files written
     assert "Radius graph" in result.output and "Training step" in result.output and "benchmark.json" in result.output
 

@@ -92,10 +92,13 @@ def _io(figure, rows: list[dict]) -> None:
 
 
 def _relax(figure, rows: list[dict]) -> None:
-    axis = figure.subplots()
-    drawn = [r for r in rows if r.get("structure_steps_per_second") and r.get("agree") is not False]
-    labels = [f"{r['tool']} {r['method']} ×{r['n_systems']}" for r in drawn]
-    axis.barh(labels, [r["structure_steps_per_second"] for r in drawn],
-              color=["black" if r["tool"] == "molden" else "tab:blue" for r in drawn])
-    axis.set(xscale="log", xlabel="structure-steps per second")
-    axis.invert_yaxis()
+    rates, direct = figure.subplots(1, 2)
+    drawn = [r for r in rows if r.get("structure_steps_per_s") and r.get("agree") is not False]
+    labels = [f"{r['tool']} {r['method']}, {r['n_systems']} systems" for r in drawn]
+    rates.barh(labels, [r["structure_steps_per_s"] for r in drawn],
+               color=["black" if r["tool"] == "molden" else "tab:blue" for r in drawn])
+    rates.set(xlabel="structure-steps per second (molden black)")
+    rates.invert_yaxis()
+    speedups = [r for r in rows if r.get("direct_speedup")]
+    direct.bar([str(r["n_systems"]) for r in speedups], [r["direct_speedup"] for r in speedups], color="tab:green")
+    direct.set(xlabel="systems", ylabel=f"direct prediction speed-up over {rows[0]['steps'] if rows else ''} L-BFGS steps")

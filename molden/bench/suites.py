@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from molden.errors import MoldenConfigError
 
-SUITE_NAMES = ("radius", "train", "io")
+SUITE_NAMES = ("radius", "train", "io", "relax")
 """Every suite, in the order they run (`SUITES` maps each to its function)."""
 
 REPORT_FILE = "benchmark.json"
@@ -229,8 +229,35 @@ def _fastest_preset_rows(shared: _Shared, cache: Path) -> list[dict]:
                        workers=0, threads=shared.config.threads, seed=shared.config.seed, device=shared.config.device)
 
 
+RELAX_SIZES = (64, 256)
+RELAX_STEPS = 5
+
+
+def _relax_suite(shared: _Shared) -> SuiteResult:
+    from molden.bench.relax import run_relax_benchmark
+
+    config = shared.config
+    rows = run_relax_benchmark(config.device, quick=config.quick, sizes=RELAX_SIZES, steps=RELAX_STEPS, repeats=1,
+                               seed=config.seed)
+    notes = sorted({f"{r['tool']} {r['method']}: {r['skipped']}" for r in rows if r.get("skipped")})
+    notes += [f"DISAGREES: {r['tool']} {r['method']} on {r['n_systems']} systems moved atoms "
+              f"{r['max_deviation_angstrom']:.2g} Å away from ASE's path" for r in rows if r.get("agree") is False]
+    notes += [f"direct prediction on {r['n_systems']} systems: {r['direct_speedup']:.1f}× faster than "
+              f"{r['steps']} L-BFGS steps" for r in rows if r.get("direct_speedup")]
+    columns = [Column("case", "case"), Column("systems", "n_systems", ","), Column("tool", "tool"),
+               Column("method", "method"), Column("steps", "steps", "g"), Column("s", "time_s", ".2f"),
+               Column("structure-steps/s", "structure_steps_per_s", ",.1f"),
+               Column("tool / molden", "ratio", ".2f"), Column("same path as ASE", "agree"),
+               Column("max Δ Å", "max_deviation_angstrom", ".1e")]
+    shown = [r for r in rows if not r.get("skipped")]
+    title = (f"Relaxation ({config.device}): the same molden model, systems and steps in every tool; "
+             "tool / molden > 1 means molden is faster")
+    return SuiteResult("relax", title, shown, columns, notes,
+                       setup={"sizes": [3] if config.quick else list(RELAX_SIZES), "steps": RELAX_STEPS, "repeats": 1})
+
+
 SUITES: dict[str, Callable[[_Shared], SuiteResult]] = {
-    "radius": _radius_suite, "train": _train_suite, "io": _io_suite,
+    "radius": _radius_suite, "train": _train_suite, "io": _io_suite, "relax": _relax_suite,
 }
 
 

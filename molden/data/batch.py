@@ -19,6 +19,8 @@ from molden.data.structure import Structure
 from molden.errors import MoldenInputError
 
 _GRAPH_FIELDS = ("edge_index", "unit_shifts", "n_edge")
+_PER_ATOM = ("positions", "numbers", "batch", "fixed", "tags", "forces", "relaxed_positions", "force_inputs")
+_PER_STRUCTURE = ("cell", "pbc", "n_node", "structure_index", "n_edge", "energy", "relaxed_energy", "targets")
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,22 @@ class Batch:
     def has_graph(self) -> bool:
         """True when the batch carries a graph (`edge_index`, `unit_shifts`, `n_edge`)."""
         return self.edge_index is not None
+
+    def structures(self, start: int, stop: int) -> Batch:
+        """The batch of structures `start` to `stop` (exclusive), indices renumbered from 0.
+
+        Reads `n_node` and `n_edge` on the host (one small copy on a device)."""
+        atoms = torch.cat([self.n_node.new_zeros(1), self.n_node.cumsum(0)]).tolist()
+        a0, a1 = atoms[start], atoms[stop]
+        changes: dict = {name: getattr(self, name)[a0:a1] for name in _PER_ATOM if getattr(self, name) is not None}
+        changes |= {name: getattr(self, name)[start:stop] for name in _PER_STRUCTURE if getattr(self, name) is not None}
+        changes["batch"] = changes["batch"] - start
+        if self.has_graph:
+            edges = torch.cat([self.n_edge.new_zeros(1), self.n_edge.cumsum(0)]).tolist()
+            changes["edge_index"] = self.edge_index[:, edges[start]:edges[stop]] - a0
+            changes["unit_shifts"] = self.unit_shifts[edges[start]:edges[stop]]
+        changes["system_ids"] = self.system_ids[start:stop]
+        return replace(self, **changes)
 
     def _map_tensors(self, fn: Callable[[Tensor], Tensor]) -> Batch:
         changes = {}

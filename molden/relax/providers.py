@@ -64,12 +64,20 @@ class ASECalculatorProvider:
         return torch.as_tensor(energies, dtype=like.dtype, device=like.device), torch.as_tensor(forces, dtype=like.dtype, device=like.device)
 
 
+CPU_EDGES_PER_CALL = 32_768
+"""Edges per model call on a CPU. Past the caches, the per-edge tensors make a CPU forward
+slower per structure: gns_oc20_cpu on 64 OC20-sized slabs (242k edges) took 75 ms a slab in
+one call against 41 ms in calls of 8 slabs (30k edges), 1 thread (BENCHMARKS.md, relax)."""
+
+
 class ModelProvider:
     """Energies and forces of a trained molden model (direct force head or −∂E/∂x), the
     radius graph rebuilt from the current positions at every call (atoms move; a graph from
-    the starting positions would miss neighbours that came closer)."""
+    the starting positions would miss neighbours that came closer). On a CPU the model runs on
+    runs of structures of at most `edges_per_call` edges (`CPU_EDGES_PER_CALL`): the same
+    numbers, faster; on a GPU on the whole batch at once."""
 
-    def __init__(self, loaded, *, max_num_neighbors: int | None = None):
+    def __init__(self, loaded, *, max_num_neighbors: int | None = None, edges_per_call: int | None | str = "auto"):
         from molden.models import keys
 
         heads = set(loaded.spec.heads)
@@ -82,6 +90,7 @@ class ModelProvider:
         self.max_num_neighbors = max_num_neighbors
         parameter = next(self.model.parameters())
         self.dtype, self.device = parameter.dtype, parameter.device
+        self.edges_per_call = default_edges_per_call(self.device) if edges_per_call == "auto" else edges_per_call
 
     def __call__(self, batch: Batch) -> tuple[Tensor, Tensor]:
         from molden.models import keys
@@ -94,10 +103,35 @@ class ModelProvider:
         positions = batch.positions.to(self.dtype)
         batch = replace(batch, cell=batch.cell.to(self.dtype), force_inputs=None)
         batch = with_positions(batch, positions, cutoff_angstrom=self.cutoff_angstrom, max_num_neighbors=self.max_num_neighbors)
+        energies, forces = [], []
         context = torch.enable_grad() if self.conservative else torch.no_grad()
-        with context:
-            out = self.model(batch)
-        return out[keys.ENERGY].detach(), out[keys.FORCES].detach()
+        for part in structure_runs(batch, self.edges_per_call):
+            with context:
+                out = self.model(part)
+            energies.append(out[keys.ENERGY].detach())
+            forces.append(out[keys.FORCES].detach())
+        return torch.cat(energies), torch.cat(forces)
+
+
+def default_edges_per_call(device: torch.device) -> int | None:
+    return CPU_EDGES_PER_CALL if device.type == "cpu" else None
+
+
+def structure_runs(batch: Batch, edges_per_call: int | None) -> list[Batch]:
+    """`batch` (with its graph) as runs of consecutive structures of at most `edges_per_call`
+    edges each (a larger structure alone); the whole batch when `edges_per_call` is None."""
+    if edges_per_call is None:
+        return [batch]
+    bounds, edges = [0], 0
+    for b, n in enumerate(batch.n_edge.tolist()):
+        if b > bounds[-1] and edges + n > edges_per_call:
+            bounds.append(b)
+            edges = 0
+        edges += n
+    if len(bounds) == 1:
+        return [batch]
+    bounds.append(batch.num_graphs)
+    return [batch.structures(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def provider_for(model: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

@@ -109,7 +109,10 @@ def direct_prediction(structures: Sequence[Structure], checkpoint: Path, *, devi
     from molden.models.checkpoint import load_model
     from molden.objectives.noise import with_positions
 
-    loaded = load_model(checkpoint, device=device, dtype=torch.float64)
+    from molden.relax.providers import default_edges_per_call, structure_runs
+
+    loaded = load_model(checkpoint, device=device)
+    dtype = next(loaded.model.parameters()).dtype
     if keys.POSITION_DELTA not in loaded.spec.heads:
         raise MoldenConfigError(f"{checkpoint}: no position head, so no direct prediction (train with "
                                 "molden finetune --task is2rs, or --task is2re with Noisy Nodes relaxed positions)")
@@ -118,22 +121,26 @@ def direct_prediction(structures: Sequence[Structure], checkpoint: Path, *, devi
     mean = torch.tensor(nn.get("position_delta_mean_angstrom", (0.0, 0.0, 0.0)), dtype=torch.float64)
     std = float(nn.get("position_delta_std_angstrom", 1.0))
     cutoff = float(loaded.spec.backbone_config().cutoff_angstrom)
-    positions, energies = [], []
+    positions, energies, delta = [], [], []
     for start in range(0, len(structures), batch_size):
         chunk = structures[start : start + batch_size]
         batch = collate(chunk, dtype=torch.float64).to(device)
-        batch = with_positions(batch, batch.positions, cutoff_angstrom=cutoff)
-        with torch.no_grad():
-            out = loaded.model(batch)
-        step = (out[keys.POSITION_DELTA] * std + mean.to(device)) * (~batch.fixed)[:, None]
+        graphed = with_positions(batch.to(dtype=dtype), batch.positions.to(dtype), cutoff_angstrom=cutoff)
+        for part in structure_runs(graphed, default_edges_per_call(graphed.positions.device)):
+            with torch.no_grad():
+                out = loaded.model(part)
+            delta.append(out[keys.POSITION_DELTA].to(torch.float64))
+            if keys.TARGETS in out and task.get("kind") == "is2re":
+                e = out[keys.TARGETS].reshape(-1).double() * task["energy_std_ev"] + task["energy_mean_ev"]
+                energies += e.cpu().tolist()
+            else:
+                energies += [None] * part.num_graphs
+        # the step in the model's precision, added to the float64 input positions
+        step = (torch.cat(delta) * std + mean.to(device)) * (~batch.fixed)[:, None]
+        delta.clear()
         moved = (batch.positions + step).cpu().numpy()
         bounds = np.r_[0, np.cumsum(batch.n_node.cpu().numpy())]
         positions += [moved[bounds[g] : bounds[g + 1]] for g in range(batch.num_graphs)]
-        if keys.TARGETS in out and task.get("kind") == "is2re":
-            e = out[keys.TARGETS].reshape(-1) * task["energy_std_ev"] + task["energy_mean_ev"]
-            energies += e.cpu().tolist()
-        else:
-            energies += [None] * batch.num_graphs
     return positions, energies
 
 

@@ -1,0 +1,91 @@
+"""The relaxation benchmark (`molden.bench.relax`, issues 15 and 16) in quick mode: every row is
+there, molden's batched optimisers take ASE's path with the same model, and a peer that is not
+installed is a row saying how to install it. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from molden.bench import relax as bench_relax
+from molden.bench import relax_peers
+
+
+@pytest.fixture(scope="module")
+def quick_rows():
+    return bench_relax.run_relax_benchmark(quick=True)
+
+
+def test_quick_mode_returns_every_row(quick_rows):
+    fixed = {(r["tool"], r["method"]) for r in quick_rows if r["case"] == "fixed steps"}
+    assert fixed == {(tool, method) for tool in bench_relax.TOOLS for method in ("lbfgs", "fire")}
+    assert [r["method"] for r in quick_rows if r["case"] == "direct vs L-BFGS"] == ["direct"]
+    assert {r["n_systems"] for r in quick_rows} == {bench_relax.QUICK_SYSTEMS}
+    for row in quick_rows:
+        if row["skipped"] is None:
+            assert row["time_s"] > 0
+    for row in quick_rows:
+        if row["case"] == "fixed steps" and row["skipped"] is None:
+            assert row["structure_steps_per_s"] == pytest.approx(row["n_systems"] * row["steps"] / row["time_s"])
+    json.dumps(quick_rows)  # what `--json` writes
+
+
+def test_molden_takes_ases_path_with_the_same_model(quick_rows):
+    for row in quick_rows:
+        if row["case"] == "fixed steps" and row["tool"] in ("molden", "ase"):
+            assert row["agree"] is True, row
+            assert row["max_deviation_angstrom"] <= bench_relax.AGREE_ANGSTROM
+
+
+def test_ratios_are_relative_to_molden(quick_rows):
+    timed = [r for r in quick_rows if r["case"] == "fixed steps" and r["skipped"] is None]
+    for row in timed:
+        molden = next(r for r in timed if r["tool"] == "molden" and r["method"] == row["method"])
+        assert row["ratio"] == pytest.approx(row["time_s"] / molden["time_s"])
+
+
+def test_a_missing_peer_is_a_row_with_an_install_hint(monkeypatch):
+    monkeypatch.setattr(relax_peers, "torch_sim_version", lambda: None)
+    note = relax_peers.torch_sim_missing("fire")
+    assert "pip install torch-sim-atomistic" in note
+    assert relax_peers.torch_sim_missing("lbfgs") == note
+
+
+def test_skipped_rows_say_why(quick_rows):
+    for row in quick_rows:
+        if row["skipped"] is not None:
+            assert row["time_s"] is None and row["ratio"] is None and row["agree"] is None
+            assert "torch-sim" in row["skipped"] or "pip install" in row["skipped"]
+
+
+def test_systems_are_oc20_sized_and_reproducible():
+    systems = bench_relax.oc20_like_systems(4, seed=3)
+    again = bench_relax.oc20_like_systems(4, seed=3)
+    assert all(60 <= len(a) <= 80 for a in systems)
+    assert all(tuple(a.pbc) == (True, True, False) for a in systems)
+    assert all(len(a.constraints[0].index) == 32 for a in systems)  # bottom two of four 4×4 layers
+    for a, b in zip(systems, again):
+        np.testing.assert_array_equal(a.positions, b.positions)
+    other = bench_relax.oc20_like_systems(4, seed=4)
+    assert any(len(a) != len(b) or not np.array_equal(a.positions, b.positions) for a, b in zip(systems, other))
+
+
+def test_the_agreement_check_catches_another_setting(tmp_path):
+    """A FIRE with half the time step is a different path: the check must flag it."""
+    from molden.data.ase_convert import structure_from_atoms
+    from molden.models.checkpoint import load_model
+    from molden.relax.optimizers import FIRESettings, LBFGSSettings
+    from molden.relax.providers import ModelProvider
+
+    models = bench_relax.random_checkpoints(tmp_path, quick=True)
+    systems = bench_relax.oc20_like_systems(2, small=True)
+    structures = [structure_from_atoms(a) for a in systems]
+    provider = ModelProvider(load_model(models.s2ef))
+    reference = relax_peers.ase_relax_loop(systems, models.s2ef, "fire", 3, lbfgs=LBFGSSettings(), fire=FIRESettings(),
+                                           dtype=provider.dtype)
+    same, other = (bench_relax._molden_runner(structures, provider, "fire", 3, lbfgs=LBFGSSettings(), fire=fire,
+                                              device="cpu", batch_size=2)() for fire in (FIRESettings(), FIRESettings(dt=0.05)))
+    assert bench_relax._deviation(same, reference) <= bench_relax.AGREE_ANGSTROM
+    assert bench_relax._deviation(other, reference) > bench_relax.AGREE_ANGSTROM
