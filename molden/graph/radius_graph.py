@@ -7,16 +7,19 @@ to periodic images. Non-periodic axes are never wrapped and their cell vectors a
 
 Edge order: batched systems come one after another. Within a system the torch backend sorts
 by (i, j, S); the vesin backend gives vesin's half list then its mirror (deterministic), and
-sorts runs of molecules by centre. Sort when an order matters (the cache stores edges sorted
-by i).
+sorts runs of molecules by centre; the Triton backend sorts by centre only (deterministic).
+Sort when an order matters (the cache stores edges sorted by i).
 
 Backends: on CPU tensors with vesin installed, vesin's C++ cell list (`vesin_backend`; faster
 than vesin called system by system, BENCHMARKS.md). Otherwise, and on CUDA, small systems are
 brute-forced over image shells, many at once, and large ones go to a vectorised torch cell
-list (`cell_list`). Every backend searches slightly beyond the cutoff; then one exact test in
-ASE's order of operations decides the pairs near the cutoff, `|pos[j] - pos[i] + S @ cell| <
-cutoff`. Exactly at the cutoff (a perfect lattice whose shell distance equals the cutoff) ASE's
-own result depends on its BLAS, so edges there are not promised to match ASE.
+list (`cell_list`). On CUDA, `backend="triton"` (or `MOLDEN_TRITON_RADIUS_GRAPH=1` with "auto")
+searches every system of the batch at once with one Triton cell-list kernel instead
+(`triton_cells`; one more wait, for its output size).
+Every backend searches slightly beyond the cutoff; then one exact test in ASE's order of
+operations decides the pairs near the cutoff, `|pos[j] - pos[i] + S @ cell| < cutoff`.
+Exactly at the cutoff (a perfect lattice whose shell distance equals the cutoff) ASE's own
+result depends on its BLAS, so edges there are not promised to match ASE.
 
 Device tensors (the torch backend): sizes and bounds come from the per-system numbers
 (`n_node`, cells, pbc), brought to the host in one small copy per call; no per-atom tensor is
@@ -27,6 +30,9 @@ on the host so that `batch` is never searched.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from typing import Sequence
 
 import numpy as np
@@ -68,7 +74,9 @@ def neighbor_list(
             read, which saves a copy to the host.
         max_num_neighbors: keep per centre only its k nearest neighbours plus every
             neighbour within 1e-6 Å of the k-th distance (`nearest_neighbors_mask`).
-        backend: "auto" (vesin for CPU tensors when installed, else torch) or "torch".
+        backend: "auto" (vesin for CPU tensors when installed; the Triton kernel for CUDA
+            tensors when Triton is installed and `MOLDEN_TRITON_RADIUS_GRAPH=1`; else
+            torch), "torch" or "triton".
     Returns:
         edge_index [2, E] long (i, j) with atom indices absolute across the batch, and
         unit_shifts [E, 3] int32 (as the cache stores them); systems one after another,
@@ -131,7 +139,7 @@ def _neighbor_list(positions, cutoff, cell, pbc, batch, n_node, max_num_neighbor
         edge_index, shifts, edge_counts = torch.from_numpy(found[0]), torch.from_numpy(found[1]), found[2]
         mirrored = layout.n_systems == 1  # vesin's half list then its mirror (vesin_backend)
     else:
-        edge_index, shifts = _torch_neighbor_list(positions, layout, cutoff)
+        edge_index, shifts = _torch_neighbor_list(positions, layout, cutoff, triton=_uses_triton(device, backend))
         edge_counts = _sorted_edge_counts(edge_index[0], layout) if device.type == "cpu" else None
         mirrored = False
 
@@ -151,16 +159,47 @@ def _sorted_edge_counts(centres: torch.Tensor, layout: SystemLayout) -> np.ndarr
 
 
 def backend_for(device: torch.device | str, backend: str = "auto") -> str:
-    """Which candidate backend `neighbor_list` uses on `device`: "vesin" or "torch"."""
-    return "vesin" if _uses_vesin(torch.device(device), backend) else "torch"
+    """Which candidate backend `neighbor_list` uses on `device`: "vesin", "triton" or "torch"."""
+    device = torch.device(device)
+    if _uses_vesin(device, backend):
+        return "vesin"
+    return "triton" if _uses_triton(device, backend) else "torch"
 
 
 def _uses_vesin(device: torch.device, backend: str) -> bool:
     if backend == "auto":
         return device.type == "cpu" and vesin_backend.vesin_available()
-    if backend == "torch":
+    if backend in ("torch", "triton"):
         return False
-    raise MoldenInputError("radius_graph", f"backend must be 'auto' or 'torch', got {backend!r}")
+    raise MoldenInputError("radius_graph", f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+
+
+TRITON_BY_DEFAULT_ENV = "MOLDEN_TRITON_RADIUS_GRAPH"
+"""Set to 1 to make "auto" take the Triton kernel for CUDA tensors (in training and relaxation
+too). It is opt-in until the compiled kernel has been checked on a GPU: its logic passes the
+ASE tests under Triton's interpreter, but no GPU has run it yet (BENCHMARKS.md)."""
+
+
+def _uses_triton(device: torch.device, backend: str) -> bool:
+    """"auto" takes the Triton kernel for CUDA tensors when Triton is installed and
+    `MOLDEN_TRITON_RADIUS_GRAPH=1`; "triton" insists, and runs on CPU tensors only under
+    Triton's interpreter (`TRITON_INTERPRET=1`)."""
+    if backend != "triton":
+        return (backend == "auto" and device.type == "cuda" and os.environ.get(TRITON_BY_DEFAULT_ENV) == "1"
+                and _triton_installed())
+    if not _triton_installed():
+        raise MoldenInputError("radius_graph", "backend 'triton' needs Triton: pip install triton")
+    interpreted = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    if device.type != "cuda" and not (device.type == "cpu" and interpreted):
+        raise MoldenInputError(
+            "radius_graph", f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {device.type}"
+        )
+    return True
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None  # without importing it (~1 s on a CPU)
 
 
 def edge_lengths(
@@ -210,8 +249,9 @@ def _batch_of(layout: SystemLayout, device: torch.device) -> torch.Tensor:
     return torch.repeat_interleave(system, counts, output_size=int(layout.offsets[-1]))
 
 
-def _torch_neighbor_list(positions: torch.Tensor, layout: SystemLayout, cutoff: float):
-    """(edge_index, unit_shifts) from the torch candidates and one exact test.
+def _torch_neighbor_list(positions: torch.Tensor, layout: SystemLayout, cutoff: float, triton: bool = False):
+    """(edge_index, unit_shifts) from the torch (or, with `triton`, the Triton) candidates and
+    one exact test.
 
     Every size and bound comes from the host-side layout, so the only synchronisations on a
     device are the data-dependent ones: selecting candidate pairs (and, for large systems,
@@ -228,8 +268,13 @@ def _torch_neighbor_list(positions: torch.Tensor, layout: SystemLayout, cutoff: 
     band = 256 * torch.finfo(dtype).eps * scale
     search = cutoff + band
     shells = shell_counts_np(full_np, layout.pbc, search)
-    inverse = torch.from_numpy(np.linalg.inv(full_np)).to(device)
-    i, j, shifts, approx = _torch_pairs(positions, batch, layout, full_cell, inverse, pbc, shells, search)
+    inverse_np = np.linalg.inv(full_np)
+    inverse = torch.from_numpy(inverse_np).to(device)
+    if triton:
+        cells, inverses = (full_np, full_cell), (inverse_np, inverse)
+        i, j, shifts, approx = _triton_pairs(positions, batch, layout, cells, inverses, pbc, search)
+    else:
+        i, j, shifts, approx = _torch_pairs(positions, batch, layout, full_cell, inverse, pbc, shells, search)
     # One exact test in ASE's arithmetic, only where the candidate distance is within the band.
     unsure = (approx >= cutoff - band).nonzero(as_tuple=True)[0]
     if unsure.numel():
@@ -282,6 +327,19 @@ def _torch_pairs(positions, batch, layout, full_cell, inverse, pbc, shells, sear
         return empty, empty, torch.zeros(0, 3, dtype=torch.int32, device=positions.device), positions.new_zeros(0)
     i, j, wrapped_shift, approx = (torch.cat(x) for x in zip(*parts))
     # positions = wrapped + moved @ cell, so the shift for the given positions is:
+    return i, j, (wrapped_shift + moved[i] - moved[j]).to(torch.int32), approx
+
+
+def _triton_pairs(positions, batch, layout, full_cells, inverses, pbc, search):
+    """Candidates of every system from the Triton kernel (`triton_cells`), all systems in one
+    launch per pass; (i, j, S, distance) with centres ascending. `full_cells` and `inverses`
+    are (host array, device tensor) pairs of the completed cells and their inverses."""
+    from molden.graph import triton_cells  # imports Triton: only when this backend runs
+
+    wrapped, moved = wrap_positions(positions, batch, full_cells[1], pbc, inverses[1])
+    i, j, wrapped_shift, approx = triton_cells.triton_cell_list_candidates(
+        wrapped, batch, layout, full_cells[0], inverses[0], search
+    )
     return i, j, (wrapped_shift + moved[i] - moved[j]).to(torch.int32), approx
 
 
