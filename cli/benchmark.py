@@ -39,14 +39,13 @@ def benchmark(
     m = report.machine
     console.print(f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads"
                   + (f", {m['gpu']}" if m["gpu"] else "") + f"; torch {m['torch']}; {m['utc']}", highlight=False)
-    wide = console if console.is_terminal else type(console)(width=200)
     for result in report.suites:
         table = Table(title=f"{result.title} ({result.seconds:.0f} s)", title_justify="left")
         for column in result.columns:
             table.add_column(column.header, justify="left" if column.fmt == "" else "right")
         for row in result.rows:
             table.add_row(*(escape(format_cell(row.get(c.key), c.fmt)) for c in result.columns))
-        wide.print(table)
+        console.print(table)
         for note in result.notes:
-            wide.print(f"  {escape(note)}", highlight=False)
+            console.print(f"  {escape(note)}", highlight=False)
     console.print("wrote " + ", ".join(str(p) for p in written), highlight=False, soft_wrap=True)

@@ -11,13 +11,32 @@ from typing import Iterator, Mapping
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from molden.errors import MoldenError
 
-console = Console()
+PIPED_WIDTH = 160
+
+
+class _WideWhenPiped(Console):
+    """The terminal's width in a terminal; piped to a file or a log, at least `PIPED_WIDTH`
+    columns, so tables of numbers are never cut short (rich would take 80)."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = Console.size.fget(self)
+        if self.is_terminal or self._width is not None:
+            return size
+        return ConsoleDimensions(max(size.width, PIPED_WIDTH), size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)
+
+
+console = _WideWhenPiped()
 err_console = Console(stderr=True)
 
 

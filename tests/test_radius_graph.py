@@ -198,20 +198,26 @@ def test_batch_of_overlapping_molecules_and_slabs_equals_per_system_graphs(backe
             slab.rattle(0.05, seed=k)
             systems.append(slab)
     systems.insert(5, Atoms("H", positions=[[0.1, 0.2, 0.3]]))
+    got, index = rows_with_an_empty_system(systems, 9, 3.5, dtype, backend)
+    assert (np.diff(index[got[:, 0]]) >= 0).all()  # systems one after another
+    np.testing.assert_array_equal(lexsorted(got), ase_batched_reference(systems, 3.5))
+
+
+def rows_with_an_empty_system(systems: list[Atoms], empty: int, cutoff: float, dtype, backend: str):
+    """(i, j, S) rows of `neighbor_list` on `systems` batched with an atom-less system inserted
+    at index `empty` (no cell, no pbc), and each atom's system index."""
     index = np.repeat(np.arange(len(systems)), [len(a) for a in systems])
-    index[index >= 9] += 1  # system 9 is empty
+    index[index >= empty] += 1
     cells = [a.cell.array for a in systems]
-    cells.insert(9, np.zeros((3, 3)))
+    cells.insert(empty, np.zeros((3, 3)))
     pbcs = [a.pbc for a in systems]
-    pbcs.insert(9, np.zeros(3, dtype=bool))
+    pbcs.insert(empty, np.zeros(3, dtype=bool))
     edge_index, shifts = neighbor_list(
-        torch.tensor(np.concatenate([a.positions for a in systems]), dtype=dtype), 3.5,
+        torch.tensor(np.concatenate([a.positions for a in systems]), dtype=dtype), cutoff,
         cell=torch.tensor(np.stack(cells), dtype=dtype), pbc=torch.tensor(np.stack(pbcs)),
         batch=torch.tensor(index), backend=backend,
     )
-    got = np.column_stack([edge_index.T.numpy(), shifts.numpy()])
-    assert (np.diff(index[got[:, 0]]) >= 0).all()  # systems one after another
-    np.testing.assert_array_equal(lexsorted(got), ase_batched_reference(systems, 3.5))
+    return np.column_stack([edge_index.T.numpy(), shifts.numpy()]), index
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -25,7 +25,8 @@ from ase import Atoms
 from ase.build import bulk, fcc111, molecule
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_radius_graph import _HostReads, ase_batched_reference, ase_reference, lexsorted, mixed_batch, molden_rows, random_system
+from test_radius_graph import (_HostReads, ase_batched_reference, ase_reference, lexsorted, mixed_batch, molden_rows,
+                               random_system, rows_with_an_empty_system)
 
 from molden.errors import MoldenInputError
 from molden.graph import neighbor_list
@@ -134,18 +135,7 @@ def test_triton_batch_of_molecules_slabs_and_crystals_equals_per_system_graphs(d
     small = bulk("Cu", "fcc", a=3.6)
     small.positions += 7.0  # unwrapped
     systems += [small, Atoms("H", positions=[[0.1, 0.2, 0.3]])]
-    index = np.repeat(np.arange(len(systems)), [len(a) for a in systems])
-    index[index >= 3] += 1  # system 3 is empty
-    cells = [a.cell.array for a in systems]
-    cells.insert(3, np.zeros((3, 3)))
-    pbcs = [a.pbc for a in systems]
-    pbcs.insert(3, np.zeros(3, dtype=bool))
-    edge_index, shifts = neighbor_list(
-        torch.tensor(np.concatenate([a.positions for a in systems]), dtype=dtype), 4.0,
-        cell=torch.tensor(np.stack(cells), dtype=dtype), pbc=torch.tensor(np.stack(pbcs)),
-        batch=torch.tensor(index), backend="triton",
-    )
-    got = np.column_stack([edge_index.T.numpy(), shifts.numpy()])
+    got, _ = rows_with_an_empty_system(systems, 3, 4.0, dtype, "triton")
     assert (np.diff(got[:, 0]) >= 0).all(), "centres ascending, so systems one after another"
     np.testing.assert_array_equal(lexsorted(got), ase_batched_reference(systems, 4.0))
 
