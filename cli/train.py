@@ -73,7 +73,7 @@ def _run(kind: str, config_file: Optional[Path], overrides: dict[str, Any], resu
             base = read_config_file(config_file)
         elif resume and out is not None and (Path(out) / CONFIG_FILE).is_file():
             base = read_config_file(Path(out) / CONFIG_FILE)  # the run's own options; the command line may change some
-        data = merge(base, dotted(overrides))
+        data = _cleared(merge(base, dotted(overrides)), overrides)
         for section in sections:
             data.setdefault(section, {})
         data = fill_cutoffs(data, ("denoising",) if kind == "pretrain" else ("noisy_nodes", "dens"))
@@ -81,6 +81,23 @@ def _run(kind: str, config_file: Optional[Path], overrides: dict[str, Any], resu
         with LiveReporter(console, err_console) as reporter:
             summary = train(config, resume=resume, overwrite=overwrite, reporter=reporter)
     print_summary(console, summary)
+
+
+CLEARABLE = ("init", "data.val_split")
+"""Options whose value `none` on the command line clears what a config file set."""
+
+
+def _cleared(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`data` with each `CLEARABLE` option given as `none` set to None (no checkpoint to start
+    from, no validation split), whatever the config file said."""
+    for key in CLEARABLE:
+        if overrides.get(key) is not None and str(overrides[key]).lower() == "none":
+            *parents, leaf = key.split(".")
+            node = data
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = None
+    return data
 
 
 # Options shared by pretrain and finetune (typer needs them spelled out in each signature).
@@ -107,7 +124,7 @@ _WARMUP = typer.Option(None, help="linear warm-up steps  [default: 100]")
 _EMA = typer.Option(None, help="EMA decay  [default: 0.9999]")
 _ACCUMULATE = typer.Option(None, help="batches accumulated per optimiser step  [default: 1]")
 _THREADS = typer.Option(None, help="torch CPU threads")
-_VAL_SPLIT = typer.Option(None, help="split validated on  [default: val]")
+_VAL_SPLIT = typer.Option(None, help="split validated on (none: no validation)  [default: val]")
 _RESUME = typer.Option(False, "--resume", help="continue the run in OUT from its last.pt")
 _OVERWRITE = typer.Option(False, "--overwrite", help="replace a run already in OUT")
 
@@ -143,7 +160,7 @@ def finetune(
     task: Optional[str] = typer.Option(None, help="qm9 | is2re | is2rs | s2ef  [default: qm9]"),
     target: Optional[List[str]] = typer.Option(None, help="qm9 target (repeatable)  [default: homo]"),
     model: Optional[str] = _MODEL, change: Optional[List[str]] = _CHANGE,
-    init: Optional[Path] = typer.Option(None, help="start the backbone from this (pre-training) checkpoint"),
+    init: Optional[Path] = typer.Option(None, help="start the backbone from this (pre-training) checkpoint (none: from scratch, whatever --config says)"),
     freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="train the heads only (with --init)"),
     train_size: Optional[int] = typer.Option(None, help="train on a seeded subset of this many train structures"),
     noisy_nodes_sigma: Optional[float] = typer.Option(None, help="Noisy Nodes on, with this σ in Å"),

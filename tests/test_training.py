@@ -142,6 +142,19 @@ def test_a_config_file_is_overridden_by_the_command_line(s2ef_cache, tmp_path):
     assert saved["run"]["steps"] == 6 and saved["data"]["max_graphs"] == 8  # the command line wins
 
 
+def test_none_on_the_command_line_clears_a_config_files_init_and_val_split(s2ef_cache, tmp_path):
+    """A from-scratch twin of a fine-tuning config needs no edited copy of the file."""
+    config = tmp_path / "ft.yaml"
+    config.write_text(yaml.safe_dump({"task": "s2ef", "init": str(tmp_path / "missing.pt"),
+                                      "data": {"val_split": "val"}}))
+    out = tmp_path / "run"
+    result = _invoke("finetune", "--config", config, "--data", s2ef_cache, "--out", out, *FAST,
+                     "--init", "none", "--val-split", "none")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["init"] is None and saved["data"]["val_split"] is None
+
+
 @pytest.mark.parametrize("args, message", [
     (("--task", "qm8"), "invalid --task"),
     (("--task", "qm9", "--dens"), "DeNS (--dens) is an s2ef option"),
@@ -351,3 +364,27 @@ def test_overwrite_replaces_a_run_but_never_a_folder_of_other_files(s2ef_cache, 
     refused = _invoke("finetune", "--data", s2ef_cache, "--out", out, "--task", "s2ef", "--overwrite", *FAST)
     assert refused.exit_code == 1 and "thesis.tex" in refused.output
     assert (out / "thesis.tex").read_text() == "the user's work" and (out / "last.pt").is_file()
+
+
+def test_train_size_fits_the_target_standardisation_on_the_subset_only(qm9_cache, tmp_path):
+    """A data-efficiency run with 50 labels must not standardise with the other labels."""
+    from molden.data.h5_dataset import open_cache
+    from molden.train.config import FinetuneConfig, load_config
+    from molden.train.data import open_split
+    from molden.train.tasks import finetune_task
+
+    def normaliser_mean(train_size):
+        config = load_config(FinetuneConfig, None, {
+            "data": {"path": str(qm9_cache), "train_size": train_size}, "run": {"out": str(tmp_path / "run")},
+            "model": {"preset": "painn_cpu"}, "task": "qm9", "targets": ["homo"]})
+        dataset = open_split(config.data, "train", subset=train_size, seed=3)
+        return finetune_task(config, dataset).description["normalizer"]["mean"][0], dataset.indices
+
+    with open_cache(qm9_cache) as f:
+        homo = f["structures/targets"][:][:, json.loads(f.attrs["target_names"]).index("homo")]
+    subset_mean, picked = normaliser_mean(50)
+    whole_mean, everything = normaliser_mean(None)
+    assert len(picked) == 50 and len(everything) == 300
+    assert subset_mean == pytest.approx(homo[picked].mean(), rel=1e-9)
+    assert whole_mean == pytest.approx(homo[everything].mean(), rel=1e-9)
+    assert subset_mean != pytest.approx(whole_mean, rel=1e-6)

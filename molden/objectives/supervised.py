@@ -117,10 +117,13 @@ class TargetNormalizer(nn.Module):
 
     @classmethod
     def from_cache(cls, path: str | Path, names: Sequence[str] | None = None, *,
-                   reference_targets: Sequence[str] = QM9_ENERGY_TARGETS) -> TargetNormalizer:
+                   reference_targets: Sequence[str] = QM9_ENERGY_TARGETS,
+                   structures: np.ndarray | None = None) -> TargetNormalizer:
         """Standardisation fitted on the cache's train split (all structures without one, as
-        `/stats`), with per-element references fitted by least squares on composition for the
-        targets in `reference_targets` (QM9 U0, U, H, G) and mean/std of what remains."""
+        `/stats`), or on the cache indices `structures` when given (a `--train-size` subset:
+        labels outside it are not the user's to use), with per-element references fitted by
+        least squares on composition for the targets in `reference_targets` (QM9 U0, U, H, G)
+        and mean/std of what remains."""
         from molden.data.h5_dataset import open_cache  # the cache reader, not needed otherwise
 
         with open_cache(path) as f:
@@ -128,6 +131,9 @@ class TargetNormalizer(nn.Module):
             names = list(available if names is None else names)
             columns = target_columns(available, names)
             fit, _ = fitted_structures(f)
+            if structures is not None:
+                fit = np.zeros_like(fit)
+                fit[np.asarray(structures)] = True
             values = f[S.TARGETS][:][:, columns]
             present = np.flatnonzero(f[f"{S.STATS}/element_counts"][:])
             composition = np.concatenate([c[:, present] for _, c in composition_blocks(f)]).astype(np.float64)

@@ -124,7 +124,8 @@ def finetune_task(config: FinetuneConfig, dataset: H5Dataset) -> TrainingTask:
     conservative = False
 
     if config.task == "qm9":
-        normalizer = TargetNormalizer.from_cache(dataset.path, config.targets)
+        subset = dataset.indices if config.data.train_size is not None else None
+        normalizer = TargetNormalizer.from_cache(dataset.path, config.targets, structures=subset)
         modules.append(normalizer)
         extensive = any(t in EXTENSIVE_TARGETS for t in config.targets)
         heads[keys.TARGETS] = HeadSpec(kind="graph_scalar", n_out=len(config.targets), squeeze=False,
