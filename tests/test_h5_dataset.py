@@ -14,6 +14,7 @@ import ase.io
 import h5py
 import numpy as np
 import pytest
+import torch
 from ase.build import bulk
 
 from molden.data import H5Dataset
@@ -212,3 +213,27 @@ def test_a_dataloader_worker_waits_at_exit_for_its_queue_feeder(monkeypatch):
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
     worker_exit.join_queue_feeders()  # the exit hook every unpickled H5Dataset registers
     assert not feeder.is_alive()
+
+
+@pytest.mark.parametrize("cache_fixture", ["emt_cache", "s2ef_cache", "qm9_cache"])
+@pytest.mark.parametrize("in_memory_bytes", [None, 0])  # the default (in memory) and from disk
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_collated_equals_collating_the_structures(cache_fixture, in_memory_bytes, dtype, request):
+    """The training loader's batched read (`H5Dataset.collated`) is exactly `collate` of the
+    structures, every field, in any order of positions, repeated ones included."""
+    import dataclasses
+
+    from molden.data import collate
+
+    path = request.getfixturevalue(cache_fixture)
+    kwargs = {} if in_memory_bytes is None else {"in_memory_bytes": in_memory_bytes}
+    data = H5Dataset(path, "train", **kwargs)
+    positions = [int(k) for k in np.random.default_rng(0).permutation(len(data))[:9]] + [0, 0]
+    expected = collate([data[k] for k in positions], dtype=dtype)
+    got = data.collated(positions, dtype=dtype)
+    for field in dataclasses.fields(expected):
+        want, have = getattr(expected, field.name), getattr(got, field.name)
+        if isinstance(want, torch.Tensor):
+            assert have is not None and have.dtype == want.dtype and torch.equal(have, want), field.name
+        else:
+            assert have == want, field.name

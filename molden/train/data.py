@@ -14,14 +14,13 @@ Batches are cut to a count that is a multiple of V by halving the largest ones
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import partial
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from molden.data.batch import Batch, collate
+from molden.data.batch import Batch
 from molden.data.dynamic_batches import DynamicBatchSampler
 from molden.data import h5_schema as S
 from molden.data.h5_dataset import H5Dataset, open_cache
@@ -111,12 +110,34 @@ def epoch_plan(sampler: DynamicBatchSampler, epoch: int, *, rank: int, world_siz
 
 
 def loader(dataset: H5Dataset, batches: list[list[int]], config: DataConfig, dtype: torch.dtype, pin: bool) -> DataLoader:
-    """A DataLoader that yields collated `Batch`es of exactly `batches`, in order."""
+    """A DataLoader that yields collated `Batch`es of exactly `batches`, in order, each read
+    and collated in one call (`H5Dataset.collated`), in the workers when there are some."""
     return DataLoader(
-        dataset, batch_sampler=_Listed(batches), collate_fn=partial(collate, dtype=dtype),
+        _Collated(dataset, dtype), batch_sampler=_Listed(batches), collate_fn=_as_is,
         num_workers=config.workers, pin_memory=pin,
         persistent_workers=False, prefetch_factor=4 if config.workers else None,
     )
+
+
+class _Collated(torch.utils.data.Dataset):
+    """`dataset` for a DataLoader with a batch sampler: `__getitems__` (which the loader calls
+    with a batch's positions) returns the collated `Batch` at once."""
+
+    def __init__(self, dataset: H5Dataset, dtype: torch.dtype):
+        self.dataset, self.dtype = dataset, dtype
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, position: int) -> Batch:
+        return self.dataset.collated([position], dtype=self.dtype)
+
+    def __getitems__(self, positions: list[int]) -> Batch:
+        return self.dataset.collated(positions, dtype=self.dtype)
+
+
+def _as_is(batch: Batch) -> Batch:
+    return batch
 
 
 def validation_batches(dataset: H5Dataset, config: DataConfig, *, rank: int, world_size: int) -> list[list[int]]:
