@@ -26,7 +26,7 @@ from ase.build import bulk, fcc111, molecule
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_radius_graph import (_HostReads, ase_batched_reference, ase_reference, lexsorted, mixed_batch, molden_rows,
-                               random_system, rows_with_an_empty_system)
+                               random_system, rows_with_an_empty_system, slab_with_vacuum_vector)
 
 from molden.errors import MoldenInputError
 from molden.graph import neighbor_list
@@ -76,14 +76,7 @@ def test_triton_kernel_matches_ase_for_every_pbc_combination_on_a_skewed_cell(pb
 @interpreted
 @pytest.mark.parametrize("vacuum_vector", [(0.0, 0.0, 0.0), (7.0, 1.0, 0.3)])
 def test_triton_kernel_matches_ase_on_slabs_whatever_the_vacuum_vector(vacuum_vector):
-    slab = fcc111("Cu", (3, 3, 3), vacuum=8.0)
-    slab.append("O")
-    slab.positions[-1] = slab.positions[-4] + [0.0, 0.0, 1.9]
-    cell = slab.cell.array.copy()
-    cell[2] = vacuum_vector
-    slab.set_cell(cell)
-    slab.pbc = (True, True, False)
-    assert_same_edges(slab, 6.0)
+    assert_same_edges(slab_with_vacuum_vector(vacuum_vector), 6.0)
 
 
 @interpreted
