@@ -29,7 +29,8 @@ def benchmark(
 
     from molden.bench.suites import SUITE_NAMES, BenchmarkConfig, format_cell, run_benchmark, write_report
 
-    with user_errors(OPTION_NAMES):
+    # Nothing is written before every suite has run, so an interrupted benchmark leaves no file.
+    with user_errors(OPTION_NAMES, interrupted="interrupted: nothing was written; run the command again to measure"):
         names = list(SUITE_NAMES) if suite.strip() == "all" else [s.strip() for s in suite.split(",") if s.strip()]
         config = BenchmarkConfig(suites=names, device=device,
                                  quick=quick, out=out, overwrite=overwrite, threads=threads, cache=cache, seed=seed)

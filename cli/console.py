@@ -65,7 +65,8 @@ def invalid_option_message(error: ValidationError, option_names: Mapping[str, st
 
 
 @contextmanager
-def user_errors(option_names: Mapping[str, str] | None = None) -> Iterator[None]:
+def user_errors(option_names: Mapping[str, str] | None = None, *,
+                interrupted: str = "interrupted: run the same command again to resume") -> Iterator[None]:
     """Turn molden's own errors and invalid options into one line and exit code 1."""
     try:
         yield
@@ -76,7 +77,7 @@ def user_errors(option_names: Mapping[str, str] | None = None) -> Iterator[None]
         error_line(invalid_option_message(error, option_names))
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        err_console.print("interrupted: run the same command again to resume", highlight=False)
+        err_console.print(interrupted, highlight=False)
         raise typer.Exit(130) from None
 
 

@@ -131,3 +131,14 @@ def test_cache_read_through_the_training_loader_reads_every_structure_once(qm9_c
     modes = [r["mode"] for r in rows]
     assert modes[-1] == "shuffled batches of 16, training DataLoader, 1 workers"
     assert all(r["structures_per_second"] > 0 for r in rows)
+
+
+def test_ctrl_c_writes_nothing_and_says_so(tmp_path, monkeypatch):
+    def interrupted(shared):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(suites.SUITES, "radius", interrupted)
+    out = tmp_path / "bench"
+    result = _invoke("--suite", "radius", "--out", out)
+    assert result.exit_code == 130
+    assert "nothing was written" in result.output and not out.exists()

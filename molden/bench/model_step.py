@@ -30,6 +30,7 @@ from typing import Sequence
 
 import torch
 
+from molden.bench.tables import print_table
 from molden.data import collate
 from molden.data.batch import Batch
 from molden.data.readers import read_qm9
@@ -187,7 +188,6 @@ def run_model_step_benchmark(batch_size: int = 128, repeats: int = 21, warmup: i
 
 
 def _print_table(result: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     b, m = result["batch"], result["machine"]
@@ -200,10 +200,7 @@ def _print_table(result: dict) -> None:
         table.add_row(r["preset"], f"{r['backbone_parameters']:,}", f"{r['clean_step_ms']:.1f}",
                       f"{r['noisy_nodes_step_ms']:.1f}", f"{r['corrupt_ms']:.2f}", f"{100 * r['rebuild_share']:.1f}",
                       f"{r['clean_structures_per_second']:,.0f} / {r['noisy_nodes_structures_per_second']:,.0f}")
-    console = Console()
-    if not console.is_terminal:  # a log file or pipe: no 80-column wrapping of the numbers
-        console = Console(width=160)
-    console.print(table)
+    print_table(table)
 
 
 def main(argv: list[str] | None = None) -> None:

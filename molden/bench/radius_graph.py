@@ -27,6 +27,7 @@ from ase.build import add_adsorbate, bulk, fcc111, molecule
 from ase.collections import g2
 from ase.neighborlist import neighbor_list as ase_neighbor_list
 
+from molden.bench.tables import print_table
 from molden.graph import backend_for, neighbor_list, radius_graph
 
 
@@ -311,7 +312,6 @@ def machine_description() -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
             r["peer"], "-" if r["peer_ms"] is None else f"{r['peer_ms']:.3f}",
             escape(r["note"]) if r["ratio"] is None else f"{r['ratio']:.2f}", "-" if r["agree"] is None else str(r["agree"]),
         )
-    Console(width=160).print(table)
+    print_table(table)
     with open(args.out, "w") as handle:
         json.dump({"machine": machine_description(), "rows": rows}, handle, indent=2)
 

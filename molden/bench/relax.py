@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from ase import Atoms
 
+from molden.bench.tables import print_table
 from molden.bench import relax_peers
 from molden.data.adsorbates import EMT_STABLE_ADSORBATES, place_adsorbate
 from molden.data.ase_convert import structure_from_atoms
@@ -293,7 +294,6 @@ def machine_description() -> dict:
 
 
 def _print_table(rows: list[dict], machine: dict) -> None:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
@@ -311,10 +311,7 @@ def _print_table(rows: list[dict], machine: dict) -> None:
         table.add_row(r["case"], str(r["n_systems"]), format(r["steps"], "g"), r["tool"], r["method"], fmt("time_s", ".2f"),
                       fmt("structure_steps_per_s", ",.1f"), ratio,
                       "-" if r["agree"] is None else ("yes" if r["agree"] else "NO"), fmt("max_deviation_angstrom", ".1e"))
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=200)
-    console.print(table)
+    print_table(table)
 
 
 def main(argv: list[str] | None = None) -> None:

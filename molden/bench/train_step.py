@@ -39,6 +39,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from molden.bench.tables import print_table
 from molden.bench.model_step import CPU_PRESETS, CUTOFF_ANGSTROM, TARGET, machine
 from molden.data.batch import Batch
 from molden.errors import MoldenConfigError
@@ -289,7 +290,6 @@ def run_train_step_benchmark(cache: Path | None = None, steps: int = 20, warmup:
 
 
 def _print_table(result: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     m, s, p = result["machine"], result["setup"], result["peak"]
@@ -304,10 +304,7 @@ def _print_table(result: dict) -> None:
                       f"{r['corrupt_ms']:.2f}", f"{r['compute_ms']:.1f}", f"{r['structures_per_second']:,.0f}",
                       f"{100 * r['data_graph_share']:.1f}", f"{r['gflop_per_step']:.2f}", f"{r['achieved_gflops']:.1f}",
                       f"{100 * r['peak_fraction']:.1f}")
-    console = Console()
-    if not console.is_terminal:  # a log file or pipe: no 80-column wrapping of the numbers
-        console = Console(width=180)
-    console.print(table)
+    print_table(table)
 
 
 def main(argv: list[str] | None = None) -> None:
