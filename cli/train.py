@@ -24,6 +24,7 @@ OPTION_NAMES = {
     "dens.probability": "--dens-probability", "dens.sigma_angstrom": "--dens-sigma",
     "run.eval_every": "--eval-every", "run.log_every": "--log-every", "run.checkpoint_every": "--checkpoint-every",
     "model.preset": "--model", "optim.warmup_steps": "--warmup-steps", "optim.ema_decay": "--ema-decay",
+    "run.time_limit_minutes": "--time-limit",
 }
 
 
@@ -46,13 +47,14 @@ def _changes(items: Optional[List[str]]) -> dict[str, Any] | None:
 
 def _common(data, out, config_file, model, change, steps, lr, max_graphs, max_atoms, max_edges, workers, seed,
             device, dtype, bf16, log_every, eval_every, checkpoint_every, early_stopping, warmup_steps, ema_decay,
-            accumulate, threads, val_split) -> dict[str, Any]:
+            accumulate, threads, val_split, time_limit, deterministic) -> dict[str, Any]:
     return {
         "data.path": data, "data.max_graphs": max_graphs, "data.max_atoms": max_atoms, "data.max_edges": max_edges,
         "data.workers": workers, "data.val_split": val_split,
         "run.out": out, "run.steps": steps, "run.seed": seed, "run.device": device, "run.dtype": dtype,
         "run.bf16": bf16 or None, "run.log_every": log_every, "run.eval_every": eval_every,
         "run.checkpoint_every": checkpoint_every, "run.early_stopping": early_stopping, "run.threads": threads,
+        "run.time_limit_minutes": time_limit, "run.deterministic": deterministic or None,
         "optim.lr": lr, "optim.warmup_steps": warmup_steps, "optim.ema_decay": ema_decay, "optim.accumulate": accumulate,
         "model.preset": model, "model.changes": _changes(change),
     }
@@ -125,6 +127,8 @@ _EMA = typer.Option(None, help="EMA decay  [default: 0.9999]")
 _ACCUMULATE = typer.Option(None, help="batches accumulated per optimiser step  [default: 1]")
 _THREADS = typer.Option(None, help="torch CPU threads")
 _VAL_SPLIT = typer.Option(None, help="split validated on (none: no validation)  [default: val]")
+_TIME_LIMIT = typer.Option(None, "--time-limit", help="minutes this invocation may run: then last.pt is written and the run stops cleanly (--resume continues)")
+_DETERMINISTIC = typer.Option(False, "--deterministic", help="torch deterministic algorithms (bit-reproducible on CUDA, slower)")
 _RESUME = typer.Option(False, "--resume", help="continue the run in OUT from its last.pt")
 _OVERWRITE = typer.Option(False, "--overwrite", help="replace a run already in OUT")
 
@@ -143,13 +147,14 @@ def pretrain(
     checkpoint_every: Optional[int] = _CKPT_EVERY, early_stopping: Optional[int] = _EARLY,
     warmup_steps: Optional[int] = _WARMUP, ema_decay: Optional[float] = _EMA, accumulate: Optional[int] = _ACCUMULATE,
     threads: Optional[int] = _THREADS, val_split: Optional[str] = _VAL_SPLIT,
+    time_limit: Optional[float] = _TIME_LIMIT, deterministic: bool = _DETERMINISTIC,
     resume: bool = _RESUME, overwrite: bool = _OVERWRITE,
 ) -> None:
     """Denoising pre-training on (equilibrium) structures: predict the noise added to positions
     (and masked atom types)."""
     overrides = _common(data, out, config_file, model, change, steps, lr, max_graphs, max_atoms, max_edges, workers,
                         seed, device, dtype, bf16, log_every, eval_every, checkpoint_every, early_stopping,
-                        warmup_steps, ema_decay, accumulate, threads, val_split)
+                        warmup_steps, ema_decay, accumulate, threads, val_split, time_limit, deterministic)
     overrides.update({"data.frames": frames, "denoising.sigma_angstrom": sigma, "denoising.mask_probability": mask_prob,
                       "denoising.atom_type_loss_weight": atom_type_weight})
     _run("pretrain", config_file, overrides, resume, overwrite)
@@ -181,13 +186,14 @@ def finetune(
     checkpoint_every: Optional[int] = _CKPT_EVERY, early_stopping: Optional[int] = _EARLY,
     warmup_steps: Optional[int] = _WARMUP, ema_decay: Optional[float] = _EMA, accumulate: Optional[int] = _ACCUMULATE,
     threads: Optional[int] = _THREADS, val_split: Optional[str] = _VAL_SPLIT,
+    time_limit: Optional[float] = _TIME_LIMIT, deterministic: bool = _DETERMINISTIC,
     resume: bool = _RESUME, overwrite: bool = _OVERWRITE,
 ) -> None:
     """Supervised training (QM9 targets, IS2RE, IS2RS, S2EF) with Noisy Nodes or DeNS, from
     scratch or from a pre-trained backbone."""
     overrides = _common(data, out, config_file, model, change, steps, lr, max_graphs, max_atoms, max_edges, workers,
                         seed, device, dtype, bf16, log_every, eval_every, checkpoint_every, early_stopping,
-                        warmup_steps, ema_decay, accumulate, threads, val_split)
+                        warmup_steps, ema_decay, accumulate, threads, val_split, time_limit, deterministic)
     overrides.update({
         "task": task, "targets": list(target) if target else None, "init": init,
         "freeze_backbone": freeze_backbone or None, "data.train_size": train_size,

@@ -53,6 +53,51 @@ def test_a_missing_peer_is_a_row_with_an_install_hint(monkeypatch):
     assert relax_peers.torch_sim_missing("lbfgs") == note
 
 
+def test_an_old_torch_sim_without_lbfgs_skips_only_lbfgs(monkeypatch):
+    """torch-sim 0.3 (the last for Python 3.11) has FIRE only: its L-BFGS row says so."""
+    monkeypatch.setattr(relax_peers, "torch_sim_version", lambda: "0.3.0")
+    monkeypatch.setattr(relax_peers, "torch_sim_api",
+                        lambda: relax_peers.TorchSimAPI("0.3.0", ("fire",), fix_atoms=None, pbc_per_axis=False))
+    assert relax_peers.torch_sim_missing("fire") is None
+    assert "no L-BFGS" in relax_peers.torch_sim_missing("lbfgs")
+
+
+def test_torch_sim_rows_run_every_method_it_has(quick_rows):
+    api = relax_peers.torch_sim_api()
+    rows = {r["method"]: r for r in quick_rows if r["case"] == "fixed steps" and r["tool"] == "torch-sim"}
+    for method, row in rows.items():
+        if api is not None and method in api.methods:
+            assert row["skipped"] is None and row["agree"] is True, row
+            assert row["version"] == api.version
+        else:
+            assert row["skipped"] is not None
+
+
+@pytest.mark.parametrize("method", ["lbfgs", "fire"])
+def test_torch_sim_takes_ases_path_and_holds_fixed_atoms(method, tmp_path):
+    """torch-sim's batched optimiser, with molden's settings, against ASE's loop: positions
+    within `AGREE_ANGSTROM` after 5 steps, fixed atoms exactly where they started."""
+    api = relax_peers.torch_sim_api()
+    if api is None or method not in api.methods:
+        pytest.skip(f"torch-sim {api.version if api else 'absent'} has no {method}")
+    from molden.models.checkpoint import load_model
+    from molden.relax.optimizers import FIRESettings, LBFGSSettings
+    from molden.relax.providers import ModelProvider
+
+    models = bench_relax.random_checkpoints(tmp_path, quick=True)
+    systems = bench_relax.oc20_like_systems(3, small=True)
+    provider = ModelProvider(load_model(models.s2ef))
+    lbfgs, fire = LBFGSSettings(curvature_guard=False), FIRESettings()
+    reference = relax_peers.ase_relax_loop(systems, models.s2ef, method, 5, lbfgs=lbfgs, fire=fire,
+                                           dtype=provider.dtype)
+    positions = relax_peers.torch_sim_relax(provider, systems, method, 5, lbfgs=lbfgs, fire=fire, batch_size=2)
+    assert bench_relax._deviation(positions, reference) <= bench_relax.AGREE_ANGSTROM
+    for p, atoms in zip(positions, systems):
+        fixed = atoms.constraints[0].index
+        np.testing.assert_array_equal(p[fixed], atoms.positions[fixed])
+        assert np.abs(p - atoms.positions).max() > 1e-4  # the free atoms did move
+
+
 def test_skipped_rows_say_why(quick_rows):
     for row in quick_rows:
         if row["skipped"] is not None:

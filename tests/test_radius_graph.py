@@ -381,8 +381,6 @@ def test_n_node_that_does_not_cover_the_atoms_raises_molden_input_error(n_node):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_radius_graph_shifts_equal_unit_shifts_times_the_cell_of_each_edge(device, backend):
-    if device != "cpu" and backend == "auto":
-        pytest.skip("auto is the torch backend on a device")
     _, positions, cell, pbc, n_node = mixed_batch(device)
     cell.requires_grad_(True)
     edge_index, unit_shifts = neighbor_list(positions, 4.0, cell=cell, pbc=pbc, n_node=n_node, backend=backend)

@@ -388,3 +388,60 @@ def test_train_size_fits_the_target_standardisation_on_the_subset_only(qm9_cache
     assert subset_mean == pytest.approx(homo[picked].mean(), rel=1e-9)
     assert whole_mean == pytest.approx(homo[everything].mean(), rel=1e-9)
     assert subset_mean != pytest.approx(whole_mean, rel=1e-6)
+
+
+def test_a_spent_time_limit_stops_cleanly_with_a_checkpoint_and_resume_finishes(s2ef_cache, tmp_path):
+    out = tmp_path / "run"
+    # 1e-5 minutes is spent during the first step: the run stops after it, whatever the machine.
+    first = _invoke("finetune", "--data", s2ef_cache, "--out", out, "--task", "s2ef", "--time-limit", "1e-5", *FAST)
+    assert first.exit_code == 0, first.output
+    assert "time limit of 1e-05 min reached at step 1 of 6" in " ".join(first.output.split())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped"] == "time limit" and summary["steps"] == 1
+    assert read_checkpoint(out / "last.pt")["progress"]["step"] == 1
+    # The saved config keeps the limit; a resume with a larger one runs to the end.
+    more = _invoke("finetune", "--data", s2ef_cache, "--out", out, "--resume", "--time-limit", "60")
+    assert more.exit_code == 0, more.output
+    assert read_checkpoint(out / "last.pt")["progress"]["step"] == 6
+    assert json.loads((out / "summary.json").read_text())["stopped"] == "completed"
+
+
+def test_a_time_limit_that_is_not_positive_is_one_line(s2ef_cache, tmp_path):
+    result = _invoke("finetune", "--data", s2ef_cache, "--out", tmp_path / "run", "--task", "s2ef", "--time-limit", "0", *FAST)
+    assert result.exit_code == 1
+    assert "--time-limit" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("extra", [(), ("--bf16",)], ids=["float32", "bf16"])
+def test_training_on_cuda_follows_the_cpu_run(s2ef_cache, tmp_path, extra):
+    """The same run on CUDA (float32, or bf16 autocast) and on the CPU: the validation force MAE
+    after 6 steps agrees within what the precision allows (scatter order differs on a GPU)."""
+    finals = {}
+    for device, flags in (("cpu", ()), ("cuda", extra)):
+        out = tmp_path / device
+        result = _invoke("finetune", "--data", s2ef_cache, "--out", out, "--task", "s2ef", "--dens", "--device", device,
+                         *flags, *FAST)
+        assert result.exit_code == 0, result.output
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["stopped"] == "completed" and summary["skipped_steps"] == 0
+        finals[device] = summary["final_validation"]["forces_mae_mev_per_angstrom"]
+    assert math.isfinite(finals["cuda"])
+    assert finals["cuda"] == pytest.approx(finals["cpu"], rel=0.05 if extra else 1e-3)
+
+
+@CUDA
+def test_evaluate_on_cuda_equals_evaluate_on_the_cpu(s2ef_run, s2ef_cache):
+    metrics = {}
+    for device in ("cpu", "cuda"):
+        result = _invoke("evaluate", s2ef_run / "last.pt", "--data", s2ef_cache, "--split", "val", "--device", device,
+                         "--out", s2ef_run.parent / f"eval_{device}.json")
+        assert result.exit_code == 0, result.output
+        metrics[device] = json.loads((s2ef_run.parent / f"eval_{device}.json").read_text())["metrics"]
+    assert metrics["cuda"].keys() == metrics["cpu"].keys()
+    for name, value in metrics["cpu"].items():
+        assert metrics["cuda"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name

@@ -21,7 +21,16 @@ from molden.models.checkpoint import read_checkpoint
 STEPS = 48
 RUN = ("--task", "qm9", "--target", "homo", "--noisy-nodes-sigma", "0.02", "--model", "gns_qm9_cpu",
        "--change", "latent_dim=32", "--change", "mlp_hidden_dim=32", "--max-graphs", "16", "--log-every", "4",
-       "--eval-every", "24", "--warmup-steps", "4", "--threads", "1", "--device", "cpu")
+       "--eval-every", "24", "--warmup-steps", "4", "--threads", "1")
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+# cuBLAS is bit-reproducible only with a fixed workspace (CUDA's rule for deterministic runs).
+ENV = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+
+
+def _on(device: str) -> tuple[str, ...]:
+    """RUN on `device`; on CUDA with torch's deterministic algorithms (atomics otherwise add in
+    a different order every run, and exact resume is a bit-for-bit claim)."""
+    return (*RUN, "--device", device, *(("--deterministic",) if device == "cuda" else ()))
 
 
 def _command(*args) -> list[str]:
@@ -29,7 +38,7 @@ def _command(*args) -> list[str]:
 
 
 def _run(*args) -> subprocess.CompletedProcess:
-    result = subprocess.run(_command(*args), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(_command(*args), capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -66,12 +75,13 @@ def _assert_same_state(a, b) -> None:
 
 
 @pytest.mark.slow
-def test_a_run_killed_mid_epoch_and_resumed_ends_exactly_like_an_uninterrupted_run(qm9_cache, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_run_killed_mid_epoch_and_resumed_ends_exactly_like_an_uninterrupted_run(qm9_cache, tmp_path, device):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    _run("--data", qm9_cache, "--out", reference, "--steps", STEPS, "--checkpoint-every", STEPS, *RUN)
+    _run("--data", qm9_cache, "--out", reference, "--steps", STEPS, "--checkpoint-every", STEPS, *_on(device))
 
-    process = subprocess.Popen(_command("--data", qm9_cache, "--out", killed, "--steps", STEPS, "--checkpoint-every", "4", *RUN),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(_command("--data", qm9_cache, "--out", killed, "--steps", STEPS, "--checkpoint-every", "4",
+                                        *_on(device)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         step = _wait_for_checkpoint(process, killed / "last.pt", at_least=8)
         os.kill(process.pid, signal.SIGKILL)
@@ -89,8 +99,9 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_exactly_like_an_uninterrupted_r
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_the_run_resumes_to_the_same_end(qm9_cache, tmp_path):
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
-    _run("--data", qm9_cache, "--out", reference, "--steps", STEPS, "--checkpoint-every", STEPS, *RUN)
-    process = subprocess.Popen(_command("--data", qm9_cache, "--out", stopped, "--steps", STEPS, "--checkpoint-every", STEPS, *RUN),
+    _run("--data", qm9_cache, "--out", reference, "--steps", STEPS, "--checkpoint-every", STEPS, *_on("cpu"))
+    process = subprocess.Popen(_command("--data", qm9_cache, "--out", stopped, "--steps", STEPS, "--checkpoint-every", STEPS,
+                                        *_on("cpu")),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     metrics = stopped / "metrics.jsonl"
@@ -113,15 +124,19 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_take_the_same_steps_as_one_process_accumulating_two_batches(qm9_cache, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_processes_take_the_same_steps_as_one_process_accumulating_two_batches(qm9_cache, tmp_path, device):
     steps = 6
-    common = ("--data", qm9_cache, "--steps", steps, "--checkpoint-every", steps, "--dtype", "float64", *RUN)
+    common = ("--data", qm9_cache, "--steps", steps, "--checkpoint-every", steps, "--dtype", "float64", *_on(device))
     _run("--out", tmp_path / "one", "--accumulate", "2", *common)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
                 "-m", "molden.cli.app", "finetune", "--out", str(tmp_path / "two"), *[str(a) for a in common]]
+    # nccl refuses two ranks on one GPU: with fewer GPUs than ranks, gloo (which reduces CUDA
+    # tensors too) runs the same DDP path.
+    backend = {"MOLDEN_DIST_BACKEND": "gloo"} if device == "cuda" and torch.cuda.device_count() < 2 else {}
     result = subprocess.run(launcher, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**ENV, "OMP_NUM_THREADS": "1", **backend})
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = read_checkpoint(tmp_path / "one" / "last.pt"), read_checkpoint(tmp_path / "two" / "last.pt")
     assert one["progress"]["structures_seen"] == two["progress"]["structures_seen"]

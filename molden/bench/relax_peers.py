@@ -1,20 +1,35 @@
 """The relaxation benchmark's peers, each driving the same molden model on the same systems:
 ASE's optimisers one structure after another (through `molden.ase.MoldenCalculator`), and
-torch-sim's batched FIRE (its `ModelInterface` wrapping the model). Peers are imported when
-they run, so a missing one costs nothing but a row that says how to install it.
+torch-sim's batched FIRE and L-BFGS (its `ModelInterface` wrapping the model). Peers are
+imported when they run, so a missing one costs nothing but a row that says how to install it.
 
 Every runner takes unrelaxed `ase.Atoms` (FixAtoms on the bottom layers) and returns the
 positions [N, 3] Å after exactly `steps` optimiser steps (fmax 0: no structure stops early),
 with `steps + 1` force evaluations, as molden's `relax` and ASE's `Optimizer.run` count them.
+
+torch-sim's releases differ in what they offer; `torch_sim_api` resolves that once, by feature:
+- 0.3 (the last for Python 3.11): `optimizers.fire(model, ...)` returns (init, update); no
+  L-BFGS, no constraints, one `pbc` flag per state. Fixed atoms get zero force from the
+  adapter, which is what ASE's FixAtoms does to FIRE (zero velocity, zero step).
+- 0.4+ (Python >= 3.12): `fire_init` / `fire_step` and `lbfgs_init` / `lbfgs_step`, called with
+  the model each step. Where `torch_sim.constraints.FixAtoms` exists (0.6) it holds the fixed
+  atoms, as ASE's does: zero force and never moved (forces set at init too). Where SimState
+  takes `pbc` per axis, the slabs' own (x and y) is passed.
+torch-sim's L-BFGS in ASE mode (`alpha` given: fixed inverse Hessian guess 1/α, no line search)
+is ASE's `LBFGS` with two differences: a history pair with |y·s| <= 1e-12 gets ρ = 0 (ASE
+stores 1/(y·s)), and `step_size` (ASE's damping) scales the step before the `max_step` cap
+(ASE: after). With molden's settings (damping 1) neither changes a step of these systems.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
-from dataclasses import replace
+import inspect
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -39,16 +54,66 @@ def torch_sim_version() -> str | None:
         return "unknown"
 
 
+@dataclass(frozen=True)
+class TorchSimAPI:
+    """What the installed torch-sim offers: the one place its versions' differences live."""
+
+    version: str
+    methods: tuple[str, ...]
+    """("fire",) on 0.3; ("lbfgs", "fire") from 0.4 on."""
+    fix_atoms: type | None
+    """`torch_sim.constraints.FixAtoms`, or None (0.3: the adapter zeroes fixed atoms' forces)."""
+    pbc_per_axis: bool
+    """SimState takes `pbc` per axis (one for the whole state, not per system); 0.3: one flag."""
+
+    def optimizer(self, model, method: str, *, lbfgs: LBFGSSettings,
+                  fire: FIRESettings) -> tuple[Callable, Callable]:
+        """(init, step): `init(sim_state)` evaluates the forces, `step(opt_state)` takes one
+        optimiser step with molden's settings (ASE's algorithms and defaults)."""
+        if method not in self.methods:
+            raise ValueError(f"torch-sim {self.version} has no {method}")
+        from torch_sim import optimizers
+
+        if not hasattr(optimizers, "fire_init"):  # 0.3: a factory bound to the model
+            return optimizers.fire(model=model, dt_max=fire.dtmax, dt_start=fire.dt, n_min=fire.n_min, f_inc=fire.finc,
+                                   f_dec=fire.fdec, alpha_start=fire.astart, f_alpha=fire.fa,
+                                   max_step=fire.maxstep_angstrom, md_flavor="ase_fire")
+        if method == "lbfgs":
+            return (lambda state: optimizers.lbfgs_init(state, model, step_size=lbfgs.damping,
+                                                        alpha=lbfgs.alpha_ev_per_angstrom2),
+                    lambda state: optimizers.lbfgs_step(state, model, max_history=lbfgs.memory,
+                                                        max_step=lbfgs.maxstep_angstrom))
+        flavor = {("fire_flavor" if "fire_flavor" in inspect.signature(optimizers.fire_init).parameters
+                   else "md_flavor"): "ase_fire"}
+        return (lambda state: optimizers.fire_init(state, model, dt_start=fire.dt, alpha_start=fire.a, **flavor),
+                lambda state: optimizers.fire_step(state, model, dt_max=fire.dtmax, n_min=fire.n_min, f_inc=fire.finc,
+                                                   f_dec=fire.fdec, alpha_start=fire.astart, f_alpha=fire.fa,
+                                                   max_step=fire.maxstep_angstrom, **flavor))
+
+
+def torch_sim_api() -> TorchSimAPI | None:
+    """The installed torch-sim's `TorchSimAPI`, or None where it is not installed."""
+    version = torch_sim_version()
+    if version is None:
+        return None
+    from torch_sim import optimizers
+    from torch_sim.state import SimState
+
+    methods = ("lbfgs", "fire") if hasattr(optimizers, "lbfgs_init") else ("fire",)
+    constraints = importlib.import_module("torch_sim.constraints") if _has_module("torch_sim.constraints") else None
+    fix_atoms = getattr(constraints, "FixAtoms", None)
+    pbc_type = {f.name: f.type for f in dataclasses.fields(SimState)}["pbc"]
+    return TorchSimAPI(version, methods, fix_atoms, pbc_per_axis="bool" not in str(pbc_type))
+
+
 def torch_sim_missing(method: str) -> str | None:
     """Why torch-sim cannot run `method` here (an install hint or a version note), or None."""
     version = torch_sim_version()
     if version is None:
         return TORCH_SIM_HINT.format(torch=torch.__version__.split("+")[0])
-    if method == "lbfgs" and not _has_module("torch_sim.optimizers.lbfgs"):
+    if method not in torch_sim_api().methods:
         # L-BFGS arrived in torch-sim 0.4, which needs Python >= 3.12.
         return f"torch-sim {version} has no L-BFGS (0.4+ has; it needs Python >= 3.12)"
-    if method == "lbfgs":
-        return f"torch-sim {version}: its L-BFGS is not driven by this benchmark yet"
     return None
 
 
@@ -83,13 +148,13 @@ def ase_relax_loop(systems: Sequence[Atoms], checkpoint: Path, method: str, step
     return out
 
 
-def torch_sim_model(provider, systems: Sequence[Atoms]):
+def torch_sim_model(provider, systems: Sequence[Atoms], *, zero_fixed_forces: bool = True):
     """torch-sim's `ModelInterface` around a molden `ModelProvider`, for these systems.
 
-    torch-sim 0.3 has one `pbc` flag for the whole state and no fixed atoms: the adapter keeps
-    the systems' own periodicity (slabs: x and y only) in its molden batch, and returns zero
-    force on the fixed atoms, which is what ASE's FixAtoms does to FIRE (zero velocity, zero
-    step). Optimiser state is float64, as molden's and ASE's; the model runs in its own dtype.
+    The adapter keeps the systems' own periodicity (slabs: x and y only) in its molden batch,
+    whatever the state's `pbc`. `zero_fixed_forces` (for a torch-sim without constraints)
+    returns zero force on the fixed atoms. Optimiser state is float64, as molden's and ASE's;
+    the model runs in its own dtype.
     """
     from torch_sim.models.interface import ModelInterface
 
@@ -100,18 +165,22 @@ def torch_sim_model(provider, systems: Sequence[Atoms]):
             self._compute_stress, self._compute_forces = False, True
             structures = [structure_from_atoms(a, system_id=f"torch-sim:{k}") for k, a in enumerate(systems)]
             self.template = collate(structures, dtype=torch.float64).to(self._device)
-            self.free = (~self.template.fixed)[:, None]
+            self.free = (~self.template.fixed)[:, None] if zero_fixed_forces else None
 
         def forward(self, state, **kwargs) -> dict[str, torch.Tensor]:
             batch = replace(self.template, positions=state.positions, cell=state.row_vector_cell)
             energy, forces = provider(batch)
-            return {"energy": energy.to(self._dtype), "forces": forces.to(self._dtype) * self.free}
+            forces = forces.to(self._dtype)
+            return {"energy": energy.to(self._dtype), "forces": forces if self.free is None else forces * self.free}
 
     return MoldenModel()
 
 
-def torch_sim_state(systems: Sequence[Atoms], device: str | torch.device = "cpu"):
-    """A torch-sim `SimState` of `systems` in float64 (cell in its column convention)."""
+def torch_sim_state(systems: Sequence[Atoms], api: TorchSimAPI, device: str | torch.device = "cpu", *,
+                    fixed: torch.Tensor | None = None):
+    """A torch-sim `SimState` of `systems` in float64 (cell in its column convention), with the
+    `fixed` [N] bool atoms as a FixAtoms constraint and the systems' periodicity where `api`
+    supports them."""
     from torch_sim.state import SimState
 
     positions = torch.tensor(np.concatenate([a.positions for a in systems]), dtype=torch.float64, device=device)
@@ -120,26 +189,28 @@ def torch_sim_state(systems: Sequence[Atoms], device: str | torch.device = "cpu"
     numbers = torch.tensor(np.concatenate([a.numbers for a in systems]), dtype=torch.long, device=device)
     system_idx = torch.repeat_interleave(torch.arange(len(systems), device=device),
                                          torch.tensor([len(a) for a in systems], device=device))
-    return SimState(positions=positions, masses=masses, cell=cell.mT.contiguous(), pbc=True,
-                    atomic_numbers=numbers, system_idx=system_idx)
+    pbc_axes = {tuple(bool(p) for p in a.pbc) for a in systems}
+    pbc = list(pbc_axes.pop()) if api.pbc_per_axis and len(pbc_axes) == 1 else True
+    state = SimState(positions=positions, masses=masses, cell=cell.mT.contiguous(), pbc=pbc,
+                     atomic_numbers=numbers, system_idx=system_idx)
+    if api.fix_atoms is not None and fixed is not None and bool(fixed.any()):
+        state.constraints = [api.fix_atoms(atom_idx=torch.nonzero(fixed).flatten().to(device))]
+    return state
 
 
-def torch_sim_fire(provider, systems: Sequence[Atoms], steps: int, *, fire: FIRESettings,
-                   batch_size: int) -> list[np.ndarray]:
-    """torch-sim's batched FIRE (`md_flavor="ase_fire"`, ASE's algorithm) with molden's
-    settings, `batch_size` systems at a time (as molden's `relax`), `steps` steps each."""
-    from torch_sim.optimizers import fire as ts_fire
-
+def torch_sim_relax(provider, systems: Sequence[Atoms], method: str, steps: int, *, lbfgs: LBFGSSettings,
+                    fire: FIRESettings, batch_size: int) -> list[np.ndarray]:
+    """torch-sim's batched L-BFGS (ASE mode) or FIRE (`ase_fire`, ASE's algorithm) with
+    molden's settings, `batch_size` systems at a time (as molden's `relax`), `steps` steps each."""
+    api = torch_sim_api()
     out: list[np.ndarray] = []
     for start in range(0, len(systems), batch_size):
         chunk = systems[start : start + batch_size]
-        model = torch_sim_model(provider, chunk)
-        init, update = ts_fire(model=model, dt_max=fire.dtmax, dt_start=fire.dt, n_min=fire.n_min, f_inc=fire.finc,
-                               f_dec=fire.fdec, alpha_start=fire.astart, f_alpha=fire.fa, max_step=fire.maxstep_angstrom,
-                               md_flavor="ase_fire")
-        state = init(torch_sim_state(chunk, provider.device))
+        model = torch_sim_model(provider, chunk, zero_fixed_forces=api.fix_atoms is None)
+        init, step = api.optimizer(model, method, lbfgs=lbfgs, fire=fire)
+        state = init(torch_sim_state(chunk, api, provider.device, fixed=model.template.fixed))
         for _ in range(steps):
-            state = update(state)
+            state = step(state)
         positions = state.positions.detach().cpu().numpy()
         bounds = np.cumsum([0] + [len(a) for a in chunk])
         out += [positions[bounds[k] : bounds[k + 1]].copy() for k in range(len(chunk))]

@@ -2,7 +2,8 @@
 
 A run is distributed when torchrun's environment says so (WORLD_SIZE > 1); molden never
 spawns processes itself, so a command launched by torchrun cannot be launched twice (the
-double launch of MACE #458). gloo on CPU, nccl on CUDA.
+double launch of MACE #458). gloo on CPU, nccl on CUDA; `MOLDEN_DIST_BACKEND=gloo` picks gloo
+on CUDA too, for more ranks than GPUs (nccl refuses two ranks on one GPU) or a broken nccl.
 """
 
 from __future__ import annotations
@@ -51,8 +52,22 @@ def setup(device_choice: str) -> Distributed:
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(_backend(device))
     return Distributed(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+BACKENDS = ("gloo", "nccl")
+
+
+def _backend(device: torch.device) -> str:
+    chosen = os.environ.get("MOLDEN_DIST_BACKEND", "").strip().lower()
+    if not chosen:
+        return "nccl" if device.type == "cuda" else "gloo"
+    if chosen not in BACKENDS:
+        raise MoldenConfigError(f"MOLDEN_DIST_BACKEND={chosen}: not one of {', '.join(BACKENDS)}")
+    if chosen == "nccl" and device.type != "cuda":
+        raise MoldenConfigError("MOLDEN_DIST_BACKEND=nccl needs --device cuda")
+    return chosen
 
 
 def teardown(d: Distributed) -> None:

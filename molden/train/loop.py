@@ -51,6 +51,8 @@ LAST = "last.pt"
 BEST = "best.pt"
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
+TIME_LIMIT = "time limit"
+"""`RunSummary.stopped` of a run that spent its `--time-limit` (last.pt written, resumable)."""
 RUN_FILES = frozenset({LAST, BEST, CONFIG_FILE, SUMMARY_FILE, "metrics.jsonl", "metrics.csv", "learning_curves.png"})
 """What a run folder holds: all `--overwrite` removes."""
 
@@ -491,6 +493,7 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
     last_values: dict[str, float] = {}
     last_validation: dict[str, float] = {}
     stopped = "completed"
+    deadline = None if run.time_limit_minutes is None else time.monotonic() + 60 * run.time_limit_minutes
     model.train()
     with StopRequest() as stop:
         while progress.step < run.steps and stopped == "completed":
@@ -559,6 +562,9 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
                 signalled = D.broadcast_flag(stop.signal is not None, dist)
                 if signalled:
                     stopped = "interrupted"
+                elif deadline is not None and not last_step and stopped == "completed" \
+                        and D.broadcast_flag(time.monotonic() >= deadline, dist):
+                    stopped = TIME_LIMIT
                 if progress.step % run.checkpoint_every == 0 or last_step or stopped != "completed":
                     save(LAST)
                 if last_step or stopped != "completed":
@@ -585,6 +591,9 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
             plot_learning_curves(out)
         except (MoldenInputError, ImportError):  # no records yet (a run stopped at once), or no matplotlib
             pass
+    if stopped == TIME_LIMIT:
+        reporter.note(f"time limit of {run.time_limit_minutes:g} min reached at step {progress.step} of {run.steps}: "
+                      f"{out / LAST} written; rerun with --resume to continue")
     if stopped == "interrupted":
         raise TrainingStopped(f"interrupted at step {progress.step}: {out / LAST} written; rerun with --resume to continue")
     if stopped.startswith(f"{progress.bad_steps} consecutive"):

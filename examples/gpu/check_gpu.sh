@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Every GPU check and GPU figure of molden in one run, for a lent GPU machine (BENCHMARKS.md "GPU").
+#
+#   bash examples/gpu/check_gpu.sh OUT DATA
+#
+# OUT: results folder. DATA: a folder with the caches the CPU machine built (no qm9pack on the GPU
+# machine, and EMT generation is CPU work):
+#   molden preprocess qm9 --out DATA/qm9_20k.h5 --limit 20000 --val 0.1 --test 0.1
+#   molden preprocess qm9 --out DATA/qm9_400.h5 --limit 400 --val 60 --test 40   # the tests' QM9 fixture
+#   molden preprocess emt --out DATA/emt300.h5 --emt-systems 300 --workers 2
+# Phase 1 runs the CUDA tests beside six short trainings (longer versions of RESULTS.md's
+# experiments 1, 3 and 4); phase 2 runs the benchmarks alone on the quiet GPU, most wanted first.
+# Every step has its own time limit, so one that hangs costs only its share.
+set -u
+OUT=${1:?usage: check_gpu.sh OUT DATA}
+DATA=${2:?usage: check_gpu.sh OUT DATA}
+TRAIN_MINUTES=${TRAIN_MINUTES:-2.5}
+mkdir -p "$OUT/runs"
+stamp() { echo "== $(date -u +%H:%M:%S) $*"; }
+export PYTHONUNBUFFERED=1
+export MOLDEN_TRITON_RADIUS_GRAPH=1  # the compiled Triton kernel in every CUDA radius graph of this run
+
+stamp machine
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+python3 -c "import sys, torch, triton, numpy, ase; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, 'ase', ase.__version__, torch.cuda.get_device_name())"
+nproc
+
+# ---------------------------------------------------------------- phase 1: trainings + tests
+train() {  # NAME ARGS...: one run in the background, its output in OUT/runs/NAME.log
+  local name=$1; shift
+  timeout 300 molden finetune --device cuda --threads 2 --seed 0 --time-limit "$TRAIN_MINUTES" --log-every 50 \
+    --out "$OUT/runs/$name" "$@" > "$OUT/runs/$name.log" 2>&1 &
+}
+stamp trainings start
+S2EF=(--data "$DATA/emt300.h5" --task s2ef --model painn_paper --val-split val_id --eval-every 250 --steps 4000)
+train exp3_painn_plain "${S2EF[@]}"
+train exp3_painn_dens "${S2EF[@]}" --dens
+IS2RE=(--data "$DATA/emt300.h5" --task is2re --model painn_paper --val-split val_id --max-graphs 16 --eval-every 250
+       --warmup-steps 50 --steps 4000)
+train exp4_painn_plain "${IS2RE[@]}"
+train exp4_painn_nn "${IS2RE[@]}" --noisy-nodes-sigma 0.3
+QM9=(--data "$DATA/qm9_20k.h5" --task qm9 --target homo --model gns_qm9_cpu --change block_iterations=3 --max-graphs 64
+     --lr 5e-4 --warmup-steps 200 --eval-every 250 --steps 6000)
+train exp1_gns3_plain "${QM9[@]}"
+train exp1_gns3_nn "${QM9[@]}" --noisy-nodes-sigma 0.02
+
+stamp tests
+MOLDEN_TEST_QM9_CACHE="$DATA/qm9_400.h5" timeout 120 python3 -m pytest -q -p no:cacheprovider \
+  tests/test_radius_graph.py tests/test_edges.py tests/test_batch.py \
+  "tests/test_triton_radius.py::test_triton_kernel_on_cuda_matches_ase" \
+  "tests/test_triton_radius.py::test_triton_backend_on_cuda_waits_once_for_its_output_size" \
+  tests/test_training.py -k "cuda or CUDA or bf16" \
+  2>&1 | tail -40
+MOLDEN_TEST_QM9_CACHE="$DATA/qm9_400.h5" timeout 100 python3 -m pytest -q -p no:cacheprovider \
+  tests/test_training_resume.py -k "cuda" 2>&1 | tail -30
+stamp waiting for the trainings
+wait
+stamp trainings done
+for log in "$OUT"/runs/*.log; do echo "--- $log"; tail -4 "$log"; done
+# One archive per PaiNN run (its best.pt is about 11 MB), the two small QM9 runs together.
+(cd "$OUT/runs" && for r in exp3_painn_plain exp3_painn_dens exp4_painn_plain exp4_painn_nn; do
+   tar czf "../$r.tgz" --exclude=last.pt --exclude='*.png' "$r" "$r.log"; done
+ tar czf ../exp1_gns3.tgz --exclude=last.pt --exclude='*.png' exp1_*)
+rm -rf "$OUT/runs"
+
+# ---------------------------------------------------------------- phase 2: benchmarks
+stamp relax benchmark
+timeout 150 python3 -m molden.bench.relax --device cuda --sizes 64 256 --steps 5 --repeats 2 --threads 8 \
+  --json "$OUT/relax_cuda.json" 2>&1 | tail -30
+tar rf "$OUT/bench.tar" -C "$OUT" relax_cuda.json 2>/dev/null && rm -f "$OUT/relax_cuda.json"
+stamp radius backends and vesin-torch
+timeout 80 python3 examples/gpu/radius_backends.py --out "$OUT/radius_cuda.json" 2>&1 | tail -25
+tar rf "$OUT/bench.tar" -C "$OUT" radius_cuda.json 2>/dev/null && rm -f "$OUT/radius_cuda.json"
+stamp benchmark train
+timeout 70 molden benchmark --suite train --device cuda --cache "$DATA/qm9_20k.h5" --out "$OUT/b_train" 2>&1 | tail -25
+stamp done
+tar rf "$OUT/bench.tar" -C "$OUT" b_train 2>/dev/null && rm -rf "$OUT/b_train"
+ls -la "$OUT"
