@@ -104,7 +104,8 @@ def relax(
         # relaxation, unconverged, before it can poison the positions and the graph.
         broken = ~torch.isfinite(fmax)
         done = active & ((fmax < fmax_ev_per_angstrom) | (steps >= max_steps) | broken)
-        if bool(done.any()):
+        any_done = bool(done.any())  # the step's one wait for the device (read once)
+        if any_done:
             energy_by_slot = torch.zeros(n_slots, dtype=dtype, device=device)
             energy_by_slot[layout.slots] = energy.detach().to(dtype)
             for slot in torch.nonzero(done).flatten().tolist():
@@ -120,7 +121,7 @@ def relax(
         new_positions = optimizer.step(positions, padded, stepping)
         positions.copy_(torch.where(free[..., None], new_positions, positions))
         steps += stepping.long()
-        if bool(done.any()):
+        if any_done:
             for slot in torch.nonzero(done).flatten().tolist():
                 move_in(slot)
             layout = _Layout.of(structures, occupant, n_atoms, dtype, device)
