@@ -22,6 +22,7 @@ OPTION_NAMES = {
     "denoising.sigma_angstrom": "--sigma", "denoising.mask_probability": "--mask-prob",
     "noisy_nodes.sigma_angstrom": "--noisy-nodes-sigma", "noisy_nodes.node_loss_weight": "--noisy-nodes-weight",
     "dens.probability": "--dens-probability", "dens.sigma_angstrom": "--dens-sigma",
+    "dens.coefficient_schedule": "--dens-schedule",
     "run.eval_every": "--eval-every", "run.log_every": "--log-every", "run.checkpoint_every": "--checkpoint-every",
     "model.preset": "--model", "optim.warmup_steps": "--warmup-steps", "optim.ema_decay": "--ema-decay",
     "run.time_limit_minutes": "--time-limit",
@@ -169,13 +170,14 @@ def finetune(
     freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="train the heads only (with --init)"),
     train_size: Optional[int] = typer.Option(None, help="train on a seeded subset of this many train structures"),
     noisy_nodes_sigma: Optional[float] = typer.Option(None, help="Noisy Nodes on, with this σ in Å"),
-    noisy_nodes_weight: Optional[float] = typer.Option(None, help="weight of the Noisy Nodes node loss  [default: 0.1]"),
+    noisy_nodes_weight: Optional[float] = typer.Option(None, help="weight of the Noisy Nodes node loss  [default: 0.1; is2re: 1]"),
     noisy_nodes_target: Optional[str] = typer.Option(None, help="noise | relaxed_positions  [default: noise; is2re: relaxed_positions]"),
     dens: bool = typer.Option(False, "--dens", help="s2ef: DeNS on (DeNS §3.2 settings unless changed)"),
     dens_probability: Optional[float] = typer.Option(None, help="p_DeNS  [default: 0.5]"),
     dens_sigma: Optional[float] = typer.Option(None, help="DeNS σ, Å  [default: 0.1]"),
     dens_ratio: Optional[float] = typer.Option(None, help="r_DeNS, fraction of free atoms corrupted  [default: 0.5]"),
     dens_coefficient: Optional[float] = typer.Option(None, help="λ_DeNS  [default: 10]"),
+    dens_schedule: Optional[str] = typer.Option(None, help="constant | linear_decay: λ_DeNS falling to 0 over the run  [default: constant]"),
     conservative_forces: bool = typer.Option(False, "--conservative-forces", help="s2ef: forces as −∂E/∂x"),
     energy_coefficient: Optional[float] = typer.Option(None, help="s2ef: λ_E  [default: 1]"),
     force_coefficient: Optional[float] = typer.Option(None, help="s2ef: λ_F  [default: 100]"),
@@ -203,9 +205,10 @@ def finetune(
         node_target = noisy_nodes_target or ("relaxed_positions" if task == "is2re" else None)
         overrides.update({"noisy_nodes.sigma_angstrom": noisy_nodes_sigma, "noisy_nodes.node_loss_weight": noisy_nodes_weight,
                           "noisy_nodes.node_target": node_target})
-    if dens or any(v is not None for v in (dens_probability, dens_sigma, dens_ratio, dens_coefficient)):
+    if dens or any(v is not None for v in (dens_probability, dens_sigma, dens_ratio, dens_coefficient, dens_schedule)):
         overrides.update({"dens.probability": dens_probability, "dens.sigma_angstrom": dens_sigma,
-                          "dens.corruption_ratio": dens_ratio, "dens.coefficient": dens_coefficient})
+                          "dens.corruption_ratio": dens_ratio, "dens.coefficient": dens_coefficient,
+                          "dens.coefficient_schedule": dens_schedule})
         s2ef_prefix = "dens.s2ef"
     else:
         s2ef_prefix = "s2ef"

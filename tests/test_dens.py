@@ -13,7 +13,7 @@ import torch
 from molden.graph import neighbor_list
 from molden.models import keys
 from molden.objectives import Objective
-from molden.objectives.dens import (DENS_ATOMS, DENS_STRUCTURES, DeNS, DeNSConfig, dens_cpu,
+from molden.objectives.dens import (DENS_ATOMS, DENS_STRUCTURES, DeNS, DeNSConfig, dens_cpu, dens_md17_paper,
                                     dens_oc20_2m_paper, encoded_forces)
 from molden.objectives.supervised import S2EFConfig, S2EFLoss
 from symmetry import example_batch
@@ -157,3 +157,23 @@ def test_painn_stays_finite_with_a_huge_input_force(batch):
     config = CONFIG.model_copy(update={"probability": 1.0, "corruption_ratio": 1.0, "s2ef": emt_scale})
     noisy, _ = DeNS(config).corrupt(loud, torch.Generator().manual_seed(0))
     assert torch.isfinite(model(noisy)[k.FORCES]).all()
+
+
+def test_md17_preset_is_table_9_with_a_linearly_decaying_coefficient():
+    c = dens_md17_paper()
+    assert (c.probability, c.coefficient, c.sigma_angstrom, c.corruption_ratio) == (0.25, 5.0, 0.05, 0.25)
+    assert (c.s2ef.energy_coefficient, c.s2ef.force_coefficient, c.coefficient_schedule) == (1.0, 80.0, "linear_decay")
+
+
+@pytest.mark.parametrize(("schedule", "progress", "factor"),
+                         [("constant", 0.7, 1.0), ("linear_decay", 0.0, 1.0), ("linear_decay", 0.25, 0.75),
+                          ("linear_decay", 1.0, 0.0)])
+def test_the_noise_term_weight_follows_the_schedule_over_the_run(batch, schedule, progress, factor):
+    objective = DeNS(CONFIG.model_copy(update={"probability": 1.0, "coefficient_schedule": schedule}))
+    noisy, targets = objective.corrupt(batch, torch.Generator().manual_seed(2))
+    perfect = _perfect(targets)
+    off = torch.tensor([0.0, 0.3, 0.4], dtype=torch.float64)
+    objective.set_progress(progress)
+    result = objective.loss({**perfect, keys.NOISE: perfect[keys.NOISE] + off}, noisy, targets)
+    n_corrupted, n_free = int(targets[DENS_ATOMS].sum()), int((~batch.fixed).sum())
+    assert float(result["loss"]) == pytest.approx(factor * 10.0 * 0.5 * n_corrupted / n_free)

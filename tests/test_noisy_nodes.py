@@ -296,3 +296,12 @@ def test_end_to_end_with_a_model_every_block_gets_a_gradient():
     result["loss"].backward()
     assert torch.isfinite(result["loss"].detach()) and float(result["node"].detach()) > 0
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_an_unset_node_loss_weight_is_the_papers_for_the_node_target():
+    noise = NoisyNodesConfig(sigma_angstrom=0.02, cutoff_angstrom=5.0)
+    relaxed = NoisyNodesConfig(sigma_angstrom=0.3, node_target="relaxed_positions", cutoff_angstrom=6.0)
+    assert noise.node_loss_weight == 0.1  # Table 10 (QM9)
+    assert relaxed.node_loss_weight == 1.0  # Table 9 (OC20 IS2RE); it was 0.1 before 2026-12-04
+    assert NoisyNodesConfig(sigma_angstrom=0.3, node_target="relaxed_positions", cutoff_angstrom=6.0,
+                            node_loss_weight=0.5).node_loss_weight == 0.5

@@ -298,7 +298,7 @@ def test_the_defaults_shown_in_help_are_the_configs_defaults():
 
     from molden.train.config import DataConfig, FinetuneConfig, OptimConfig, PretrainConfig, RunConfig, default_denoising
     from molden.objectives.dens import DeNSConfig
-    from molden.objectives.noisy_nodes import NoisyNodesConfig
+    from molden.objectives.noisy_nodes import NOISE_LOSS_WEIGHT, RELAXED_POSITIONS_LOSS_WEIGHT, NoisyNodesConfig
     from molden.objectives.supervised import S2EFConfig
 
     def default(model, name):
@@ -315,9 +315,10 @@ def test_the_defaults_shown_in_help_are_the_configs_defaults():
         "noisy_nodes_target": f"{default(NoisyNodesConfig, 'node_target')}; is2re: relaxed_positions",
         "sigma": default_denoising(5.0).sigma_angstrom, "mask_prob": default_denoising(5.0).mask_probability,
         "atom_type_weight": default_denoising(5.0).atom_type_loss_weight, "task": default(FinetuneConfig, "task"),
-        "target": default(FinetuneConfig, "targets")[0], "noisy_nodes_weight": default(NoisyNodesConfig, "node_loss_weight"),
+        "target": default(FinetuneConfig, "targets")[0], "noisy_nodes_weight": f"{NOISE_LOSS_WEIGHT:g}; is2re: {RELAXED_POSITIONS_LOSS_WEIGHT:g}",
         "dens_probability": default(DeNSConfig, "probability"), "dens_sigma": default(DeNSConfig, "sigma_angstrom"),
         "dens_ratio": default(DeNSConfig, "corruption_ratio"), "dens_coefficient": default(DeNSConfig, "coefficient"),
+        "dens_schedule": default(DeNSConfig, "coefficient_schedule"),
         "energy_coefficient": default(S2EFConfig, "energy_coefficient"), "force_coefficient": default(S2EFConfig, "force_coefficient"),
     }
     assert default(PretrainConfig, "model").preset == "gns_tat_cpu"
@@ -445,3 +446,27 @@ def test_evaluate_on_cuda_equals_evaluate_on_the_cpu(s2ef_run, s2ef_cache):
     assert metrics["cuda"].keys() == metrics["cpu"].keys()
     for name, value in metrics["cpu"].items():
         assert metrics["cuda"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+
+
+@pytest.mark.parametrize(("extra", "weight"), [((), 1.0), (("--noisy-nodes-weight", "0.25"), 0.25)])
+def test_is2re_noisy_nodes_takes_the_oc20_node_loss_weight_unless_given(emt_cache, tmp_path, extra, weight):
+    out = tmp_path / "run"
+    result = _invoke("finetune", "--data", emt_cache, "--out", out, "--task", "is2re", "--noisy-nodes-sigma", "0.3",
+                     *extra, *FAST[:2], "--max-graphs", "4", "--model", "painn_cpu", "--val-split", "none")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())["noisy_nodes"]
+    assert (saved["node_target"], saved["node_loss_weight"]) == ("relaxed_positions", weight)
+
+
+def test_the_loop_tells_the_objective_how_far_the_run_is(s2ef_cache, tmp_path, monkeypatch):
+    from molden.objectives.dens import DeNS
+
+    seen = []
+    original = DeNS.set_progress
+    monkeypatch.setattr(DeNS, "set_progress", lambda self, fraction: (seen.append(fraction), original(self, fraction)))
+    result = _invoke("finetune", "--data", s2ef_cache, "--out", tmp_path / "run", "--task", "s2ef", "--dens",
+                     "--dens-schedule", "linear_decay", *FAST)
+    assert result.exit_code == 0, result.output
+    assert seen == [step / 6 for step in range(6)]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["dens"]["coefficient_schedule"] == "linear_decay"

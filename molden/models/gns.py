@@ -56,8 +56,12 @@ MLPs with shifted softplus followed by LayerNorm, residuals on nodes and edges.
 Decoder: `Latents.graph_scalars[k]` = encoder node latents + processor node latents after
 iteration k, for a `GraphScalarHead` to sum. §3.2's graph decoder is W_P Σ MLP_P(a^Proc) +
 W_E Σ MLP_E(a^Enc); one MLP of the sum keeps its point (the encoder's latents reach the
-readout directly, past the processor) within the contract's [N, F] graph latents. The node
-decoder is an MLP of the processor latents: `NodeVectorHead`.
+readout directly, past the processor) within the contract's [N, F] graph latents. Per-atom
+vectors (forces, Noisy Nodes' noise and position targets) are decoded by `EdgeVectorHead`
+(`molden.models.spec.vector_head`): an MLP of each edge's latents weighs the unit vector to
+the neighbour. §3.2's node decoder is an MLP of the node latents; the edge readout replaces it
+because a non-equivariant GNS fits small Cartesian vectors from node latents poorly
+(tests/test_learning.py), so the denoising loss reaches the node latents through the edges.
 
 GNS-TAT (`tat=True`): the App. B.2 changes listed in `gns_tat`: Tailored ReLUs, weighted
 shortcuts, LayerNorm before the first layer of each update, Gaussian fan-in init with zero

@@ -53,6 +53,13 @@ class PrimaryLoss(Protocol):
         ...
 
 
+NOISE_LOSS_WEIGHT = 0.1
+"""Node loss coefficient with the noise as node target: Noisy Nodes Table 10 (QM9)."""
+RELAXED_POSITIONS_LOSS_WEIGHT = 1.0
+"""Node loss coefficient with the relaxed positions as node target: Noisy Nodes Table 9 (OC20
+IS2RE). Until 2026-12-04 an IS2RE run without --noisy-nodes-weight got 0.1 (docs/RESULTS.md)."""
+
+
 class NoisyNodesConfig(BaseModel):
     """Noisy Nodes options (Noisy Nodes §3.3; paper values in the presets below)."""
 
@@ -62,7 +69,10 @@ class NoisyNodesConfig(BaseModel):
     node_target: Literal["noise", "relaxed_positions"] = Field(
         "noise", description="'noise': predict ε/σ (denoising autoencoder); 'relaxed_positions': predict the "
         "normalised relative target to the relaxed structure (IS2RE trajectories)")
-    node_loss_weight: float = Field(0.1, ge=0, description="coefficient of the node loss (dimensionless)")
+    node_loss_weight: float | None = Field(
+        None, ge=0, description="coefficient of the node loss (dimensionless); None: the paper's for the node "
+        f"target, {NOISE_LOSS_WEIGHT} for 'noise' (QM9, Table 10), {RELAXED_POSITIONS_LOSS_WEIGHT} for "
+        "'relaxed_positions' (OC20 IS2RE, Table 9)")
     trajectory_sampling: Literal["frame", "interpolate"] = Field(
         "frame", description="'frame': the batch's positions are the frame the data loader sampled along the "
         "trajectory; 'interpolate': a uniform random point between them and the relaxed positions, per "
@@ -77,6 +87,8 @@ class NoisyNodesConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> NoisyNodesConfig:
+        if self.node_loss_weight is None:
+            self.node_loss_weight = NOISE_LOSS_WEIGHT if self.node_target == "noise" else RELAXED_POSITIONS_LOSS_WEIGHT
         if self.node_target == "noise" and self.sigma_angstrom == 0:
             raise ValueError("node_target 'noise' needs sigma_angstrom > 0 (the target is noise / sigma)")
         if self.rebuild_graph and self.cutoff_angstrom is None:
@@ -88,7 +100,7 @@ class NoisyNodesConfig(BaseModel):
 # defaults (QM9 5 Å, OC20/EMT 6 Å), so the rebuilt graph matches the cached one.
 def noisy_nodes_qm9_paper() -> NoisyNodesConfig:
     """QM9 (Noisy Nodes §5.2, Table 10: σ = 0.02 Å, position loss coefficient 0.1)."""
-    return NoisyNodesConfig(sigma_angstrom=0.02, node_target="noise", node_loss_weight=0.1, cutoff_angstrom=5.0)
+    return NoisyNodesConfig(sigma_angstrom=0.02, node_target="noise", node_loss_weight=NOISE_LOSS_WEIGHT, cutoff_angstrom=5.0)
 
 
 def noisy_nodes_qm9_finetune_paper() -> NoisyNodesConfig:

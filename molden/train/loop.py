@@ -509,6 +509,8 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
                 batches = [move(next(stream), device, task.trim_cutoff_angstrom) for _ in range(optim_config.accumulate)]
                 base = t * virtual + dist.rank * optim_config.accumulate
                 generators = [corruption_generator(run.seed, progress.epoch, base + a) for a in range(len(batches))]
+                if hasattr(task.objective, "set_progress"):
+                    task.objective.set_progress(progress.step / run.steps)
                 terms, ok = take_step(train_model, task.objective, batches, generators, optimizer, device=device,
                                       grad_clip_norm=optim_config.grad_clip_norm, bf16=run.bf16, dist=dist)
                 scheduler.step()
