@@ -72,24 +72,41 @@ def relax(
     results: list[Relaxed | None] = [None] * n
     queue = iter(range(n))
 
-    def move_in(slot: int) -> bool:
-        index = next(queue, None)
-        occupant[slot] = -1 if index is None else index
-        positions[slot] = 0
-        free[slot] = False
-        steps[slot] = 0
-        if index is None:
-            return False
-        s = structures[index]
-        k = len(s.numbers)
-        positions[slot, :k] = torch.as_tensor(s.positions, dtype=dtype, device=device)
-        fixed = np.zeros(k, bool) if s.fixed is None else np.asarray(s.fixed, bool)
-        free[slot, :k] = torch.as_tensor(~fixed, device=device)
-        optimizer.reset(torch.tensor([slot], device=device))
-        return True
+    def move_in(slots: list[int]) -> None:
+        """The next queued structures into `slots` (emptied where the queue has run out), with
+        one host-to-device copy for all of them: per-slot copies cost a device wait each."""
+        host_positions = np.zeros((len(slots), n_atoms, 3))
+        host_free = np.zeros((len(slots), n_atoms), dtype=bool)
+        for row, slot in enumerate(slots):
+            index = next(queue, None)
+            occupant[slot] = -1 if index is None else index
+            if index is not None:
+                s = structures[index]
+                k = len(s.numbers)
+                host_positions[row, :k] = s.positions
+                host_free[row, :k] = True if s.fixed is None else ~np.asarray(s.fixed, bool)
+        chosen = torch.tensor(slots, device=device)
+        positions[chosen] = torch.from_numpy(host_positions).to(device=device, dtype=dtype)
+        free[chosen] = torch.from_numpy(host_free).to(device)
+        steps[chosen] = 0
+        optimizer.reset(chosen)
 
-    for slot in range(n_slots):
-        move_in(slot)
+    def harvest(slots: list[int], energy_by_slot: Tensor, fmax: Tensor) -> None:
+        """The finished structures in `slots`, read from the device in one copy per quantity."""
+        chosen = torch.tensor(slots, device=device)
+        final = positions[chosen].cpu().numpy()
+        energies, forces_max = energy_by_slot[chosen].cpu().tolist(), fmax[chosen].cpu().tolist()
+        taken = steps[chosen].cpu().tolist()
+        for row, slot in enumerate(slots):
+            index = occupant[slot]
+            k = len(structures[index].numbers)
+            results[index] = Relaxed(positions=final[row, :k].copy(), energy_ev=energies[row],
+                                     fmax_ev_per_angstrom=forces_max[row], steps=taken[row],
+                                     converged=bool(forces_max[row] < fmax_ev_per_angstrom))  # False for NaN
+            if on_finished is not None:
+                on_finished(index, results[index])
+
+    move_in(list(range(n_slots)))
     layout = _Layout.of(structures, occupant, n_atoms, dtype, device)
     while layout.slots.numel():
         batch = replace(layout.batch, positions=positions[layout.slots_of_atoms, layout.atom_in_slot])
@@ -104,26 +121,17 @@ def relax(
         # relaxation, unconverged, before it can poison the positions and the graph.
         broken = ~torch.isfinite(fmax)
         done = active & ((fmax < fmax_ev_per_angstrom) | (steps >= max_steps) | broken)
-        any_done = bool(done.any())  # the step's one wait for the device (read once)
-        if any_done:
+        finished = torch.nonzero(done).flatten().tolist()  # the step's one wait for the device
+        if finished:
             energy_by_slot = torch.zeros(n_slots, dtype=dtype, device=device)
             energy_by_slot[layout.slots] = energy.detach().to(dtype)
-            for slot in torch.nonzero(done).flatten().tolist():
-                index = occupant[slot]
-                k = len(structures[index].numbers)
-                results[index] = Relaxed(
-                    positions=positions[slot, :k].cpu().numpy().copy(), energy_ev=float(energy_by_slot[slot]),
-                    fmax_ev_per_angstrom=float(fmax[slot]), steps=int(steps[slot]),
-                    converged=bool(fmax[slot] < fmax_ev_per_angstrom))  # False for NaN
-                if on_finished is not None:
-                    on_finished(index, results[index])
+            harvest(finished, energy_by_slot, fmax)
         stepping = active & ~done
         new_positions = optimizer.step(positions, padded, stepping)
         positions.copy_(torch.where(free[..., None], new_positions, positions))
         steps += stepping.long()
-        if any_done:
-            for slot in torch.nonzero(done).flatten().tolist():
-                move_in(slot)
+        if finished:
+            move_in(finished)
             layout = _Layout.of(structures, occupant, n_atoms, dtype, device)
     return [r for r in results]  # every structure finished
 
