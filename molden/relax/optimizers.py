@@ -84,21 +84,23 @@ class BatchedLBFGS:
             self.rho[update, slot] = 1.0 / _dot(y0, s0)
             self.head[update] = (slot + 1) % m
             self.count[update] = (self.count[update] + 1).clamp(max=m)
-        rows = torch.arange(len(self.head), device=self.head.device)
         q = -forces
         depth = int(self.count.max()) if len(self.count) else 0
-        a = forces.new_zeros(len(rows), depth)
+        # Each structure's history newest first, gathered once: the recursion's loops then take
+        # a few launches per pair instead of re-gathering every pair twice (ASE's memory is 100).
+        rows = torch.arange(len(self.head), device=self.head.device)[:, None]
+        ages = torch.arange(depth, device=self.head.device)
+        newest_first = (self.head[:, None] - 1 - ages) % m
+        s, y = self.s[rows, newest_first], self.y[rows, newest_first]
+        rho = torch.where(ages < self.count[:, None], self.rho[rows, newest_first], 0.0)
+        a = forces.new_zeros(len(self.head), depth)
         for j in range(depth):  # newest to oldest
-            k = (self.head - 1 - j) % m
-            rho = torch.where(j < self.count, self.rho[rows, k], 0.0)
-            a[:, j] = rho * _dot(self.s[rows, k], q)
-            q = q - a[:, j, None, None] * self.y[rows, k]
+            a[:, j] = rho[:, j] * _dot(s[:, j], q)
+            q = q - a[:, j, None, None] * y[:, j]
         z = q / cfg.alpha_ev_per_angstrom2
         for j in reversed(range(depth)):  # oldest to newest
-            k = (self.head - 1 - j) % m
-            rho = torch.where(j < self.count, self.rho[rows, k], 0.0)
-            b = rho * _dot(self.y[rows, k], z)
-            z = z + self.s[rows, k] * (a[:, j] - b)[:, None, None]
+            b = rho[:, j] * _dot(y[:, j], z)
+            z = z + s[:, j] * (a[:, j] - b)[:, None, None]
         step = -z
         longest = step.norm(dim=2).amax(dim=1)
         scale = torch.where(longest >= cfg.maxstep_angstrom, cfg.maxstep_angstrom / longest.clamp_min(1e-300), 1.0)
