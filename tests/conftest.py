@@ -75,7 +75,9 @@ def qm9_cache(tmp_path_factory):
     from pathlib import Path
 
     if os.environ.get("MOLDEN_TEST_QM9_CACHE"):
-        return Path(os.environ["MOLDEN_TEST_QM9_CACHE"])
+        given = Path(os.environ["MOLDEN_TEST_QM9_CACHE"])
+        assert given.is_file(), f"MOLDEN_TEST_QM9_CACHE={given}: no such file"
+        return given
 
     if importlib.util.find_spec("qm9pack") is None:  # importing it needs pkg_resources: only locate it
         pytest.skip("qm9pack is not installed (pip install -e '.[qm9]')")

@@ -65,6 +65,7 @@ def test_an_old_torch_sim_without_lbfgs_skips_only_lbfgs(monkeypatch):
 def test_torch_sim_rows_run_every_method_it_has(quick_rows):
     api = relax_peers.torch_sim_api()
     rows = {r["method"]: r for r in quick_rows if r["case"] == "fixed steps" and r["tool"] == "torch-sim"}
+    assert set(rows) == {"lbfgs", "fire"}  # a row per method, timed or saying why not
     for method, row in rows.items():
         if api is not None and method in api.methods:
             assert row["skipped"] is None and row["agree"] is True, row

@@ -400,15 +400,16 @@ def test_a_spent_time_limit_stops_cleanly_with_a_checkpoint_and_resume_finishes(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped"] == "time limit" and summary["steps"] == 1
     assert read_checkpoint(out / "last.pt")["progress"]["step"] == 1
-    # The saved config keeps the limit; a resume with a larger one runs to the end.
-    more = _invoke("finetune", "--data", s2ef_cache, "--out", out, "--resume", "--time-limit", "60")
+    # The saved config keeps the limit; a resume with 0 (no limit) runs to the end.
+    assert json.loads((out / "config.json").read_text())["run"]["time_limit_minutes"] == 1e-5
+    more = _invoke("finetune", "--data", s2ef_cache, "--out", out, "--resume", "--time-limit", "0")
     assert more.exit_code == 0, more.output
     assert read_checkpoint(out / "last.pt")["progress"]["step"] == 6
     assert json.loads((out / "summary.json").read_text())["stopped"] == "completed"
 
 
-def test_a_time_limit_that_is_not_positive_is_one_line(s2ef_cache, tmp_path):
-    result = _invoke("finetune", "--data", s2ef_cache, "--out", tmp_path / "run", "--task", "s2ef", "--time-limit", "0", *FAST)
+def test_a_negative_time_limit_is_one_line(s2ef_cache, tmp_path):
+    result = _invoke("finetune", "--data", s2ef_cache, "--out", tmp_path / "run", "--task", "s2ef", "--time-limit", "-1", *FAST)
     assert result.exit_code == 1
     assert "--time-limit" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output

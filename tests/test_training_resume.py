@@ -23,8 +23,8 @@ RUN = ("--task", "qm9", "--target", "homo", "--noisy-nodes-sigma", "0.02", "--mo
        "--change", "latent_dim=32", "--change", "mlp_hidden_dim=32", "--max-graphs", "16", "--log-every", "4",
        "--eval-every", "24", "--warmup-steps", "4", "--threads", "1")
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
-# cuBLAS is bit-reproducible only with a fixed workspace (CUDA's rule for deterministic runs).
-ENV = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+ENV = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+"""The tests' environment without a cuBLAS workspace setting: `--deterministic` sets its own."""
 
 
 def _on(device: str) -> tuple[str, ...]:

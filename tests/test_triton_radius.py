@@ -181,8 +181,9 @@ def test_triton_backend_on_cpu_without_the_interpreter_raises_molden_input_error
 def test_auto_backend_takes_triton_for_cuda_tensors_unless_opted_out(monkeypatch):
     monkeypatch.delenv("MOLDEN_TRITON_RADIUS_GRAPH", raising=False)
     assert backend_for("cuda") == "triton"  # the default since it passed the ASE tests on an H200
-    monkeypatch.setenv("MOLDEN_TRITON_RADIUS_GRAPH", "0")
-    assert backend_for("cuda") == "torch"
+    for off in ("0", "false", "OFF", "no"):
+        monkeypatch.setenv("MOLDEN_TRITON_RADIUS_GRAPH", off)
+        assert backend_for("cuda") == "torch", off
     monkeypatch.setenv("MOLDEN_TRITON_RADIUS_GRAPH", "1")
     assert backend_for("cuda") == "triton"
     assert backend_for("cpu") in ("vesin", "torch")

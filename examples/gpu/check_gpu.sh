@@ -13,7 +13,9 @@
 # GPU, most wanted first. Every step has its own time limit, so one that hangs costs only its
 # share. On an H200 (2026-12-04): CUDA tests 50 s, kill-and-resume 60–100 s, DDP 40 s, relax 25 s
 # (64 systems) and 80 s (256: ASE's loop is the cost), radius backends 30 s, train suite 35 s.
-set -u
+set -u -o pipefail
+status=0  # the first failed step's exit code; every step still runs
+check() { local rc=$?; [ $rc -eq 0 ] || { echo "!! failed ($rc): $1"; [ $status -ne 0 ] || status=$rc; }; }
 OUT=${1:?usage: check_gpu.sh OUT DATA}
 DATA=${2:?usage: check_gpu.sh OUT DATA}
 TRAIN_MINUTES=${TRAIN_MINUTES:-2.5}
@@ -53,9 +55,9 @@ MOLDEN_TEST_QM9_CACHE="$DATA/qm9_400.h5" timeout 120 python3 -m pytest -q -p no:
   "tests/test_triton_radius.py::test_triton_kernel_on_cuda_matches_ase" \
   "tests/test_triton_radius.py::test_triton_backend_on_cuda_waits_once_for_its_output_size" \
   tests/test_training.py -k "cuda or CUDA or bf16" \
-  2>&1 | tail -40
+  2>&1 | tail -40; check "CUDA tests"
 MOLDEN_TEST_QM9_CACHE="$DATA/qm9_400.h5" timeout 200 python3 -m pytest -q -p no:cacheprovider \
-  tests/test_training_resume.py -k "cuda" 2>&1 | tail -30
+  tests/test_training_resume.py -k "cuda" 2>&1 | tail -30; check "CUDA resume and DDP tests"
 stamp waiting for the trainings
 wait
 stamp trainings done
@@ -72,14 +74,16 @@ rm -rf "$OUT/runs"
 stamp relax benchmark
 for n in 64 256; do  # one size per call, so a time-out loses one table, not both
   timeout $((n == 64 ? 60 : 150)) python3 -m molden.bench.relax --device cuda --sizes $n --steps 5 --repeats 1 \
-    --threads 8 --json "$OUT/relax_cuda_$n.json" 2>&1 | tail -14
+    --threads 8 --json "$OUT/relax_cuda_$n.json" 2>&1 | tail -14; check "relax benchmark, $n systems"
   tar rf "$OUT/bench.tar" -C "$OUT" "relax_cuda_$n.json" 2>/dev/null && rm -f "$OUT/relax_cuda_$n.json"
 done
 stamp radius backends and vesin-torch
-timeout 80 python3 examples/gpu/radius_backends.py --out "$OUT/radius_cuda.json" 2>&1 | tail -25
+timeout 80 python3 examples/gpu/radius_backends.py --out "$OUT/radius_cuda.json" 2>&1 | tail -25; check "radius backends"
 tar rf "$OUT/bench.tar" -C "$OUT" radius_cuda.json 2>/dev/null && rm -f "$OUT/radius_cuda.json"
 stamp benchmark train
 timeout 70 molden benchmark --suite train --device cuda --cache "$DATA/qm9_20k.h5" --out "$OUT/b_train" 2>&1 | tail -25
+check "train benchmark"
 stamp done
 tar rf "$OUT/bench.tar" -C "$OUT" b_train 2>/dev/null && rm -rf "$OUT/b_train"
 ls -la "$OUT"
+exit $status

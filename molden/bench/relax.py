@@ -190,20 +190,20 @@ def run_relax_benchmark(device: str = "cpu", quick: bool = False, sizes: Sequenc
                     "model": models.description, "dtype": str(next(loaded.model.parameters()).dtype)}
             lbfgs_seconds = None
             for method in ("lbfgs", "fire"):
-                method_rows = _fixed_step_rows(systems, structures, provider, models, method, steps, repeats, not quick,
+                method_rows = _fixed_step_rows(systems, structures, provider, models, method, steps, repeats, warmup=not quick,
                                                lbfgs=lbfgs, fire=fire, device=device, base=base)
                 rows += method_rows
                 if method == "lbfgs":
                     lbfgs_seconds = method_rows[0]["time_s"]
-            rows.append(_direct_row(structures, models, lbfgs_seconds, repeats, not quick, device=device, base=base))
+            rows.append(_direct_row(structures, models, lbfgs_seconds, repeats, warmup=not quick, device=device, base=base))
             if models.trained:
                 rows += _converged_rows(systems, structures, provider, models, lbfgs=lbfgs, fire=fire, device=device,
                                         base=base)
     return rows
 
 
-def _fixed_step_rows(systems, structures, provider, models: Models, method: str, steps: int, repeats: int, warmup: bool, *,
-                     lbfgs, fire, device, base) -> list[dict]:
+def _fixed_step_rows(systems, structures, provider, models: Models, method: str, steps: int, repeats: int, *,
+                     warmup: bool, lbfgs, fire, device, base) -> list[dict]:
     """molden, ASE and torch-sim rows for `steps` steps of `method` on every system."""
     dtype = next(provider.model.parameters()).dtype
     batch_size = min(BATCH_SIZE, len(systems))
@@ -244,7 +244,7 @@ def _fixed_step_rows(systems, structures, provider, models: Models, method: str,
     return rows
 
 
-def _direct_row(structures, models: Models, lbfgs_seconds: float | None, repeats: int, warmup: bool, *, device,
+def _direct_row(structures, models: Models, lbfgs_seconds: float | None, repeats: int, *, warmup: bool, device,
                 base) -> dict:
     """Direct IS2RS prediction (one forward pass) on every system, against molden's L-BFGS."""
     run = lambda: direct_prediction(structures, models.is2rs, device=device, batch_size=BATCH_SIZE)  # noqa: E731

@@ -186,16 +186,27 @@ def _uses_triton(device: torch.device, backend: str) -> bool:
     `MOLDEN_TRITON_RADIUS_GRAPH=0`; "triton" insists, and runs on CPU tensors only under
     Triton's interpreter (`TRITON_INTERPRET=1`)."""
     if backend != "triton":
-        return (backend == "auto" and device.type == "cuda" and os.environ.get(TRITON_BY_DEFAULT_ENV, "1").strip() != "0"
+        return (backend == "auto" and device.type == "cuda" and _env_flag(TRITON_BY_DEFAULT_ENV, default=True)
                 and _triton_installed())
     if not _triton_installed():
         raise MoldenInputError("radius_graph", "backend 'triton' needs Triton: pip install triton")
-    interpreted = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    interpreted = _env_flag("TRITON_INTERPRET", default=False)
     if device.type != "cuda" and not (device.type == "cpu" and interpreted):
         raise MoldenInputError(
             "radius_graph", f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {device.type}"
         )
     return True
+
+
+def _env_flag(name: str, *, default: bool) -> bool:
+    """An on/off environment variable: 1/true/on/yes or 0/false/off/no (any case); unset or
+    anything else gives `default`."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    return default
 
 
 @functools.cache

@@ -19,7 +19,7 @@ pluggable (`PrimaryLoss`), and is averaged over block decodings like the node lo
 
 from __future__ import annotations
 
-from typing import Iterable, Literal, Mapping, Protocol, runtime_checkable
+from typing import Any, Iterable, Literal, Mapping, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -69,10 +69,10 @@ class NoisyNodesConfig(BaseModel):
     node_target: Literal["noise", "relaxed_positions"] = Field(
         "noise", description="'noise': predict ε/σ (denoising autoencoder); 'relaxed_positions': predict the "
         "normalised relative target to the relaxed structure (IS2RE trajectories)")
-    node_loss_weight: float | None = Field(
-        None, ge=0, description="coefficient of the node loss (dimensionless); None: the paper's for the node "
-        f"target, {NOISE_LOSS_WEIGHT} for 'noise' (QM9, Table 10), {RELAXED_POSITIONS_LOSS_WEIGHT} for "
-        "'relaxed_positions' (OC20 IS2RE, Table 9)")
+    node_loss_weight: float = Field(
+        NOISE_LOSS_WEIGHT, ge=0, description="coefficient of the node loss (dimensionless); when not given, the "
+        f"paper's for the node target: {NOISE_LOSS_WEIGHT} for 'noise' (QM9, Table 10), "
+        f"{RELAXED_POSITIONS_LOSS_WEIGHT} for 'relaxed_positions' (OC20 IS2RE, Table 9)")
     trajectory_sampling: Literal["frame", "interpolate"] = Field(
         "frame", description="'frame': the batch's positions are the frame the data loader sampled along the "
         "trajectory; 'interpolate': a uniform random point between them and the relaxed positions, per "
@@ -85,10 +85,17 @@ class NoisyNodesConfig(BaseModel):
     cutoff_angstrom: float | None = Field(None, gt=0, description="radius-graph cutoff for the rebuild, Å")
     max_num_neighbors: int | None = Field(None, ge=1, description="keep each atom's k nearest neighbours in the rebuild")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _weight_of_the_target(cls, data: Any) -> Any:
+        """An unset (or None) node_loss_weight becomes the paper's for the node target."""
+        if isinstance(data, dict) and data.get("node_loss_weight") is None:
+            relaxed = data.get("node_target") == "relaxed_positions"
+            data = {**data, "node_loss_weight": RELAXED_POSITIONS_LOSS_WEIGHT if relaxed else NOISE_LOSS_WEIGHT}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> NoisyNodesConfig:
-        if self.node_loss_weight is None:
-            self.node_loss_weight = NOISE_LOSS_WEIGHT if self.node_target == "noise" else RELAXED_POSITIONS_LOSS_WEIGHT
         if self.node_target == "noise" and self.sigma_angstrom == 0:
             raise ValueError("node_target 'noise' needs sigma_angstrom > 0 (the target is noise / sigma)")
         if self.rebuild_graph and self.cutoff_angstrom is None:

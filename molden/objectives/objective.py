@@ -28,13 +28,19 @@ class Objective(Protocol):
         """{"loss": scalar to minimise, term name: scalar, ...}; 0 for a perfect predictor."""
         ...
 
-    # Optional: `set_progress(fraction)`, called by the training loop before every step with
-    # step / steps (a function of the step, so a resumed run sees the same values), for
-    # objectives whose weights follow the run (DeNS's decaying λ_DeNS).
-
     @property
     def needs_all_blocks(self) -> bool:
         """True when the loss reads every block iteration's decoding (Noisy Nodes)."""
+        ...
+
+
+@runtime_checkable
+class ProgressAware(Protocol):
+    """An objective whose weights follow the run (DeNS's decaying λ_DeNS)."""
+
+    def set_progress(self, fraction: float) -> None:
+        """step / steps, from the training loop before every step: a function of the step, so
+        a resumed run (on any number of processes) sees the same values."""
         ...
 
 

@@ -58,6 +58,8 @@ def relax(
     `fmax_ev_per_angstrom` or `max_steps` steps were taken (ASE's criterion and step count),
     `batch_size` structures at a time. Fixed atoms never move."""
     n = len(structures)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if n == 0:
         return []
     device = torch.device(device)
@@ -85,7 +87,7 @@ def relax(
                 k = len(s.numbers)
                 host_positions[row, :k] = s.positions
                 host_free[row, :k] = True if s.fixed is None else ~np.asarray(s.fixed, bool)
-        chosen = torch.tensor(slots, device=device)
+        chosen = torch.tensor(slots, dtype=torch.long, device=device)
         positions[chosen] = torch.from_numpy(host_positions).to(device=device, dtype=dtype)
         free[chosen] = torch.from_numpy(host_free).to(device)
         steps[chosen] = 0
@@ -93,7 +95,7 @@ def relax(
 
     def harvest(slots: list[int], energy_by_slot: Tensor, fmax: Tensor) -> None:
         """The finished structures in `slots`, read from the device in one copy per quantity."""
-        chosen = torch.tensor(slots, device=device)
+        chosen = torch.tensor(slots, dtype=torch.long, device=device)
         final = positions[chosen].cpu().numpy()
         energies, forces_max = energy_by_slot[chosen].cpu().tolist(), fmax[chosen].cpu().tolist()
         taken = steps[chosen].cpu().tolist()

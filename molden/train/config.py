@@ -79,7 +79,8 @@ class RunConfig(_Strict):
     bf16: bool = Field(False, description="bfloat16 autocast of the forward pass (CUDA only)")
     deterministic: bool = Field(False, description="torch deterministic algorithms (bit-reproducible, slower on GPU)")
     time_limit_minutes: float | None = Field(
-        None, gt=0, description="stop cleanly with last.pt once this invocation has run this long (a cluster job's wall-clock budget); --resume continues")
+        None, ge=0, description="stop cleanly with last.pt before this invocation has run this long (a cluster job's "
+        "wall-clock budget); --resume continues; 0 or None: no limit")
     max_bad_steps: int = Field(10, ge=1, description="stop after this many consecutive steps with a non-finite loss (each is skipped)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
 

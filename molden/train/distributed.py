@@ -93,10 +93,11 @@ def barrier(d: Distributed) -> None:
         dist.barrier()
 
 
-def broadcast_flag(flag: bool, d: Distributed) -> bool:
-    """Rank 0's `flag` on every process (a stop request seen by one rank stops all)."""
+def any_rank(d: Distributed, *flags: bool) -> tuple[bool, ...]:
+    """Each flag, True when it is True on any process (a stop request seen by one rank stops
+    all), in one all-reduce: one device wait per step, whatever the number of flags."""
     if not d.active:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=d.device if d.device.type == "cuda" else "cpu")
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=d.device if d.device.type == "cuda" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return tuple(bool(v) for v in t.tolist())

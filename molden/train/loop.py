@@ -17,6 +17,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import random
 import signal
 import threading
@@ -37,7 +38,7 @@ from molden.models.checkpoint import read_checkpoint, write_checkpoint
 from molden.models.freezing import freeze_backbone
 from molden.models.model import Model
 from molden.models.spec import ModelSpec, build_model
-from molden.objectives.objective import LOSS, Objective, term_weights
+from molden.objectives.objective import LOSS, Objective, ProgressAware, term_weights
 from molden.train import distributed as D
 from molden.train.config import FinetuneConfig, PretrainConfig
 from molden.train.data import StepPlan, batch_sampler, epoch_plan, loader, move, open_split, validation_batches
@@ -372,14 +373,21 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     """
     reporter = reporter or SilentReporter()
     run = config.run
+    # The time limit counts from here: set-up (data, model, a resumed checkpoint) is part of
+    # the invocation a cluster job's budget pays for.
+    deadline = time.monotonic() + 60 * run.time_limit_minutes if run.time_limit_minutes else None
+    if run.deterministic:
+        # cuBLAS is bit-reproducible only with a fixed workspace, set before its first call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     dist = D.setup(run.device)
     try:
-        return _train(config, dist, resume=resume, overwrite=overwrite, reporter=reporter)
+        return _train(config, dist, resume=resume, overwrite=overwrite, reporter=reporter, deadline=deadline)
     finally:
         D.teardown(dist)
 
 
-def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite: bool, reporter: Reporter) -> RunSummary:
+def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite: bool, reporter: Reporter,
+           deadline: float | None) -> RunSummary:
     run, optim_config = config.run, config.optim
     out = Path(run.out)
     if run.bf16 and dist.device.type != "cuda":
@@ -493,7 +501,7 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
     last_values: dict[str, float] = {}
     last_validation: dict[str, float] = {}
     stopped = "completed"
-    deadline = None if run.time_limit_minutes is None else time.monotonic() + 60 * run.time_limit_minutes
+    step_seconds = 0.0  # the last step's duration: the time limit stops a step early rather than overrun
     model.train()
     with StopRequest() as stop:
         while progress.step < run.steps and stopped == "completed":
@@ -509,7 +517,8 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
                 batches = [move(next(stream), device, task.trim_cutoff_angstrom) for _ in range(optim_config.accumulate)]
                 base = t * virtual + dist.rank * optim_config.accumulate
                 generators = [corruption_generator(run.seed, progress.epoch, base + a) for a in range(len(batches))]
-                if hasattr(task.objective, "set_progress"):
+                step_start = time.monotonic()
+                if isinstance(task.objective, ProgressAware):
                     task.objective.set_progress(progress.step / run.steps)
                 terms, ok = take_step(train_model, task.objective, batches, generators, optimizer, device=device,
                                       grad_clip_norm=optim_config.grad_clip_norm, bf16=run.bf16, dist=dist)
@@ -561,11 +570,12 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
                         save(BEST)
                     if run.early_stopping is not None and progress.validations_since_best >= run.early_stopping:
                         stopped = f"early stopping: no better {task.best_metric} in {run.early_stopping} validations"
-                signalled = D.broadcast_flag(stop.signal is not None, dist)
+                step_seconds = time.monotonic() - step_start
+                out_of_time = deadline is not None and time.monotonic() + step_seconds >= deadline
+                signalled, out_of_time = D.any_rank(dist, stop.signal is not None, out_of_time)
                 if signalled:
                     stopped = "interrupted"
-                elif deadline is not None and not last_step and stopped == "completed" \
-                        and D.broadcast_flag(time.monotonic() >= deadline, dist):
+                elif out_of_time and not last_step and stopped == "completed":
                     stopped = TIME_LIMIT
                 if progress.step % run.checkpoint_every == 0 or last_step or stopped != "completed":
                     save(LAST)
