@@ -178,6 +178,17 @@ def test_triton_backend_on_cpu_without_the_interpreter_raises_molden_input_error
         neighbor_list(torch.zeros(2, 3), 3.0, backend="triton")
 
 
+@interpreted
+def test_the_cuda_backend_comparison_finds_the_same_pairs_in_every_backend(monkeypatch):
+    from molden.bench import radius_graph as bench
+
+    cases = [c for c in bench.benchmark_cases(quick=True) if c.name in ("OC20-like slab x1", "QM9-like molecules x64")]
+    monkeypatch.setattr(bench, "benchmark_cases", lambda quick=False: cases)
+    rows = bench.compare_cuda_backends("cpu", repeats=1)
+    assert [r["case"] for r in rows] == [c.name for c in cases]
+    assert all(r["same_pairs"] and r["n_edges"] > 0 and r["triton_ms"] > 0 for r in rows)
+
+
 def test_auto_backend_takes_triton_for_cuda_tensors_unless_opted_out(monkeypatch):
     monkeypatch.delenv("MOLDEN_TRITON_RADIUS_GRAPH", raising=False)
     assert backend_for("cuda") == "triton"  # the default since it passed the ASE tests on an H200

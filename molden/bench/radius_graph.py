@@ -302,6 +302,47 @@ def run_radius_graph_benchmark(device: str = "cpu", repeats: int = 7, quick: boo
     return rows
 
 
+def compare_cuda_backends(device: str = "cuda", repeats: int = 7, dtype: torch.dtype = torch.float64) -> list[dict]:
+    """molden's two CUDA backends (Triton kernel, torch path) and vesin-torch on the device, on
+    every case: one row per case with the edges, whether all found the same (i, j, S), and each
+    one's median ms (timed alternately). vesin-torch runs in float64 only (its inputs' dtype).
+    `examples/gpu/radius_backends.py` prints it; BENCHMARKS.md records it."""
+    rows = []
+    for case in benchmark_cases():
+        systems = case.systems
+        positions = torch.tensor(np.concatenate([a.positions for a in systems]), device=device, dtype=dtype)
+        cell = torch.tensor(np.stack([a.cell.array for a in systems]), device=device, dtype=dtype)
+        pbc = torch.tensor(np.stack([a.pbc for a in systems]), device=device)
+        n_node = [len(a) for a in systems]
+
+        def runner(backend: str) -> Callable[[], tuple]:
+            def run() -> tuple:
+                found = neighbor_list(positions, case.cutoff, cell=cell, pbc=pbc, n_node=n_node, backend=backend)
+                if positions.is_cuda:
+                    torch.cuda.synchronize()
+                return found
+            return run
+
+        found = {}
+        for backend in ("torch", "triton"):
+            edge_index, unit_shifts = runner(backend)()
+            found[backend] = _lexsorted(np.column_stack([edge_index.T.cpu().numpy(), unit_shifts.cpu().numpy()]).astype(np.int64))
+        runs = [runner("torch"), runner("triton")]
+        vesin = _vesin_torch_peer(case, device) if dtype == torch.float64 else None
+        if vesin is not None and vesin.run is not None:
+            found["vesin-torch"] = vesin.rows()
+            runs.append(vesin.run)
+        times = _interleaved_ms(runs, repeats)
+        row = {"case": case.name, "n_atoms": sum(n_node), "cutoff_angstrom": case.cutoff, "n_edges": len(found["torch"]),
+               "same_pairs": all(np.array_equal(found["triton"], other) for other in found.values()),
+               "torch_ms": times[0], "triton_ms": times[1], "torch_over_triton": times[0] / times[1],
+               "vesin_torch_ms": None, "vesin_torch_over_triton": None, "dtype": str(dtype).removeprefix("torch.")}
+        if len(times) == 3:
+            row.update(vesin_torch_ms=times[2], vesin_torch_over_triton=times[2] / times[1])
+        rows.append(row)
+    return rows
+
+
 def machine_description() -> dict:
     return {
         "platform": platform.platform(),
