@@ -172,6 +172,7 @@ def finetune(
     noisy_nodes_sigma: Optional[float] = typer.Option(None, help="Noisy Nodes on, with this σ in Å"),
     noisy_nodes_weight: Optional[float] = typer.Option(None, help="weight of the Noisy Nodes node loss  [default: 0.1; is2re: 1]"),
     noisy_nodes_target: Optional[str] = typer.Option(None, help="noise | relaxed_positions  [default: noise; is2re: relaxed_positions]"),
+    decode_every_block: bool = typer.Option(False, "--decode-every-block", help="train on every block iteration's decoding, averaged (what Noisy Nodes does; its clean control)"),
     dens: bool = typer.Option(False, "--dens", help="s2ef: DeNS on (DeNS §3.2 settings unless changed)"),
     dens_probability: Optional[float] = typer.Option(None, help="p_DeNS  [default: 0.5]"),
     dens_sigma: Optional[float] = typer.Option(None, help="DeNS σ, Å  [default: 0.1]"),
@@ -199,6 +200,7 @@ def finetune(
     overrides.update({
         "task": task, "targets": list(target) if target else None, "init": init,
         "freeze_backbone": freeze_backbone or None, "data.train_size": train_size,
+        "decode_every_block": decode_every_block or None,
         "model.conservative_forces": conservative_forces or None,
     })
     if noisy_nodes_sigma is not None or noisy_nodes_weight is not None or noisy_nodes_target is not None:

@@ -305,3 +305,27 @@ def test_an_unset_node_loss_weight_is_the_papers_for_the_node_target():
     assert relaxed.node_loss_weight == 1.0  # Table 9 (OC20 IS2RE); it was 0.1 before 2026-12-04
     assert NoisyNodesConfig(sigma_angstrom=0.3, node_target="relaxed_positions", cutoff_angstrom=6.0,
                             node_loss_weight=0.5).node_loss_weight == 0.5
+
+
+def test_every_block_averages_the_primary_loss_over_the_block_decodings_without_noise():
+    from molden.objectives.noisy_nodes import EveryBlock
+
+    class Squared:
+        needs_all_blocks = False
+
+        def corrupt(self, batch, generator):
+            return batch, {"t": torch.zeros(2)}
+
+        def loss(self, predictions, batch, targets):
+            value = (predictions["y"] - targets["t"]).square().mean()
+            return {"loss": value, "y_mse": value}
+
+    objective = EveryBlock(Squared())
+    assert objective.needs_all_blocks
+    marker = object()
+    assert objective.corrupt(marker, None)[0] is marker  # no noise: the primary's batch
+    blocks = torch.tensor([[1.0, 1.0], [3.0, 3.0]])  # block 0: mse 1; block 1 (last): mse 9
+    out = objective.loss({keys.per_block("y"): blocks, "y": blocks[-1]}, None, {"t": torch.zeros(2)})
+    assert float(out["loss"]) == pytest.approx(5.0) and float(out["y_mse"]) == pytest.approx(9.0)
+    evaluation = objective.loss({"y": blocks[-1]}, None, {"t": torch.zeros(2)})  # only the last block decoded
+    assert float(evaluation["loss"]) == pytest.approx(9.0)

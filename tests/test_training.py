@@ -471,3 +471,19 @@ def test_the_loop_tells_the_objective_how_far_the_run_is(s2ef_cache, tmp_path, m
     assert seen == [step / 6 for step in range(6)]
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["dens"]["coefficient_schedule"] == "linear_decay"
+
+
+def test_decode_every_block_trains_on_every_block_iteration_without_noise(s2ef_cache, tmp_path):
+    out = tmp_path / "run"
+    result = _invoke("finetune", "--data", s2ef_cache, "--out", out, "--task", "s2ef", "--decode-every-block",
+                     *FAST, "--change", "block_iterations=2")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["decode_every_block"] is True and saved["noisy_nodes"] is None
+    from molden.objectives.noisy_nodes import EveryBlock
+    from molden.train.config import FinetuneConfig
+    from molden.train.data import open_split
+    from molden.train.tasks import finetune_task
+
+    config = FinetuneConfig.model_validate(saved)
+    assert isinstance(finetune_task(config, open_split(config.data, "train")).objective, EveryBlock)

@@ -172,6 +172,40 @@ def _block(predictions: Mapping[str, Tensor], k: int) -> dict[str, Tensor]:
     return out
 
 
+def per_block_losses(primary: PrimaryLoss, predictions: Mapping[str, Tensor], batch: Batch,
+                     targets: Mapping[str, Tensor]) -> list[dict[str, Tensor]]:
+    """`primary`'s loss terms on each decoded block iteration, first to last (one entry when the
+    model decoded only the last block, as in evaluation)."""
+    n_blocks = _block_count(predictions)
+    if n_blocks is None:
+        return [primary.loss(predictions, batch, targets)]
+    return [primary.loss(_block(predictions, k), batch, targets) for k in range(n_blocks)]
+
+
+class EveryBlock:
+    """The primary loss averaged over every block iteration's decoding, without noise: the way a
+    Noisy Nodes model is trained (Noisy Nodes Fig. 1B, "we decode the output of each block …
+    We optimise the average of the losses") minus the noise, so that a comparison with Noisy
+    Nodes isolates the noise (docs/RESULTS.md, problem 7)."""
+
+    def __init__(self, primary: PrimaryLoss):
+        self.primary = primary
+
+    @property
+    def needs_all_blocks(self) -> bool:
+        return True
+
+    def corrupt(self, batch: Batch, generator: torch.Generator) -> tuple[Batch, dict[str, Tensor]]:
+        return self.primary.corrupt(batch, generator)
+
+    def loss(self, predictions: Mapping[str, Tensor], batch: Batch, targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """{"loss": mean over blocks of the primary loss, and the primary's other terms of the last block}."""
+        per_block = per_block_losses(self.primary, predictions, batch, targets)
+        out = {name: value for name, value in per_block[-1].items() if name != LOSS}
+        out[LOSS] = torch.stack([terms[LOSS] for terms in per_block]).mean()
+        return out
+
+
 class NoisyNodes:
     """Noisy Nodes objective (Godwin et al. 2022 §3.3): `primary` loss + weight × node loss,
     both averaged over the decodings of every block iteration (§3.2, Fig. 1B)."""
@@ -225,11 +259,7 @@ class NoisyNodes:
         """{"loss": mean over blocks of (primary + weight × node), "primary", "node" (block
         means), "node_last_block", and the primary's other terms of the last block}."""
         node = free_atom_mse(block_stack(predictions, self.node_key), targets[NODE_TARGET], batch.fixed)  # [K]
-        n_blocks = _block_count(predictions)
-        if n_blocks is None:  # only the last block was decoded (evaluation)
-            per_block = [self.primary.loss(predictions, batch, targets)]
-        else:
-            per_block = [self.primary.loss(_block(predictions, k), batch, targets) for k in range(n_blocks)]
+        per_block = per_block_losses(self.primary, predictions, batch, targets)
         primary = torch.stack([terms[LOSS] for terms in per_block]).mean()
         node_mean = node.mean()
         out = {name: value for name, value in per_block[-1].items() if name != LOSS}

@@ -124,6 +124,9 @@ class FinetuneConfig(_Strict):
     targets: list[str] = Field(default_factory=lambda: ["homo"], description="qm9: the target names trained on")
     is2re_target: str | None = Field(None, description="is2re: a target column instead of relaxed_energy (e.g. adsorption_energy)")
     noisy_nodes: NoisyNodesConfig | None = Field(None, description="Noisy Nodes auxiliary loss (None: off)")
+    decode_every_block: bool = Field(
+        False, description="without Noisy Nodes: train on the average over every block iteration's decoding, as Noisy "
+        "Nodes does (its clean control); with Noisy Nodes this is always so")
     dens: DeNSConfig | None = Field(None, description="s2ef: DeNS (None: off)")
     s2ef: S2EFConfig = Field(default_factory=S2EFConfig, description="s2ef: energy and force terms (DeNS carries its own)")
     init: Path | None = Field(None, description="initialise the backbone from this checkpoint (pre-training)")

@@ -24,7 +24,7 @@ from molden.models.gns import N_TAGS
 from molden.models.spec import HeadSpec, ModelSpec, backbone_from_preset, graph_readout, model_spec, vector_head
 from molden.objectives.dens import DeNS
 from molden.objectives.denoising import Denoising
-from molden.objectives.noisy_nodes import NoisyNodes, position_delta_statistics
+from molden.objectives.noisy_nodes import EveryBlock, NoisyNodes, position_delta_statistics
 from molden.objectives.objective import LOSS, Objective
 from molden.objectives.supervised import GraphTargetLoss, IS2RELoss, IS2RSLoss, S2EFLoss, TargetNormalizer, target_columns
 from molden.objectives.units import QM9_ENERGY_TARGETS, report_unit
@@ -178,6 +178,8 @@ def finetune_task(config: FinetuneConfig, dataset: H5Dataset) -> TrainingTask:
             heads[keys.NOISE] = vector_head(backbone)
         objective = NoisyNodes(nn_config, primary)
         description["noisy_nodes"] = nn_config.model_dump(mode="json")
+    elif getattr(config, "decode_every_block", False):
+        objective = EveryBlock(primary)
     return TrainingTask(
         spec=model_spec(backbone, heads, conservative_forces=conservative, preset_name=config.model.preset),
         objective=objective, validation=primary, best_metric=best, description=description, modules=modules,
