@@ -10,7 +10,8 @@ import typer
 from molden.cli.console import console, err_console, note_line, user_errors
 
 OPTION_NAMES = {"fmax_ev_per_angstrom": "--fmax", "max_steps": "--steps", "batch_size": "--batch-size",
-                "methods": "--method", "input": "INPUT", "out": "--out"}
+                "methods": "--method", "input": "INPUT", "out": "--out",
+                "skin_angstrom": "--skin"}
 
 
 def relax(
@@ -24,6 +25,8 @@ def relax(
     steps: int = typer.Option(300, help="optimiser steps at most per structure"),
     preset: str = typer.Option("ase", help="ase (ASE's defaults) | oc20 (L-BFGS maxstep 0.04 Å, memory 50)"),
     batch_size: int = typer.Option(64, help="structures relaxed at once"),
+    skin: Optional[float] = typer.Option(None, help="Verlet skin of a molden model's radius graph, Å (0: searched "
+                                         "every step; the same pairs either way)", show_default="0.5"),
     limit: Optional[int] = typer.Option(None, help="relax only the first this many structures"),
     device: str = typer.Option("cpu", help="cpu | cuda"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace existing output files"),
@@ -41,7 +44,8 @@ def relax(
     with user_errors(OPTION_NAMES):
         config = RelaxConfig(input=input, out=out, model=model, direct_model=direct_model, methods=methods, split=split,
                              fmax_ev_per_angstrom=fmax, max_steps=steps, preset=preset, batch_size=batch_size,
-                             limit=limit, device=device, overwrite=overwrite)
+                             limit=limit, device=device, overwrite=overwrite,
+                             **({} if skin is None else {"skin_angstrom": skin}))
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err_console, transient=True) as progress:
             tasks: dict[str, int] = {}

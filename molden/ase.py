@@ -7,7 +7,9 @@ molecular-dynamics integrator.
 
 Energies in eV, forces in eV/Å on every atom (ASE applies `FixAtoms` itself). `atoms.pbc`
 is honoured as given: a slab periodic in x and y only gets images in x and y (fairchem #428
-ignored it). The radius graph is rebuilt at every call.
+ignored it). The radius graph comes from a Verlet list (`skin_angstrom`, `molden.graph.verlet`):
+searched again only when an atom has moved half the skin since the last search, or the cell
+changed, and filtered to the cutoff at every call, so the pairs are a fresh search's.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from molden.data.ase_convert import structure_from_atoms
 from molden.data.batch import collate
+from molden.graph.verlet import DEFAULT_SKIN_ANGSTROM
 from molden.models.checkpoint import load_model
 from molden.relax.providers import ModelProvider
 
@@ -30,9 +33,10 @@ class MoldenCalculator(Calculator):
 
     implemented_properties = ["energy", "free_energy", "forces"]
 
-    def __init__(self, checkpoint: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float64, **kwargs):
+    def __init__(self, checkpoint: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float64,
+                 skin_angstrom: float = DEFAULT_SKIN_ANGSTROM, **kwargs):
         super().__init__(**kwargs)
-        self.provider = ModelProvider(load_model(checkpoint, device=device, dtype=dtype))
+        self.provider = ModelProvider(load_model(checkpoint, device=device, dtype=dtype), skin_angstrom=skin_angstrom)
 
     def calculate(self, atoms: Atoms | None = None, properties=("energy",), system_changes=all_changes) -> None:
         super().calculate(atoms, properties, system_changes)

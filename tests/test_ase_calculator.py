@@ -111,3 +111,65 @@ def test_the_model_provider_in_runs_of_structures_gives_the_whole_batchs_numbers
     chunked = chunked_provider(batch)
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def _moving_systems(n: int, seed: int):
+    from molden.data.ase_convert import structure_from_atoms
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        atoms = _slab() if k % 2 else molecule("CH3CH2OH")
+        if not k % 2:
+            atoms.set_tags(np.full(len(atoms), 2))
+        atoms.positions += rng.normal(scale=0.15, size=atoms.positions.shape)
+        out.append(structure_from_atoms(atoms, system_id=f"s{k}"))
+    return out
+
+
+def test_a_relaxation_with_verlet_lists_follows_the_one_searched_at_every_step(conservative_checkpoint):
+    """The skin changes which searches run, not the pairs: the same path, to float rounding
+    (edges come in another order), with fewer searches; and systems queued behind a batch of 2
+    enter and leave it."""
+    import torch
+
+    from molden.models.checkpoint import load_model
+    from molden.relax.driver import relax
+    from molden.relax.providers import ModelProvider
+
+    structures = _moving_systems(5, seed=3)
+    loaded = load_model(conservative_checkpoint, dtype=torch.float64)
+    every_step, verlet = ModelProvider(loaded, skin_angstrom=0.0), ModelProvider(loaded, skin_angstrom=0.4)
+    a = relax(structures, every_step, method="lbfgs", fmax_ev_per_angstrom=1e-3, max_steps=25, batch_size=2)
+    b = relax(structures, verlet, method="lbfgs", fmax_ev_per_angstrom=1e-3, max_steps=25, batch_size=2)
+    for x, y in zip(a, b):
+        assert x.steps == y.steps
+        np.testing.assert_allclose(x.positions, y.positions, rtol=0, atol=1e-8)
+        assert abs(x.energy_ev - y.energy_ev) < 1e-9
+    moved = max(np.abs(x.positions - s.positions).max() for x, s in zip(a, structures))
+    assert moved > 0.2  # far enough that some lists had to be searched again
+    assert verlet.graph.calls == every_step.graph.calls
+    assert 5 < verlet.graph.built < every_step.graph.built / 2
+
+
+def test_molecular_dynamics_with_the_calculators_verlet_lists(conservative_checkpoint):
+    """ASE's Velocity Verlet with the calculator's Verlet lists: the trajectory of searching
+    at every step, with fewer searches."""
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+
+    runs = {}
+    for skin in (0.0, 0.3):
+        atoms = _slab()
+        del atoms.constraints
+        # about 3,000 K of random velocities, Å/fs
+        atoms.set_velocities(np.random.default_rng(4).normal(scale=0.05, size=atoms.positions.shape))
+        atoms.calc = MoldenCalculator(conservative_checkpoint, skin_angstrom=skin)
+        start = atoms.positions.copy()
+        VelocityVerlet(atoms, timestep=2 * units.fs).run(30)
+        runs[skin] = (atoms.positions.copy(), atoms.get_total_energy(), atoms.calc.provider.graph)
+    (fresh, energy_fresh, every_step), (kept, energy_kept, verlet) = runs[0.0], runs[0.3]
+    assert np.abs(fresh - start).max() > 0.3  # atoms moved beyond the skin: lists were searched again
+    np.testing.assert_allclose(kept, fresh, rtol=0, atol=1e-8)
+    assert abs(energy_kept - energy_fresh) < 1e-8
+    assert 1 < verlet.built < every_step.built / 2

@@ -135,3 +135,13 @@ def test_the_agreement_check_catches_another_setting(tmp_path):
                                               device="cpu", batch_size=2)() for fire in (FIRESettings(), FIRESettings(dt=0.05)))
     assert bench_relax._deviation(same, reference) <= bench_relax.AGREE_ANGSTROM
     assert bench_relax._deviation(other, reference) > bench_relax.AGREE_ANGSTROM
+
+
+def test_the_verlet_benchmark_checks_its_pairs_and_times_every_skin():
+    from molden.bench.verlet import run_verlet_benchmark
+
+    rows = run_verlet_benchmark(sizes=(2,), calls=6, skins=(0.5, 1.0))
+    assert [r["skin_angstrom"] for r in rows] == [0.0, 0.5, 1.0]
+    assert all(r["agree"] is True and r["ms_per_call"] > 0 and r["n_systems"] == 2 for r in rows)
+    assert rows[0]["speedup"] == 1.0 and rows[0]["searched_per_call"] == 2.0
+    assert rows[1]["searched_per_call"] < 2.0

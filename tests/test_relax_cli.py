@@ -69,6 +69,7 @@ def test_direct_prediction_from_a_trained_position_head_beside_lbfgs(emt_cache, 
     (("--method", "direct"), "needs --direct-model"),
     (("--method", "lbfgs", "--fmax", "-1"), "invalid --fmax"),
     (("--method", "newton"), "invalid --method"),
+    (("--method", "lbfgs", "--skin", "-0.1"), "invalid --skin"),
 ])
 def test_bad_relax_options_are_one_line(emt_cache, tmp_path, args, message):
     result = _invoke("relax", emt_cache, "--out", tmp_path / "x.extxyz", *args)

@@ -51,7 +51,7 @@ fi
 
 stamp tests
 MOLDEN_TEST_QM9_CACHE="$DATA/qm9_400.h5" timeout 120 python3 -m pytest -q -p no:cacheprovider \
-  tests/test_radius_graph.py tests/test_edges.py tests/test_batch.py \
+  tests/test_radius_graph.py tests/test_edges.py tests/test_batch.py tests/test_verlet.py \
   "tests/test_triton_radius.py::test_triton_kernel_on_cuda_matches_ase" \
   "tests/test_triton_radius.py::test_triton_backend_on_cuda_waits_once_for_its_output_size" \
   tests/test_training.py -k "cuda or CUDA or bf16" \

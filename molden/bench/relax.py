@@ -18,7 +18,9 @@ systems; and direct IS2RS prediction against L-BFGS.
   molden relaxes `batch_size` systems at a time (`molden relax`'s default 64), torch-sim
   the same chunks (its L-BFGS in ASE mode: fixed 1/α, no line search; FIRE `ase_fire`; fixed
   atoms as its FixAtoms where it has constraints), ASE one system after another with one
-  `MoldenCalculator`. `relax_peers` says how each torch-sim version is driven.
+  `MoldenCalculator`. `relax_peers` says how each torch-sim version is driven. molden's
+  model provider keeps Verlet lists (`molden relax`'s default skin, the same pairs); the peers'
+  model searches its radius graph at every call, as their own model wrappers and calculators do.
 - Agreement before speed: each tool's positions after the `steps` steps are compared with
   ASE's on every system; `agree` is False when any atom differs by more than
   `AGREE_ANGSTROM`, and such a row is flagged, not ranked.
@@ -183,15 +185,19 @@ def run_relax_benchmark(device: str = "cpu", quick: bool = False, sizes: Sequenc
             models = Models(Path(checkpoint), models.is2rs, f"checkpoint {checkpoint}", trained=True)
         loaded = load_model(models.s2ef, device=device)
         provider = ModelProvider(loaded)
+        # torch-sim drives a model that searches its graph at every call, as its own model
+        # wrappers do; molden's Verlet lists are molden's.
+        peer_provider = ModelProvider(loaded, skin_angstrom=0.0)
         for n in sizes:
             systems = oc20_like_systems(n, seed, small=quick)
             structures = [structure_from_atoms(a, system_id=f"bench:{k}") for k, a in enumerate(systems)]
             base = {"n_systems": n, "n_atoms": sum(len(a) for a in systems), "steps": steps,
-                    "model": models.description, "dtype": str(next(loaded.model.parameters()).dtype)}
+                    "model": models.description, "dtype": str(next(loaded.model.parameters()).dtype),
+                    "molden_skin_angstrom": provider.graph.skin}
             lbfgs_seconds = None
             for method in ("lbfgs", "fire"):
-                method_rows = _fixed_step_rows(systems, structures, provider, models, method, steps, repeats, warmup=not quick,
-                                               lbfgs=lbfgs, fire=fire, device=device, base=base)
+                method_rows = _fixed_step_rows(systems, structures, provider, peer_provider, models, method, steps, repeats,
+                                               warmup=not quick, lbfgs=lbfgs, fire=fire, device=device, base=base)
                 rows += method_rows
                 if method == "lbfgs":
                     lbfgs_seconds = method_rows[0]["time_s"]
@@ -202,7 +208,7 @@ def run_relax_benchmark(device: str = "cpu", quick: bool = False, sizes: Sequenc
     return rows
 
 
-def _fixed_step_rows(systems, structures, provider, models: Models, method: str, steps: int, repeats: int, *,
+def _fixed_step_rows(systems, structures, provider, peer_provider, models: Models, method: str, steps: int, repeats: int, *,
                      warmup: bool, lbfgs, fire, device, base) -> list[dict]:
     """molden, ASE and torch-sim rows for `steps` steps of `method` on every system."""
     dtype = next(provider.model.parameters()).dtype
@@ -216,7 +222,7 @@ def _fixed_step_rows(systems, structures, provider, models: Models, method: str,
                                                       fire=fire, dtype=dtype, device=device),
         }
         if relax_peers.torch_sim_missing(method) is None:
-            runs["torch-sim"] = lambda: relax_peers.torch_sim_relax(provider, chosen_systems, method, chosen_steps,
+            runs["torch-sim"] = lambda: relax_peers.torch_sim_relax(peer_provider, chosen_systems, method, chosen_steps,
                                                                     lbfgs=lbfgs, fire=fire, batch_size=batch_size)
         return runs
 

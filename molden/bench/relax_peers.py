@@ -132,7 +132,8 @@ def ase_relax_loop(systems: Sequence[Atoms], checkpoint: Path, method: str, step
 
     from molden.ase import MoldenCalculator
 
-    calculator = MoldenCalculator(checkpoint, dtype=dtype, device=device)
+    # Searched at every call, as other tools' calculators do (molden's Verlet lists are molden's).
+    calculator = MoldenCalculator(checkpoint, dtype=dtype, device=device, skin_angstrom=0.0)
     out = []
     for original in systems:
         atoms = original.copy()

@@ -244,6 +244,11 @@ def _relax_suite(shared: _Shared) -> SuiteResult:
               f"{r['max_deviation_angstrom']:.2g} Å away from ASE's path" for r in rows if r.get("agree") is False]
     notes += [f"direct prediction on {r['n_systems']} systems: {r['direct_speedup']:.1f}× faster than "
               f"{r['steps']} L-BFGS steps" for r in rows if r.get("direct_speedup")]
+    verlet = _verlet_rows(shared)
+    notes += [f"radius graph from Verlet lists (skin {r['skin_angstrom']} Å) on {r['n_systems']} systems along a "
+              f"relaxation-like path: {r['speedup']:.2f}× a search at every call, "
+              + ("the same pairs at every call" if r["agree"] else "DIFFERENT PAIRS from a fresh search")
+              for r in verlet if r["skin_angstrom"] > 0]
     columns = [Column("case", "case"), Column("systems", "n_systems", ","), Column("tool", "tool"),
                Column("method", "method"), Column("steps", "steps", "g"), Column("s", "time_s", ".2f"),
                Column("structure-steps/s", "structure_steps_per_s", ",.1f"),
@@ -253,7 +258,19 @@ def _relax_suite(shared: _Shared) -> SuiteResult:
     title = (f"Relaxation ({config.device}): the same molden model, systems and steps in every tool; "
              "tool / molden > 1 means molden is faster")
     return SuiteResult("relax", title, shown, columns, notes,
-                       setup={"sizes": [3] if config.quick else list(RELAX_SIZES), "steps": RELAX_STEPS, "repeats": 1})
+                       setup={"sizes": [3] if config.quick else list(RELAX_SIZES), "steps": RELAX_STEPS, "repeats": 1,
+                              "verlet": verlet})
+
+
+def _verlet_rows(shared: _Shared) -> list[dict]:
+    """`molden.bench.verlet` at molden relax's default skin (`molden relax` and the ASE
+    calculator use it), against a search at every call."""
+    from molden.bench.verlet import run_verlet_benchmark
+    from molden.graph.verlet import DEFAULT_SKIN_ANGSTROM
+
+    config = shared.config
+    return run_verlet_benchmark(sizes=(3,) if config.quick else (RELAX_SIZES[0],), calls=8 if config.quick else 60,
+                                skins=(DEFAULT_SKIN_ANGSTROM,), device=config.device, seed=config.seed)
 
 
 SUITES: dict[str, Callable[[_Shared], SuiteResult]] = {

@@ -218,7 +218,13 @@ def edge_lengths(
     positions: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor, i: torch.Tensor, j: torch.Tensor, shifts: torch.Tensor
 ) -> torch.Tensor:
     """[E] |pos[j] - pos[i] + S @ cell|, Å, in ASE's order of operations."""
-    vectors = (positions[j] - positions[i]) + cartesian_shifts(shifts, cell.to(positions.dtype), batch[i])
+    return pair_lengths(positions, i, j, cartesian_shifts(shifts, cell.to(positions.dtype), batch[i]))
+
+
+def pair_lengths(positions: torch.Tensor, i: torch.Tensor, j: torch.Tensor, edge_shift: torch.Tensor) -> torch.Tensor:
+    """[E] |pos[j] - pos[i] + edge_shift|, Å, with `edge_shift` = S @ cell already computed
+    (`edge_lengths`'s arithmetic: the Verlet lists of `molden.graph.verlet` keep it)."""
+    vectors = (positions[j] - positions[i]) + edge_shift
     return torch.sqrt((vectors * vectors).sum(dim=-1))
 
 

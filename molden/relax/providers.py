@@ -15,6 +15,7 @@ from torch import Tensor
 
 from molden.data.batch import Batch
 from molden.errors import MoldenConfigError, MoldenInputError
+from molden.graph.verlet import DEFAULT_SKIN_ANGSTROM
 
 
 class ASECalculatorProvider:
@@ -71,13 +72,17 @@ one call against 41 ms in calls of 8 slabs (30k edges), 1 thread (BENCHMARKS.md,
 
 
 class ModelProvider:
-    """Energies and forces of a trained molden model (direct force head or −∂E/∂x), the
-    radius graph rebuilt from the current positions at every call (atoms move; a graph from
-    the starting positions would miss neighbours that came closer). On a CPU the model runs on
+    """Energies and forces of a trained molden model (direct force head or −∂E/∂x), with the
+    radius graph of the current positions at every call (atoms move; a graph from the starting
+    positions would miss neighbours that came closer): searched again at every call, or with
+    `skin_angstrom` > 0 filtered from Verlet lists that are searched again only for systems
+    whose atoms moved more than half the skin (`molden.graph.verlet`, the same pairs). On a CPU the model runs on
     runs of structures of at most `edges_per_call` edges (`CPU_EDGES_PER_CALL`): the same
     numbers, faster; on a GPU on the whole batch at once."""
 
-    def __init__(self, loaded, *, max_num_neighbors: int | None = None, edges_per_call: int | None | str = "auto"):
+    def __init__(self, loaded, *, max_num_neighbors: int | None = None, edges_per_call: int | None | str = "auto",
+                 skin_angstrom: float = DEFAULT_SKIN_ANGSTROM):
+        from molden.graph.verlet import VerletGraph
         from molden.models import keys
 
         heads = set(loaded.spec.heads)
@@ -87,14 +92,13 @@ class ModelProvider:
         self.model = loaded.model
         self.conservative = loaded.spec.conservative_forces
         self.cutoff_angstrom = float(loaded.spec.backbone_config().cutoff_angstrom)
-        self.max_num_neighbors = max_num_neighbors
+        self.graph = VerletGraph(self.cutoff_angstrom, skin_angstrom, max_num_neighbors=max_num_neighbors)
         parameter = next(self.model.parameters())
         self.dtype, self.device = parameter.dtype, parameter.device
         self.edges_per_call = default_edges_per_call(self.device) if edges_per_call == "auto" else edges_per_call
 
     def __call__(self, batch: Batch) -> tuple[Tensor, Tensor]:
         from molden.models import keys
-        from molden.objectives.noise import with_positions
 
         if batch.tags is not None and batch.tags.numel() and int(batch.tags.max()) > 2:
             raise MoldenInputError(None, "atom tags above 2 are not OC20 tags (0 sub-surface, 1 surface, 2 adsorbate): "
@@ -102,7 +106,7 @@ class ModelProvider:
         batch = batch.to(self.device)
         positions = batch.positions.to(self.dtype)
         batch = replace(batch, cell=batch.cell.to(self.dtype), force_inputs=None)
-        batch = with_positions(batch, positions, cutoff_angstrom=self.cutoff_angstrom, max_num_neighbors=self.max_num_neighbors)
+        batch = self.graph(batch, positions)
         energies, forces = [], []
         context = torch.enable_grad() if self.conservative else torch.no_grad()
         for part in structure_runs(batch, self.edges_per_call):
@@ -134,10 +138,12 @@ def structure_runs(batch: Batch, edges_per_call: int | None) -> list[Batch]:
     return [batch.structures(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def provider_for(model: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """"emt" → ASE's EMT; otherwise a molden checkpoint's model."""
+def provider_for(model: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                 skin_angstrom: float = DEFAULT_SKIN_ANGSTROM):
+    """"emt" → ASE's EMT (which keeps its own neighbour lists); otherwise a molden checkpoint's
+    model, its radius graph from Verlet lists of `skin_angstrom` (0: searched at every call)."""
     if str(model).lower() == "emt":
         return ASECalculatorProvider()
     from molden.models.checkpoint import load_model
 
-    return ModelProvider(load_model(model, device=device, dtype=dtype))
+    return ModelProvider(load_model(model, device=device, dtype=dtype), skin_angstrom=skin_angstrom)

@@ -25,6 +25,7 @@ from molden.models import keys
 from molden.relax.driver import Relaxed, relax
 from molden.relax.metrics import adwt, energy_metrics, mean_free_atom_distance
 from molden.relax.optimizers import FIRESettings, LBFGSSettings
+from molden.graph.verlet import DEFAULT_SKIN_ANGSTROM
 from molden.relax.providers import provider_for
 
 Method = Literal["direct", "lbfgs", "fire"]
@@ -44,6 +45,8 @@ class RelaxConfig(BaseModel):
     max_steps: int = Field(300, ge=1, description="optimiser steps at most per structure")
     preset: Literal["ase", "oc20"] = Field("ase", description="optimiser settings: ASE's defaults, or OC20's IS2RS L-BFGS (maxstep 0.04 Å, memory 50)")
     batch_size: int = Field(64, ge=1, description="structures relaxed at once")
+    skin_angstrom: float = Field(DEFAULT_SKIN_ANGSTROM, ge=0, description="Verlet skin of a molden model's radius graph, Å: "
+                                 "a system is searched again only when an atom moved half of it (0: every step; same pairs)")
     limit: int | None = Field(None, ge=1, description="relax only the first this many structures")
     device: str = Field("cpu", description="cpu or cuda")
     out: Path = Field(description="relaxed structures (.extxyz / .traj; one file per method when several)")
@@ -182,7 +185,7 @@ def run_relax(config: RelaxConfig, on_progress: Callable[[str, int, int], None] 
                                                     batch_size=config.batch_size)
             steps, converged = [0] * len(structures), [True] * len(structures)
         else:
-            provider = provider_for(config.model, device=config.device)
+            provider = provider_for(config.model, device=config.device, skin_angstrom=config.skin_angstrom)
             done = [0]
 
             def finished(index: int, result: Relaxed) -> None:

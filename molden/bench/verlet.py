@@ -1,0 +1,129 @@
+"""Verlet lists against a search at every call, on a relaxation-like trajectory (issue 15).
+
+`python -m molden.bench.verlet [--sizes 1 64] [--calls 60] [--skins 0.3 0.5 1.0] [--device cpu]`
+
+- Systems: the relax benchmark's OC20-sized slabs (65–67 atoms, `molden.bench.relax`), the
+  6 Å cutoff of `gns_oc20_cpu`, float32 positions as the model sees them.
+- Trajectory: every call moves every free atom by a random step of 0.02 Å per axis (an
+  L-BFGS step late in a relaxation; OC20's maxstep is 0.04 Å), seeded, the same for every
+  skin; the first call of each skin is not timed.
+- Checked before timed: at every call of every skin the pairs are compared with a fresh
+  search (`agree`); the timings come from a second pass over the same trajectory.
+- Reported: ms per call (the mean over the calls: searches come in bursts, and a run pays them all), `searched`: systems searched per call on
+  average (B for a search at every call), and `speedup` = time of the search at every call /
+  time with the skin, same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import replace
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from molden.bench.tables import print_table
+from molden.data.ase_convert import structure_from_atoms
+from molden.data.batch import Batch, collate
+from molden.graph.verlet import VerletGraph
+
+CUTOFF_ANGSTROM = 6.0
+STEP_ANGSTROM = 0.02
+
+
+def trajectory(batch: Batch, calls: int, seed: int = 0) -> list[torch.Tensor]:
+    """`calls` positions [N, 3]: a random walk of the free atoms, `STEP_ANGSTROM` per axis."""
+    rng = np.random.default_rng(seed)
+    free = torch.ones(len(batch.positions), 1, dtype=batch.positions.dtype, device=batch.positions.device)
+    if batch.fixed is not None:
+        free = (~batch.fixed)[:, None].to(batch.positions.dtype)
+    positions, out = batch.positions, []
+    for _ in range(calls):
+        step = torch.from_numpy(rng.uniform(-STEP_ANGSTROM, STEP_ANGSTROM, positions.shape))
+        positions = positions + step.to(positions) * free
+        out.append(positions)
+    return out
+
+
+def _pairs(out: Batch) -> np.ndarray:
+    """[E, 5] (i, j, S) rows in lexicographic order: the pair set, comparable with `==`."""
+    rows = torch.cat([out.edge_index.T, out.unit_shifts.long()], dim=1).cpu().numpy()
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+def _timed_pass(graph: VerletGraph, batch: Batch, path: Sequence[torch.Tensor], device: torch.device) -> list[float]:
+    times = []
+    for positions in path:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = graph(batch, positions)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        del out
+    return times[1:]  # the first call searches every system, whatever the skin
+
+
+def run_verlet_benchmark(sizes: Sequence[int] = (1, 64), calls: int = 60, skins: Sequence[float] = (0.3, 0.5, 1.0),
+                         device: str = "cpu", seed: int = 0) -> list[dict]:
+    from molden.bench.relax import oc20_like_systems
+
+    device_t = torch.device(device)
+    rows = []
+    for n in sizes:
+        systems = oc20_like_systems(n, seed)
+        structures = [replace(structure_from_atoms(a, system_id=f"bench:{k}"), edge_index=None, unit_shifts=None)
+                      for k, a in enumerate(systems)]
+        batch = collate(structures, dtype=torch.float32).to(device_t)
+        path = trajectory(batch, calls, seed)
+        fresh = VerletGraph(CUTOFF_ANGSTROM, 0.0)
+        expected = [_pairs(fresh(batch, p)) for p in path]
+        base_ms = None
+        for skin in (0.0, *skins):
+            checked = VerletGraph(CUTOFF_ANGSTROM, skin)
+            agree = all(np.array_equal(_pairs(checked(batch, p)), pairs) for p, pairs in zip(path, expected))
+            graph = VerletGraph(CUTOFF_ANGSTROM, skin)
+            times = _timed_pass(graph, batch, path, device_t)
+            ms = 1000 * statistics.fmean(times)
+            base_ms = ms if skin == 0.0 else base_ms
+            rows.append({"n_systems": n, "n_atoms": int(batch.n_node.sum()), "calls": calls, "skin_angstrom": skin,
+                         "ms_per_call": ms, "searched_per_call": (checked.built - n) / (calls - 1),
+                         "speedup": base_ms / ms, "agree": agree, "device": str(device_t)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--calls", type=int, default=60)
+    parser.add_argument("--skins", type=float, nargs="+", default=[0.3, 0.5, 1.0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run_verlet_benchmark(args.sizes, args.calls, args.skins, args.device, args.seed)
+    from rich.table import Table
+
+    table = Table(title=f"Verlet lists against a search at every call ({args.device}, cutoff {CUTOFF_ANGSTROM} Å, "
+                        f"steps {STEP_ANGSTROM} Å)")
+    for column in ("systems", "atoms", "skin Å", "ms / call", "searched / call", "speed-up", "same pairs"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(str(r["n_systems"]), str(r["n_atoms"]), f"{r['skin_angstrom']:.2f}", f"{r['ms_per_call']:.2f}",
+                      f"{r['searched_per_call']:.2f}", f"{r['speedup']:.2f}", str(r["agree"]))
+    print_table(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
