@@ -145,3 +145,11 @@ def test_the_verlet_benchmark_checks_its_pairs_and_times_every_skin():
     assert all(r["agree"] is True and r["ms_per_call"] > 0 and r["n_systems"] == 2 for r in rows)
     assert rows[0]["speedup"] == 1.0 and rows[0]["searched_per_call"] == 2.0
     assert rows[1]["searched_per_call"] < 2.0
+
+
+def test_whole_relaxations_with_and_without_verlet_lists_are_timed_alternately():
+    from molden.bench.verlet import relax_with_and_without
+
+    ab = relax_with_and_without(0.5, systems=3, steps=1, repeats=2)
+    assert len(ab["all_seconds"]["0.0"]) == len(ab["all_seconds"]["0.5"]) == 2
+    assert ab["speedup"] == ab["seconds_search_every_step"] / ab["seconds_verlet"] > 0

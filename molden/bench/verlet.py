@@ -9,6 +9,10 @@
   skin; the first call of each skin is not timed.
 - Checked before timed: at every call of every skin the pairs are compared with a fresh
   search (`agree`); the timings come from a second pass over the same trajectory.
+- With `--relax-repeats R`, also whole relaxations: molden's batched L-BFGS on the relax
+  benchmark's model (`gns_oc20_cpu`, random weights, float32) and 64 systems, `--relax-steps`
+  steps (fmax 0), searching at every step against the Verlet lists, alternating R times;
+  medians. This is where a user sees the skin: the graph's share of a step.
 - Reported: ms per call (the mean over the calls: searches come in bursts, and a run pays them all), `searched`: systems searched per call on
   average (B for a search at every call), and `speedup` = time of the search at every call /
   time with the skin, same run.
@@ -97,6 +101,36 @@ def run_verlet_benchmark(sizes: Sequence[int] = (1, 64), calls: int = 60, skins:
     return rows
 
 
+def relax_with_and_without(skin: float, *, systems: int = 64, steps: int = 5, repeats: int = 8, device: str = "cpu",
+                           seed: int = 0) -> dict:
+    """Seconds of molden's L-BFGS over `steps` steps on `systems` slabs, searching at every
+    step and with Verlet lists of `skin`, alternating (the order flips every repeat)."""
+    import tempfile
+    from pathlib import Path
+
+    from molden.bench.relax import oc20_like_systems, random_checkpoints
+    from molden.models.checkpoint import load_model
+    from molden.relax.driver import relax
+    from molden.relax.optimizers import LBFGSSettings
+    from molden.relax.providers import ModelProvider
+
+    structures = [structure_from_atoms(a, system_id=f"bench:{k}") for k, a in enumerate(oc20_like_systems(systems, seed))]
+    with tempfile.TemporaryDirectory(prefix="molden_bench_verlet_") as folder:
+        loaded = load_model(random_checkpoints(Path(folder), seed=seed).s2ef, device=device)
+    providers = {0.0: ModelProvider(loaded, skin_angstrom=0.0), skin: ModelProvider(loaded, skin_angstrom=skin)}
+    seconds: dict[float, list[float]] = {0.0: [], skin: []}
+    for repeat in range(repeats):
+        for chosen in (0.0, skin) if repeat % 2 == 0 else (skin, 0.0):
+            start = time.perf_counter()
+            relax(structures, providers[chosen], method="lbfgs", fmax_ev_per_angstrom=0.0, max_steps=steps,
+                  batch_size=systems, lbfgs=LBFGSSettings(curvature_guard=False), device=device)
+            seconds[chosen].append(time.perf_counter() - start)
+    every, kept = statistics.median(seconds[0.0]), statistics.median(seconds[skin])
+    return {"n_systems": systems, "steps": steps, "repeats": repeats, "skin_angstrom": skin,
+            "seconds_search_every_step": every, "seconds_verlet": kept, "speedup": every / kept,
+            "all_seconds": {str(k): v for k, v in seconds.items()}}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 64])
@@ -105,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--relax-repeats", type=int, default=0, help="also whole relaxations, alternating (0: not)")
+    parser.add_argument("--relax-steps", type=int, default=5)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.threads:
@@ -120,9 +156,19 @@ def main(argv: list[str] | None = None) -> None:
         table.add_row(str(r["n_systems"]), str(r["n_atoms"]), f"{r['skin_angstrom']:.2f}", f"{r['ms_per_call']:.2f}",
                       f"{r['searched_per_call']:.2f}", f"{r['speedup']:.2f}", str(r["agree"]))
     print_table(table)
+    report: dict = {"graph": rows}
+    if args.relax_repeats:
+        from molden.graph.verlet import DEFAULT_SKIN_ANGSTROM
+
+        ab = relax_with_and_without(DEFAULT_SKIN_ANGSTROM, steps=args.relax_steps, repeats=args.relax_repeats,
+                                    device=args.device, seed=args.seed)
+        report["relax"] = ab
+        print(f"molden L-BFGS, {ab['n_systems']} systems x {ab['steps']} steps, medians of {ab['repeats']}: "
+              f"{ab['seconds_search_every_step']:.2f} s searching every step, {ab['seconds_verlet']:.2f} s with "
+              f"{ab['skin_angstrom']} Å Verlet lists ({ab['speedup']:.2f}x)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":
