@@ -11,7 +11,7 @@ from molden.cli.console import console, err_console, note_line, user_errors
 
 OPTION_NAMES = {"fmax_ev_per_angstrom": "--fmax", "max_steps": "--steps", "batch_size": "--batch-size",
                 "methods": "--method", "input": "INPUT", "out": "--out",
-                "skin_angstrom": "--skin"}
+                "skin_angstrom": "--skin", "direct_passes": "--direct-passes", "forces_check": "--forces-check"}
 
 
 def relax(
@@ -19,6 +19,9 @@ def relax(
     out: Path = typer.Option(..., "--out", "-o", help="relaxed structures (.extxyz or .traj); results JSON beside it"),
     model: str = typer.Option("emt", help="force field for lbfgs/fire: a checkpoint with energy and forces, or emt"),
     direct_model: Optional[Path] = typer.Option(None, help="checkpoint with a position head, for --method direct"),
+    direct_passes: int = typer.Option(1, help="direct: forward passes, each from the last one's positions"),
+    forces_check: str = typer.Option("auto", help="FbT/AFbT from this calculator's forces at the relaxed structures: "
+                                                  "emt | none | auto (emt for a 'preprocess emt' cache)"),
     method: List[str] = typer.Option(["lbfgs"], help="direct | lbfgs | fire | all (repeatable)"),
     split: Optional[str] = typer.Option(None, help="cache: the split whose systems are relaxed"),
     fmax: float = typer.Option(0.05, help="converged below this force on every free atom, eV/Å"),
@@ -44,7 +47,8 @@ def relax(
     with user_errors(OPTION_NAMES):
         config = RelaxConfig(input=input, out=out, model=model, direct_model=direct_model, methods=methods, split=split,
                              fmax_ev_per_angstrom=fmax, max_steps=steps, preset=preset, batch_size=batch_size,
-                             limit=limit, device=device, overwrite=overwrite,
+                             limit=limit, device=device, overwrite=overwrite, direct_passes=direct_passes,
+                             forces_check=forces_check,
                              **({} if skin is None else {"skin_angstrom": skin}))
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err_console, transient=True) as progress:
@@ -57,12 +61,15 @@ def relax(
 
             results = run_relax(config, on_progress=hook)
     table = Table(title=f"molden relax {input} ({model}, fmax {fmax} eV/Å)")
-    for column in ("method", "structures", "ADwT", "energy MAE meV", "EwT", "mean steps", "converged", "ms / structure"):
-        table.add_column(column, justify="right" if column != "method" else "left")
     rows = [r.row() for r in results]
+    checked = any("fbt" in r for r in rows)
+    for column in ("method", "structures", "ADwT", "energy MAE meV", "EwT", *(("FbT", "AFbT") if checked else ()),
+                   "mean steps", "converged", "ms / structure"):
+        table.add_column(column, justify="right" if column != "method" else "left")
     for r in rows:
+        forces = (_fmt(r.get("fbt")), _fmt(r.get("afbt"))) if checked else ()
         table.add_row(r["method"], str(r["structures"]), _fmt(r.get("adwt")), _fmt(r.get("energy_mae_mev"), ".1f"),
-                      _fmt(r.get("ewt")), f"{r['mean_steps']:.1f}", f"{r['converged_fraction']:.0%}",
+                      _fmt(r.get("ewt")), *forces, f"{r['mean_steps']:.1f}", f"{r['converged_fraction']:.0%}",
                       f"{r['wall_ms_per_structure']:.1f}")
     console.print(table)
     by_method = {r["method"]: r for r in rows}

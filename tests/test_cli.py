@@ -129,6 +129,9 @@ def test_demo_pretrains_finetunes_and_evaluates_then_reuses_the_finished_runs(tm
         assert (tmp_path / run / "best.pt").is_file() and (tmp_path / run / "summary.json").is_file()
     assert "test metrics" in result.stdout and "forces MAE meV/Å" in result.stdout
     assert "test_id" in result.stdout and "test_ood" in result.stdout
+    assert "FbT (EMT)" in result.stdout  # the relax stage's table
+    relaxed = json.loads((tmp_path / "relaxed.json").read_text())
+    assert relaxed["forces_check"] == "emt" and all("fbt" in r for r in relaxed["rows"])
     stamp = (tmp_path / "s2ef_dens" / "last.pt").stat().st_mtime_ns
     again = _run("demo", "--out-dir", tmp_path, "--emt-systems", 8, "--train-steps", 3)
     assert again.exit_code == 0 and again.output.count("reused") >= 3

@@ -41,6 +41,12 @@ def test_emt_lbfgs_reproduces_the_caches_reference_relaxations(emt_cache, tmp_pa
     # The cache's relaxations are ASE L-BFGS with EMT: molden's batched L-BFGS lands on them.
     assert rows["lbfgs"]["adwt"] == 1.0 and rows["lbfgs"]["energy_mae_mev"] < 1.0
     assert rows["fire"]["converged_fraction"] == 1.0
+    # An EMT cache: FbT/AFbT from EMT's forces at the relaxed structures. EMT relaxations that
+    # converged to 0.05 eV/Å all pass FbT's 0.05 eV/Å.
+    assert summary["forces_check"] == "emt"
+    assert rows["lbfgs"]["fbt"] == rows["lbfgs"]["converged_fraction"] == 1.0
+    assert 0.0 < rows["fire"]["afbt"] < 1.0  # the lowest thresholds (0.01 eV/Å) are below fmax
+    assert "FbT" in result.output and "AFbT" in result.output
     frames = ase.io.read(tmp_path / "relaxed_lbfgs.extxyz", ":")
     assert len(frames) == rows["lbfgs"]["structures"]
     assert all(len(a.constraints) == 1 and a.get_tags().max() == 2 for a in frames)
@@ -62,6 +68,8 @@ def test_direct_prediction_from_a_trained_position_head_beside_lbfgs(emt_cache, 
     rows = {r["method"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
     assert set(rows) == {"direct", "lbfgs", "fire"}
     assert 0.0 <= rows["direct"]["adwt"] <= 1.0 and rows["direct"]["mean_steps"] == 0
+    # EMT's forces at the predicted structures (an EMT cache), for every method
+    assert all(0.0 <= rows[m]["fbt"] <= 1.0 and 0.0 <= rows[m]["afbt"] <= 1.0 for m in rows)
     assert "faster than L-BFGS" in result.output
 
 
@@ -70,6 +78,8 @@ def test_direct_prediction_from_a_trained_position_head_beside_lbfgs(emt_cache, 
     (("--method", "lbfgs", "--fmax", "-1"), "invalid --fmax"),
     (("--method", "newton"), "invalid --method"),
     (("--method", "lbfgs", "--skin", "-0.1"), "invalid --skin"),
+    (("--method", "lbfgs", "--direct-passes", "0"), "invalid --direct-passes"),
+    (("--method", "lbfgs", "--forces-check", "dft"), "invalid --forces-check"),
 ])
 def test_bad_relax_options_are_one_line(emt_cache, tmp_path, args, message):
     result = _invoke("relax", emt_cache, "--out", tmp_path / "x.extxyz", *args)
@@ -79,3 +89,28 @@ def test_bad_relax_options_are_one_line(emt_cache, tmp_path, args, message):
 def test_a_missing_input_is_one_line(tmp_path):
     result = _invoke("relax", tmp_path / "none.traj", "--out", tmp_path / "x.extxyz")
     assert result.exit_code == 1 and "none.traj" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.slow
+def test_refinement_passes_start_from_the_last_passes_positions(emt_cache, tmp_path):
+    from dataclasses import replace
+
+    from molden.relax.run import RelaxConfig, direct_prediction, read_inputs
+
+    run = tmp_path / "is2rs"
+    trained = _invoke("finetune", "--data", emt_cache, "--out", run, "--task", "is2rs", "--model", "painn_cpu",
+                      "--steps", "4", "--max-graphs", "8", "--val-split", "val_id", "--eval-every", "4")
+    assert trained.exit_code == 0, trained.output
+    structures = read_inputs(RelaxConfig(input=emt_cache, split=_split(emt_cache), limit=4, out=tmp_path / "x.extxyz"))
+    once, _ = direct_prediction(structures, run / "best.pt", batch_size=3)
+    again, _ = direct_prediction([replace(s, positions=p) for s, p in zip(structures, once)], run / "best.pt", batch_size=3)
+    twice, _ = direct_prediction(structures, run / "best.pt", batch_size=3, passes=2)
+    for a, b, s in zip(again, twice, structures):
+        np.testing.assert_array_equal(a, b)
+        assert np.abs(b - s.positions).max() > 0
+    out = tmp_path / "r.extxyz"
+    result = _invoke("relax", emt_cache, "--split", _split(emt_cache), "--method", "direct", "--direct-model",
+                     run / "best.pt", "--direct-passes", "3", "--forces-check", "none", "--out", out, "--limit", "2")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["forces_check"] is None and "fbt" not in summary["rows"][0]

@@ -70,8 +70,8 @@ def force_metrics(batch: Batch, predicted: Tensor, reference: Tensor) -> dict[st
 def forces_below_threshold(batch: Batch, reference_forces_at_prediction: Tensor) -> dict[str, float]:
     """{"fbt", "afbt"} from reference forces evaluated at the predicted structures."""
     norm = reference_forces_at_prediction.double().norm(dim=1) * (~batch.fixed).double()
-    largest = torch.zeros(batch.num_graphs, dtype=torch.float64, device=norm.device).index_reduce_(
-        0, batch.batch, norm, "amax", include_self=True)
+    largest = torch.zeros(batch.num_graphs, dtype=torch.float64, device=norm.device).scatter_reduce(
+        0, batch.batch, norm, reduce="amax", include_self=True)
     f = largest.cpu().numpy()
     return {"fbt": float((f < FBT_THRESHOLD_EV_PER_ANGSTROM).mean()),
             "afbt": float((f[None, :] < AFBT_THRESHOLDS_EV_PER_ANGSTROM[:, None]).mean())}

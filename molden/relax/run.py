@@ -40,6 +40,11 @@ class RelaxConfig(BaseModel):
     split: str | None = Field(None, description="cache only: the split whose systems are relaxed (from their first frame)")
     model: str = Field("emt", description="force field for lbfgs/fire: a molden checkpoint with energy and forces, or 'emt'")
     direct_model: Path | None = Field(None, description="checkpoint of a direct IS2RS model (position head) for 'direct'")
+    direct_passes: int = Field(1, ge=1, le=100, description="direct: forward passes, each from the last one's positions "
+                               "(1: Noisy Nodes' single pass; more refine, for a model trained on every trajectory frame)")
+    forces_check: Literal["auto", "emt", "none"] = Field(
+        "auto", description="FbT/AFbT: reference forces at every method's relaxed structures from this calculator "
+                            "(auto: EMT for a cache made by 'molden preprocess emt', else none)")
     methods: list[Method] = Field(default_factory=lambda: ["lbfgs"], description="direct, lbfgs, fire")
     fmax_ev_per_angstrom: float = Field(0.05, gt=0, description="converged when every free atom's force is below this, eV/Å")
     max_steps: int = Field(300, ge=1, description="optimiser steps at most per structure")
@@ -106,14 +111,19 @@ def read_inputs(config: RelaxConfig) -> list[Structure]:
 
 
 def direct_prediction(structures: Sequence[Structure], checkpoint: Path, *, device: str = "cpu",
-                      batch_size: int = 64) -> tuple[list[np.ndarray], list[float | None]]:
-    """Relaxed positions (and energies, when the model has an IS2RE head) from one forward pass
-    of a direct IS2RS model: input positions + its position-delta head, fixed atoms unmoved."""
+                      batch_size: int = 64, passes: int = 1) -> tuple[list[np.ndarray], list[float | None]]:
+    """Relaxed positions (and energies, when the model has an IS2RE head) from forward passes of
+    a direct IS2RS model: input positions + its position-delta head, fixed atoms unmoved. With
+    `passes` > 1 each pass starts from the last one's positions (the energy is the last pass's):
+    a refinement for models trained on every frame of the trajectories (`--frames all`, the
+    default), which have seen structures part-way to relaxed as inputs."""
     from molden.models.checkpoint import load_model
     from molden.objectives.noise import with_positions
 
     from molden.relax.providers import default_edges_per_call, structure_runs
 
+    if passes < 1:
+        raise ValueError(f"direct prediction needs at least one pass, got {passes}")
     loaded = load_model(checkpoint, device=device)
     dtype = next(loaded.model.parameters()).dtype
     if keys.POSITION_DELTA not in loaded.spec.heads:
@@ -121,30 +131,62 @@ def direct_prediction(structures: Sequence[Structure], checkpoint: Path, *, devi
                                 "molden finetune --task is2rs, or --task is2re with Noisy Nodes relaxed positions)")
     task = loaded.task
     nn = task.get("noisy_nodes") or {}
-    mean = torch.tensor(nn.get("position_delta_mean_angstrom", (0.0, 0.0, 0.0)), dtype=torch.float64)
+    mean = torch.tensor(nn.get("position_delta_mean_angstrom", (0.0, 0.0, 0.0)), dtype=torch.float64, device=device)
     std = float(nn.get("position_delta_std_angstrom", 1.0))
     cutoff = float(loaded.spec.backbone_config().cutoff_angstrom)
-    positions, energies, delta = [], [], []
+    positions, energies = [], []
     for start in range(0, len(structures), batch_size):
         chunk = structures[start : start + batch_size]
         batch = collate(chunk, dtype=torch.float64).to(device)
-        graphed = with_positions(batch.to(dtype=dtype), batch.positions.to(dtype), cutoff_angstrom=cutoff)
-        for part in structure_runs(graphed, default_edges_per_call(graphed.positions.device)):
-            with torch.no_grad():
-                out = loaded.model(part)
-            delta.append(out[keys.POSITION_DELTA].to(torch.float64))
-            if keys.TARGETS in out and task.get("kind") == "is2re":
-                e = out[keys.TARGETS].reshape(-1).double() * task["energy_std_ev"] + task["energy_mean_ev"]
-                energies += e.cpu().tolist()
-            else:
-                energies += [None] * part.num_graphs
-        # the step in the model's precision, added to the float64 input positions
-        step = (torch.cat(delta) * std + mean.to(device)) * (~batch.fixed)[:, None]
-        delta.clear()
-        moved = (batch.positions + step).cpu().numpy()
+        current = batch.positions
+        for _ in range(passes):
+            graphed = with_positions(batch.to(dtype=dtype), current.to(dtype), cutoff_angstrom=cutoff)
+            delta, chunk_energies = [], []
+            for part in structure_runs(graphed, default_edges_per_call(graphed.positions.device)):
+                with torch.no_grad():
+                    out = loaded.model(part)
+                delta.append(out[keys.POSITION_DELTA].to(torch.float64))
+                if keys.TARGETS in out and task.get("kind") == "is2re":
+                    e = out[keys.TARGETS].reshape(-1).double() * task["energy_std_ev"] + task["energy_mean_ev"]
+                    chunk_energies += e.cpu().tolist()
+                else:
+                    chunk_energies += [None] * part.num_graphs
+            # the step in the model's precision, added to the float64 positions
+            current = current + (torch.cat(delta) * std + mean) * (~batch.fixed)[:, None]
+        energies += chunk_energies
+        moved = current.cpu().numpy()
         bounds = np.r_[0, np.cumsum(batch.n_node.cpu().numpy())]
         positions += [moved[bounds[g] : bounds[g + 1]] for g in range(batch.num_graphs)]
     return positions, energies
+
+
+def forces_check_calculator(config: RelaxConfig) -> str | None:
+    """The calculator for FbT/AFbT ("emt") or None: `auto` takes EMT for a cache that
+    `molden preprocess emt` made, whose reference relaxations are EMT's."""
+    if config.forces_check != "auto":
+        return None if config.forces_check == "none" else config.forces_check
+    if config.input.suffix not in (".h5", ".hdf5"):
+        return None
+    from molden.data.h5_dataset import H5Dataset
+
+    return "emt" if H5Dataset(config.input).provenance.get("source") == "emt" else None
+
+
+def forces_check_metrics(structures: Sequence[Structure], positions: Sequence[np.ndarray], calculator: str) -> dict[str, float]:
+    """OC20's FbT/AFbT: `calculator`'s forces at the relaxed `positions` (structures whose
+    positions are not finite count as failing every threshold)."""
+    from molden.relax.metrics import forces_below_threshold
+    from molden.relax.providers import provider_for
+
+    finite = [bool(np.isfinite(p).all()) for p in positions]
+    chosen = [replace(s, positions=p, system_id=f"check:{k}") for k, (s, p) in enumerate(zip(structures, positions)) if finite[k]]
+    if not chosen:
+        return {"fbt": 0.0, "afbt": 0.0}
+    batch = collate(chosen, dtype=torch.float64)
+    _, forces = provider_for(calculator)(batch)
+    out = forces_below_threshold(batch, forces)
+    share = len(chosen) / len(structures)
+    return {name: value * share for name, value in out.items()}
 
 
 def _metrics(structures: Sequence[Structure], positions: Sequence[np.ndarray], energies: Sequence[float | None]) -> dict[str, float]:
@@ -177,12 +219,13 @@ def run_relax(config: RelaxConfig, on_progress: Callable[[str, int, int], None] 
     if "direct" in config.methods and config.direct_model is None:
         raise MoldenConfigError("method 'direct' needs --direct-model (a checkpoint with a position head)")
     structures = read_inputs(config)
+    check = forces_check_calculator(config)
     results = []
     for method in config.methods:
         start = time.perf_counter()
         if method == "direct":
             positions, energies = direct_prediction(structures, config.direct_model, device=config.device,
-                                                    batch_size=config.batch_size)
+                                                    batch_size=config.batch_size, passes=config.direct_passes)
             steps, converged = [0] * len(structures), [True] * len(structures)
         else:
             provider = provider_for(config.model, device=config.device, skin_angstrom=config.skin_angstrom)
@@ -202,14 +245,16 @@ def run_relax(config: RelaxConfig, on_progress: Callable[[str, int, int], None] 
             converged = [r.converged for r in relaxed]
         wall = time.perf_counter() - start
         out_structures = [replace(s, positions=p, energy=e, forces=None) for s, p, e in zip(structures, positions, energies)]
-        results.append(MethodResult(method, out_structures, energies, steps, converged, wall,
-                                    _metrics(structures, positions, energies)))
+        metrics = _metrics(structures, positions, energies)
+        if check is not None:
+            metrics.update(forces_check_metrics(structures, positions, check))
+        results.append(MethodResult(method, out_structures, energies, steps, converged, wall, metrics))
     for result in results:  # only once every method finished: an interrupted run leaves no file to refuse
         _write_structures(outputs[result.method], result.structures)
     rows = [r.row() for r in results]
     lbfgs = next((r for r in results if r.method == "lbfgs"), None)
     direct = next((r for r in results if r.method == "direct"), None)
-    summary = {"input": str(config.input), "model": config.model, "rows": rows}
+    summary = {"input": str(config.input), "model": config.model, "forces_check": check, "rows": rows}
     if lbfgs is not None and direct is not None and direct.wall_s > 0:
         summary["direct_speedup_over_lbfgs"] = lbfgs.wall_s / direct.wall_s
     tmp = config.out.with_suffix(".json.tmp")
