@@ -142,3 +142,25 @@ def test_two_atoms_approaching_head_on_are_found_in_time():
         counts.append(out.edge_index.shape[1])
         positions = positions + torch.tensor([[0.14, 0, 0], [-0.14, 0, 0]], dtype=torch.float64)
     assert counts == [0, 0, 0, 2, 2]
+
+
+def test_an_id_seen_before_with_other_atoms_or_twice_in_a_batch():
+    """Ids only say where to look: the same id for another structure (an ASE calculator moved to
+    other atoms), or twice in one batch (frames of one trajectory), still gives a fresh search's
+    pairs."""
+    systems = _systems()
+    graph = VerletGraph(CUTOFF, 0.5)
+    first = _batch([systems[0]], ["ase"])
+    _check(graph, first, first.positions)
+    other = _batch([systems[2]], ["ase"])  # ethanol after the slab: another atom count
+    _check(graph, other, other.positions)
+    bulk = _batch([systems[1]], ["ase"])  # 4 atoms under the same id again: searched
+    _check(graph, bulk, bulk.positions)
+    frames = [systems[0].copy(), systems[0].copy(), systems[0].copy()]
+    frames[1].positions += 0.05
+    frames[2].positions[:4] += [0.0, 0.0, 0.9]
+    twice = _batch(frames, ["traj", "traj", "traj"])
+    _check(graph, twice, twice.positions)
+    moved = twice.positions + 0.02
+    _check(graph, twice, moved)
+    assert graph.built == 3 + 3  # the three frames were searched once each, then kept

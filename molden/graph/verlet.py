@@ -134,7 +134,7 @@ class VerletGraph:
         last = self._lists
         if last is None or last.reference.dtype != moving.dtype or last.reference.device != moving.device:
             return np.full(len(counts), -1), None
-        if last.ids == ids:
+        if last.ids == ids and np.array_equal(last.counts, counts):
             return np.arange(len(ids)), last.reference
         before = np.array([last.index_of.get(k, -1) for k in ids], dtype=np.int64)
         known = before >= 0
