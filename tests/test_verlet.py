@@ -164,3 +164,40 @@ def test_an_id_seen_before_with_other_atoms_or_twice_in_a_batch():
     moved = twice.positions + 0.02
     _check(graph, twice, moved)
     assert graph.built == 3 + 3  # the three frames were searched once each, then kept
+
+
+@pytest.mark.parametrize("leaving", [["c"], ["b", "c"], ["a"], ["b"]])
+def test_systems_leave_and_none_enter(leaving):
+    """A relaxation's last structures converge one by one and nothing refills the batch: the
+    remaining systems keep their lists, whichever left (the last ones, or from the front)."""
+    systems = dict(zip("abc", _systems()[:3]))
+    graph = VerletGraph(CUTOFF, 0.5)
+    first = _batch(list(systems.values()), list(systems))
+    _check(graph, first, first.positions)
+    staying = [k for k in systems if k not in leaving]
+    second = _batch([systems[k] for k in staying], staying)
+    _check(graph, second, second.positions + 0.01)
+    assert graph.built == 3  # nothing searched again
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_batches_of_moving_systems(seed):
+    """Any sequence of batches: systems drawn in any order from a pool, each moving on its own
+    (now and then by a jump), ids kept; every call gives a fresh search's pairs."""
+    rng = np.random.default_rng(seed)
+    pool = [*_systems(), *(a.copy() for a in _systems())]
+    ids = [f"s{k}" for k in range(len(pool))]
+    positions = {k: a.positions.copy() for k, a in zip(ids, pool)}
+    graph = VerletGraph(CUTOFF, 0.5)
+    for _ in range(30):
+        chosen = list(rng.choice(len(pool), size=rng.integers(1, len(pool) + 1), replace=False))
+        for k in chosen:
+            positions[ids[k]] += rng.normal(scale=0.3 if rng.random() < 0.1 else 0.04, size=positions[ids[k]].shape)
+        atoms = []
+        for k in chosen:
+            a = pool[k].copy()
+            a.positions = positions[ids[k]]
+            atoms.append(a)
+        batch = _batch(atoms, [ids[k] for k in chosen])
+        _check(graph, batch, batch.positions)
+    assert graph.built < 30 * len(pool) / 2

@@ -208,9 +208,11 @@ class VerletGraph:
         counts_t = torch.from_numpy(edge_counts).to(device)
         edge_graph = torch.repeat_interleave(torch.arange(len(counts), device=device), counts_t, output_size=total)
         per_edge_shift = torch.from_numpy(atom_shift).to(device)[edge_graph]
-        if len(sources) == 1 and np.array_equal(source_start, starts):  # already in place
+        if len(sources) == 1 and np.array_equal(source_start, starts):
+            # Already in place (the last systems may have left: their edges come after `total`).
             edge_index, unit_shifts, edge_shift = sources[0]
-            return edge_index + per_edge_shift[None], unit_shifts, edge_shift, edge_graph, edge_counts
+            return (edge_index[:, :total] + per_edge_shift[None], unit_shifts[:total], edge_shift[:total], edge_graph,
+                    edge_counts)
         index, shifts, cartesian = (torch.cat(parts, dim=1 if k == 0 else 0) if len(parts) > 1 else parts[0]
                                     for k, parts in enumerate(zip(*sources)))
         take = torch.from_numpy(source_start - starts).to(device)[edge_graph] + torch.arange(total, device=device)
