@@ -84,6 +84,8 @@ class VerletGraph:
         self.built = 0
         self.calls = 0
         self._lists: _SkinLists | None = None
+        self._n_node_seen: Tensor | None = None
+        self._n_node_host = np.zeros(0, dtype=np.int64)
 
     def reset(self) -> None:
         self._lists = None
@@ -97,7 +99,7 @@ class VerletGraph:
             return with_positions(batch, positions, cutoff_angstrom=self.cutoff, max_num_neighbors=self.max_num_neighbors)
         moving = positions.detach()
         device = moving.device
-        counts = batch.n_node.cpu().numpy().astype(np.int64)
+        counts = self._host_counts(batch.n_node)
         ids = batch.system_ids if len(batch.system_ids) == len(counts) else tuple(f"#{g}" for g in range(len(counts)))
         cells = batch.cell.to(device=device, dtype=moving.dtype).reshape(-1, 3, 3).expand(len(counts), 3, 3)
         pbc = batch.pbc.to(device).reshape(-1, 3).expand(len(counts), 3)
@@ -125,8 +127,17 @@ class VerletGraph:
         if self.max_num_neighbors is not None:  # on the pairs within the cutoff, as a fresh search does
             nearest = nearest_neighbors_mask(edge_index[0], lengths, self.max_num_neighbors, num_nodes=len(moving))
             edge_index, unit_shifts, edge_graph = edge_index[:, nearest], unit_shifts[nearest], edge_graph[nearest]
-        n_edge = torch.bincount(edge_graph, minlength=len(counts))
+        # index_add, not bincount: bincount reads its input's maximum, a device wait
+        n_edge = torch.zeros(len(counts), dtype=torch.long, device=device).index_add_(
+            0, edge_graph, torch.ones_like(edge_graph))
         return replace(batch, positions=positions, edge_index=edge_index, unit_shifts=unit_shifts, n_edge=n_edge)
+
+    def _host_counts(self, n_node: Tensor) -> np.ndarray:
+        """[B] atoms per system on the host. A relaxation passes the same `n_node` tensor step
+        after step (batches are never changed in place), so it is copied from a device once."""
+        if n_node is not self._n_node_seen:
+            self._n_node_seen, self._n_node_host = n_node, n_node.cpu().numpy().astype(np.int64)
+        return self._n_node_host
 
     def _previous_positions(self, ids, counts, system_of_atom, offsets, moving) -> tuple[np.ndarray, Tensor | None]:
         """[B] each system's index in the last call (-1: new, or another atom count), and [N, 3]
