@@ -77,6 +77,10 @@ for n in 64 256; do  # one size per call, so a time-out loses one table, not bot
     --threads 8 --json "$OUT/relax_cuda_$n.json" 2>&1 | tail -14; check "relax benchmark, $n systems"
   tar rf "$OUT/bench.tar" -C "$OUT" "relax_cuda_$n.json" 2>/dev/null && rm -f "$OUT/relax_cuda_$n.json"
 done
+stamp verlet lists  # molden relax's radius graph on the GPU, against a search at every call (BENCHMARKS.md)
+timeout 90 python3 -m molden.bench.verlet --device cuda --sizes 1 64 256 --calls 30 --skins 0.5 1.0 \
+  --relax-repeats 4 --json "$OUT/verlet_cuda.json" 2>&1 | tail -14; check "verlet benchmark"
+tar rf "$OUT/bench.tar" -C "$OUT" verlet_cuda.json 2>/dev/null && rm -f "$OUT/verlet_cuda.json"
 stamp radius backends and vesin-torch
 timeout 80 python3 examples/gpu/radius_backends.py --out "$OUT/radius_cuda.json" 2>&1 | tail -25; check "radius backends"
 tar rf "$OUT/bench.tar" -C "$OUT" radius_cuda.json 2>/dev/null && rm -f "$OUT/radius_cuda.json"
