@@ -55,15 +55,21 @@ def test_emt_lbfgs_reproduces_the_caches_reference_relaxations(emt_cache, tmp_pa
     assert again.exit_code == 1 and "--overwrite" in again.output
 
 
-@pytest.mark.slow
-def test_direct_prediction_from_a_trained_position_head_beside_lbfgs(emt_cache, tmp_path):
-    run = tmp_path / "is2rs"
+@pytest.fixture(scope="module")
+def is2rs_checkpoint(emt_cache, tmp_path_factory):
+    """A position head trained for a few steps: direct prediction runs, not a good one."""
+    run = tmp_path_factory.mktemp("runs") / "is2rs"
     trained = _invoke("finetune", "--data", emt_cache, "--out", run, "--task", "is2rs", "--model", "painn_cpu",
                       "--steps", "4", "--max-graphs", "8", "--val-split", "val_id", "--eval-every", "4")
     assert trained.exit_code == 0, trained.output
+    return run / "best.pt"
+
+
+@pytest.mark.slow
+def test_direct_prediction_from_a_trained_position_head_beside_lbfgs(emt_cache, is2rs_checkpoint, tmp_path):
     out = tmp_path / "r.extxyz"
     result = _invoke("relax", emt_cache, "--split", _split(emt_cache), "--method", "all", "--direct-model",
-                     run / "best.pt", "--out", out, "--limit", "3")
+                     is2rs_checkpoint, "--out", out, "--limit", "3")
     assert result.exit_code == 0, result.output
     rows = {r["method"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]}
     assert set(rows) == {"direct", "lbfgs", "fire"}
@@ -92,25 +98,21 @@ def test_a_missing_input_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_refinement_passes_start_from_the_last_passes_positions(emt_cache, tmp_path):
+def test_refinement_passes_start_from_the_last_passes_positions(emt_cache, is2rs_checkpoint, tmp_path):
     from dataclasses import replace
 
     from molden.relax.run import RelaxConfig, direct_prediction, read_inputs
 
-    run = tmp_path / "is2rs"
-    trained = _invoke("finetune", "--data", emt_cache, "--out", run, "--task", "is2rs", "--model", "painn_cpu",
-                      "--steps", "4", "--max-graphs", "8", "--val-split", "val_id", "--eval-every", "4")
-    assert trained.exit_code == 0, trained.output
     structures = read_inputs(RelaxConfig(input=emt_cache, split=_split(emt_cache), limit=4, out=tmp_path / "x.extxyz"))
-    once, _ = direct_prediction(structures, run / "best.pt", batch_size=3)
-    again, _ = direct_prediction([replace(s, positions=p) for s, p in zip(structures, once)], run / "best.pt", batch_size=3)
-    twice, _ = direct_prediction(structures, run / "best.pt", batch_size=3, passes=2)
+    once, _ = direct_prediction(structures, is2rs_checkpoint, batch_size=3)
+    again, _ = direct_prediction([replace(s, positions=p) for s, p in zip(structures, once)], is2rs_checkpoint, batch_size=3)
+    twice, _ = direct_prediction(structures, is2rs_checkpoint, batch_size=3, passes=2)
     for a, b, s in zip(again, twice, structures):
         np.testing.assert_array_equal(a, b)
         assert np.abs(b - s.positions).max() > 0
     out = tmp_path / "r.extxyz"
     result = _invoke("relax", emt_cache, "--split", _split(emt_cache), "--method", "direct", "--direct-model",
-                     run / "best.pt", "--direct-passes", "3", "--forces-check", "none", "--out", out, "--limit", "2")
+                     is2rs_checkpoint, "--direct-passes", "3", "--forces-check", "none", "--out", out, "--limit", "2")
     assert result.exit_code == 0, result.output
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["forces_check"] is None and "fbt" not in summary["rows"][0]
