@@ -10,7 +10,9 @@ the length test (the radius graph's own exact test, `edge_lengths(...) < cutoff`
 exactly the pairs a fresh search would find. A rounding margin, sized as the radius graph
 sizes its band, makes "less than skin / 2" hold for the true displacement too. The same pairs
 come out, in another order within a system for the systems not rebuilt (sums over edges may
-then differ in the last bits).
+then differ in the last bits). One limit, shared with molden's own backends: a pair within a
+rounding error of the cutoff may be decided the other way when the image offset S @ cell was
+summed in another order (numpy for vesin's search, torch here for several cells).
 
 Systems are rebuilt one by one (the others keep their lists) and recognised across calls by
 `Batch.system_ids`, so structures entering and leaving a relaxation batch cost only their own
