@@ -116,3 +116,41 @@ def test_refinement_passes_start_from_the_last_passes_positions(emt_cache, is2rs
     assert result.exit_code == 0, result.output
     summary = json.loads(out.with_suffix(".json").read_text())
     assert summary["forces_check"] is None and "fbt" not in summary["rows"][0]
+
+
+@pytest.mark.slow
+def test_a_structure_whose_direct_prediction_goes_non_finite_ends_as_nan_and_the_others_refine(
+        emt_cache, is2rs_checkpoint, tmp_path, monkeypatch):
+    import torch
+
+    from molden.models import checkpoint, keys
+    from molden.relax.run import RelaxConfig, direct_prediction, read_inputs
+
+    real = checkpoint.load_model
+
+    def poisoned(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        model = loaded.model
+
+        class FirstStructureBlowsUp(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = model
+
+            def forward(self, batch):
+                out = dict(self.inner(batch))
+                delta = out[keys.POSITION_DELTA].clone()
+                delta[batch.batch == 0] = float("inf")
+                out[keys.POSITION_DELTA] = delta
+                return out
+
+        loaded.model = FirstStructureBlowsUp()
+        return loaded
+
+    structures = read_inputs(RelaxConfig(input=emt_cache, split=_split(emt_cache), limit=3, out=tmp_path / "x.extxyz"))
+    clean, _ = direct_prediction(structures, is2rs_checkpoint, passes=2)
+    monkeypatch.setattr(checkpoint, "load_model", poisoned)
+    positions, _ = direct_prediction(structures, is2rs_checkpoint, passes=2)
+    assert np.isnan(positions[0]).all()
+    for a, b in zip(positions[1:], clean[1:]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)  # float32 sums: other runs of structures

@@ -21,11 +21,11 @@ from molden.data.ase_convert import atoms_from_structure
 from molden.data.batch import collate
 from molden.data.structure import Structure
 from molden.errors import MoldenConfigError, MoldenInputError
+from molden.graph.verlet import DEFAULT_SKIN_ANGSTROM
 from molden.models import keys
 from molden.relax.driver import Relaxed, relax
 from molden.relax.metrics import adwt, energy_metrics, mean_free_atom_distance
 from molden.relax.optimizers import FIRESettings, LBFGSSettings
-from molden.graph.verlet import DEFAULT_SKIN_ANGSTROM
 from molden.relax.providers import provider_for
 
 Method = Literal["direct", "lbfgs", "fire"]
@@ -139,8 +139,12 @@ def direct_prediction(structures: Sequence[Structure], checkpoint: Path, *, devi
         chunk = structures[start : start + batch_size]
         batch = collate(chunk, dtype=torch.float64).to(device)
         current = batch.positions
+        broken = torch.zeros(batch.num_graphs, dtype=torch.bool, device=current.device)
         for _ in range(passes):
-            graphed = with_positions(batch.to(dtype=dtype), current.to(dtype), cutoff_angstrom=cutoff)
+            # A structure whose prediction went non-finite is not fed back (its input positions
+            # stand in, so the graph search sees finite numbers); it ends as NaN, failed.
+            finite = torch.where(broken[batch.batch][:, None], batch.positions, current)
+            graphed = with_positions(batch.to(dtype=dtype), finite.to(dtype), cutoff_angstrom=cutoff)
             delta, chunk_energies = [], []
             for part in structure_runs(graphed, default_edges_per_call(graphed.positions.device)):
                 with torch.no_grad():
@@ -152,8 +156,12 @@ def direct_prediction(structures: Sequence[Structure], checkpoint: Path, *, devi
                 else:
                     chunk_energies += [None] * part.num_graphs
             # the step in the model's precision, added to the float64 positions
-            current = current + (torch.cat(delta) * std + mean) * (~batch.fixed)[:, None]
-        energies += chunk_energies
+            current = finite + (torch.cat(delta) * std + mean) * (~batch.fixed)[:, None]
+            bad_atoms = (~torch.isfinite(current).all(dim=1)).long()
+            broken |= torch.zeros(batch.num_graphs, dtype=torch.long, device=current.device).index_add_(
+                0, batch.batch, bad_atoms) > 0
+        current = torch.where(broken[batch.batch][:, None], torch.full_like(current, float("nan")), current)
+        energies += [float("nan") if bad and e is not None else e for e, bad in zip(chunk_energies, broken.tolist())]
         moved = current.cpu().numpy()
         bounds = np.r_[0, np.cumsum(batch.n_node.cpu().numpy())]
         positions += [moved[bounds[g] : bounds[g + 1]] for g in range(batch.num_graphs)]
