@@ -140,8 +140,10 @@ def test_the_agreement_check_catches_another_setting(tmp_path):
 def test_the_verlet_benchmark_checks_its_pairs_and_times_every_skin():
     from molden.bench.verlet import run_verlet_benchmark
 
-    rows = run_verlet_benchmark(sizes=(2,), calls=6, skins=(0.5, 1.0))
-    assert [r["skin_angstrom"] for r in rows] == [0.0, 0.5, 1.0]
+    rows = run_verlet_benchmark(sizes=(2,), calls=6, skins=(0.5, 1.0), peer_skin=0.5)
+    assert [(r["tool"], r["skin_angstrom"]) for r in rows] == [("molden", 0.0), ("molden", 0.5), ("molden", 1.0),
+                                                               ("ase NeighborList", 0.5)]
+    assert rows[3]["ratio"] == pytest.approx(rows[3]["ms_per_call"] / rows[1]["ms_per_call"])
     assert all(r["agree"] is True and r["ms_per_call"] > 0 and r["n_systems"] == 2 for r in rows)
     assert rows[0]["speedup"] == 1.0 and rows[0]["searched_per_call"] == 2.0
     assert rows[1]["searched_per_call"] < 2.0
@@ -153,3 +155,11 @@ def test_whole_relaxations_with_and_without_verlet_lists_are_timed_alternately()
     ab = relax_with_and_without(0.5, systems=3, steps=1, repeats=2)
     assert len(ab["all_seconds"]["0.0"]) == len(ab["all_seconds"]["0.5"]) == 2
     assert ab["speedup"] == ab["seconds_search_every_step"] / ab["seconds_verlet"] > 0
+
+
+def test_the_verlet_benchmark_refuses_settings_it_cannot_time():
+    from molden.bench.verlet import run_verlet_benchmark
+
+    for bad in ({"calls": 1}, {"sizes": (0,)}, {"skins": (0.0,)}):
+        with pytest.raises(ValueError, match="calls >= 2"):
+            run_verlet_benchmark(**{"sizes": (1,), "calls": 3, **bad})

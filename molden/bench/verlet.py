@@ -13,9 +13,13 @@
   benchmark's model (`gns_oc20_cpu`, random weights, float32) and 64 systems, `--relax-steps`
   steps (fmax 0), searching at every step against the Verlet lists, alternating R times;
   medians. This is where a user sees the skin: the graph's share of a step.
+- Peer, same run, same trajectory: ASE's `NeighborList` with the same skin (`NewPrimitiveNeighborList`,
+  one per system, `update` then the pairs closer than the cutoff, as an ASE calculator gathers
+  them), checked by its pair count at every call and its pairs at the last.
 - Reported: ms per call (the mean over the calls: searches come in bursts, and a run pays them all), `searched`: systems searched per call on
   average (B for a search at every call), and `speedup` = time of the search at every call /
-  time with the skin, same run.
+  time with the skin, same run; for the peer, `ratio` = its time / molden's at the same skin
+  (> 1: molden is faster).
 """
 
 from __future__ import annotations
@@ -73,9 +77,42 @@ def _timed_pass(graph: VerletGraph, batch: Batch, path: Sequence[torch.Tensor], 
     return times[1:]  # the first call searches every system, whatever the skin
 
 
+def _ase_verlet_pass(systems, path: Sequence[torch.Tensor], counts: np.ndarray, skin: float) -> tuple[list[float], list[int], np.ndarray]:
+    """ASE's Verlet lists along `path`: seconds per call (the first dropped), pairs per call,
+    and the last call's pairs as `_pairs` gives them."""
+    from ase.neighborlist import NeighborList
+
+    bounds = np.r_[0, np.cumsum(counts)]
+    lists = [NeighborList([CUTOFF_ANGSTROM / 2] * len(a), skin=skin, self_interaction=False, bothways=True) for a in systems]
+    atoms = [a.copy() for a in systems]
+    frames = [p.detach().cpu().double().numpy() for p in path]
+    times, found, rows = [], [], None
+    for frame in frames:
+        start = time.perf_counter()
+        pairs = []
+        for k, (a, nl) in enumerate(zip(atoms, lists)):
+            a.positions = frame[bounds[k] : bounds[k + 1]]
+            nl.update(a)
+            cell, pos = a.cell.array, a.positions
+            for i in range(len(a)):
+                j, offsets = nl.get_neighbors(i)
+                d = pos[j] + offsets @ cell - pos[i]
+                inside = np.einsum("ij,ij->i", d, d) < CUTOFF_ANGSTROM**2
+                pairs.append((bounds[k] + i, bounds[k] + j[inside], offsets[inside]))
+        times.append(time.perf_counter() - start)
+        found.append(sum(len(j) for _, j, _ in pairs))
+        rows = pairs
+    last = np.concatenate([np.column_stack([np.full(len(j), i), j, o]) for i, j, o in rows]).astype(np.int64)
+    return times[1:], found, last[np.lexsort(last.T[::-1])]
+
+
 def run_verlet_benchmark(sizes: Sequence[int] = (1, 64), calls: int = 60, skins: Sequence[float] = (0.3, 0.5, 1.0),
-                         device: str = "cpu", seed: int = 0) -> list[dict]:
+                         device: str = "cpu", seed: int = 0, peer_skin: float | None = None) -> list[dict]:
+    """Rows per size and skin (molden), and ASE's Verlet lists at `peer_skin` when given."""
     from molden.bench.relax import oc20_like_systems
+
+    if calls < 2 or not sizes or min(sizes) < 1 or any(not k > 0 for k in skins):
+        raise ValueError("the Verlet benchmark needs calls >= 2, systems >= 1 and skins > 0")
 
     device_t = torch.device(device)
     rows = []
@@ -95,9 +132,18 @@ def run_verlet_benchmark(sizes: Sequence[int] = (1, 64), calls: int = 60, skins:
             times = _timed_pass(graph, batch, path, device_t)
             ms = 1000 * statistics.fmean(times)
             base_ms = ms if skin == 0.0 else base_ms
-            rows.append({"n_systems": n, "n_atoms": int(batch.n_node.sum()), "calls": calls, "skin_angstrom": skin,
-                         "ms_per_call": ms, "searched_per_call": (checked.built - n) / (calls - 1),
+            rows.append({"tool": "molden", "n_systems": n, "n_atoms": int(batch.n_node.sum()), "calls": calls,
+                         "skin_angstrom": skin, "ms_per_call": ms, "searched_per_call": (checked.built - n) / (calls - 1),
                          "speedup": base_ms / ms, "agree": agree, "device": str(device_t)})
+        if peer_skin is not None:
+            times, found, last = _ase_verlet_pass(systems, path, batch.n_node.cpu().numpy(), peer_skin)
+            ms = 1000 * statistics.fmean(times)
+            ours = next((r for r in rows if r["n_systems"] == n and r["skin_angstrom"] == peer_skin), None)
+            agree = found == [len(pairs) for pairs in expected] and np.array_equal(last, expected[-1])
+            rows.append({"tool": "ase NeighborList", "n_systems": n, "n_atoms": int(batch.n_node.sum()), "calls": calls,
+                         "skin_angstrom": peer_skin, "ms_per_call": ms, "searched_per_call": None,
+                         "speedup": base_ms / ms, "ratio": None if ours is None else ms / ours["ms_per_call"],
+                         "agree": agree, "device": "cpu"})
     return rows
 
 
@@ -139,22 +185,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--peer-skin", type=float, default=0.5, help="ASE's NeighborList at this skin (0: no peer)")
     parser.add_argument("--relax-repeats", type=int, default=0, help="also whole relaxations, alternating (0: not)")
     parser.add_argument("--relax-steps", type=int, default=5)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = run_verlet_benchmark(args.sizes, args.calls, args.skins, args.device, args.seed)
+    try:
+        rows = run_verlet_benchmark(args.sizes, args.calls, args.skins, args.device, args.seed, peer_skin=args.peer_skin or None)
+    except ValueError as error:
+        parser.error(str(error))
     from rich.table import Table
 
     table = Table(title=f"Verlet lists against a search at every call ({args.device}, cutoff {CUTOFF_ANGSTROM} Å, "
                         f"steps {STEP_ANGSTROM} Å)")
-    for column in ("systems", "atoms", "skin Å", "ms / call", "searched / call", "speed-up", "same pairs"):
+    for column in ("tool", "systems", "atoms", "skin Å", "ms / call", "searched / call", "vs search every call",
+                   "peer / molden", "same pairs"):
         table.add_column(column, justify="right")
     for r in rows:
-        table.add_row(str(r["n_systems"]), str(r["n_atoms"]), f"{r['skin_angstrom']:.2f}", f"{r['ms_per_call']:.2f}",
-                      f"{r['searched_per_call']:.2f}", f"{r['speedup']:.2f}", str(r["agree"]))
+        searched = "-" if r["searched_per_call"] is None else f"{r['searched_per_call']:.2f}"
+        ratio = f"{r['ratio']:.2f}" if r.get("ratio") else "-"
+        table.add_row(r["tool"], str(r["n_systems"]), str(r["n_atoms"]), f"{r['skin_angstrom']:.2f}",
+                      f"{r['ms_per_call']:.2f}", searched, f"{r['speedup']:.2f}", ratio, str(r["agree"]))
     print_table(table)
     report: dict = {"graph": rows}
     if args.relax_repeats:
