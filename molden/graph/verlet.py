@@ -89,9 +89,6 @@ class VerletGraph:
         self._n_node_seen: Tensor | None = None
         self._n_node_host = np.zeros(0, dtype=np.int64)
 
-    def reset(self) -> None:
-        self._lists = None
-
     def __call__(self, batch: Batch, positions: Tensor) -> Batch:
         self.calls += 1
         if self.skin == 0:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from molden.data.batch import Batch
 from molden.errors import MoldenConfigError, MoldenInputError
-from molden.graph.verlet import DEFAULT_SKIN_ANGSTROM
+from molden.graph.verlet import DEFAULT_SKIN_ANGSTROM, VerletGraph
 
 
 class ASECalculatorProvider:
@@ -76,13 +76,12 @@ class ModelProvider:
     radius graph of the current positions at every call (atoms move; a graph from the starting
     positions would miss neighbours that came closer): searched again at every call, or with
     `skin_angstrom` > 0 filtered from Verlet lists that are searched again only for systems
-    whose atoms moved more than half the skin (`molden.graph.verlet`, the same pairs). On a CPU the model runs on
-    runs of structures of at most `edges_per_call` edges (`CPU_EDGES_PER_CALL`): the same
-    numbers, faster; on a GPU on the whole batch at once."""
+    whose atoms moved more than half the skin (`molden.graph.verlet`, the same pairs). On a
+    CPU the model runs on runs of structures of at most `edges_per_call` edges
+    (`CPU_EDGES_PER_CALL`): the same numbers, faster; on a GPU on the whole batch at once."""
 
     def __init__(self, loaded, *, max_num_neighbors: int | None = None, edges_per_call: int | None | str = "auto",
                  skin_angstrom: float = DEFAULT_SKIN_ANGSTROM):
-        from molden.graph.verlet import VerletGraph
         from molden.models import keys
 
         heads = set(loaded.spec.heads)
