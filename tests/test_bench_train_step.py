@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from molden.bench.train_step import QM9_CPU_PRESETS, main, matmul_peak_flops, run_train_step_benchmark
+from molden.bench.train_step import (QM9_CPU_PRESETS, build_qm9_cache, graph_after_noise, main, matmul_peak_flops,
+                                     run_train_step_benchmark)
 from molden.errors import MoldenConfigError
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("qm9pack") is None,  # its import needs pkg_resources
@@ -47,6 +48,15 @@ def test_train_step_benchmark_row_has_times_that_add_up_shares_below_one_and_pos
     assert result["peak"]["gflops"] == max(result["peak"]["gflops_before"], result["peak"]["gflops_after"]) > 0
     assert row["peak_fraction"] == pytest.approx(row["achieved_gflops"] / result["peak"]["gflops"])
     assert result["setup"]["cache"] == str(qm9_cache) and result["setup"]["noisy_nodes_sigma_angstrom"] == 0.02
+    assert result["setup"]["graph_after_noise"] == "searched (the cache's graphs stop at 5 Å)"
+
+
+def test_the_benchmark_says_when_the_graph_after_noise_is_filtered_from_a_wider_cache(tmp_path):
+    if importlib.util.find_spec("qm9pack") is None:  # importing it needs pkg_resources: only locate it
+        pytest.skip("qm9pack is not installed")
+    wide = build_qm9_cache(tmp_path / "wide.h5", 50)
+    assert graph_after_noise(wide, ["painn_cpu", "gns_qm9_cpu"]) == (
+        "filtered from the cache's 5.5 Å graphs (moves below 0.25 Å)")
 
 
 def test_train_step_cli_writes_json_with_the_machine_and_one_row_per_preset_asked(qm9_cache, tmp_path, capsys):

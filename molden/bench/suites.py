@@ -193,8 +193,9 @@ def _train_suite(shared: _Shared) -> SuiteResult:
         row["peak_percent"] = 100 * r["peak_fraction"]
         rows.append(row)
     shared.train_rows = rows
-    notes = [f"{r['preset']}: data + graph {r['data_graph_percent']:.1f} % of the step, above the 5 % goal"
-             for r in rows if r["data_graph_percent"] >= 5]
+    notes = [f"graph after noise: {result['setup']['graph_after_noise']}"]
+    notes += [f"{r['preset']}: data + graph {r['data_graph_percent']:.1f} % of the step, above the 5 % goal"
+              for r in rows if r["data_graph_percent"] >= 5]
     return SuiteResult("train", title, rows, columns, notes, setup={**result["setup"], "peak": result["peak"]})
 
 

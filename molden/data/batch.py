@@ -57,6 +57,12 @@ class Batch:
             set's force scale σ_F with magnitudes clipped (DeNS §3.2.2 force encoding: the
             original structure's forces for the atoms being denoised, zero rows elsewhere;
             `molden.objectives.dens.encoded_forces`), or None when no forces are encoded.
+        graph_cutoff_angstrom: when set, the graph is the whole radius graph of `positions` at
+            this cutoff, Å: every pair closer (periodic images included), no neighbour cap, as
+            a cache without `--max-neighbors` stores it. A graph at a smaller cutoff, of atoms
+            moved less than half the difference, is then a filter of it, not a search
+            (`molden.graph.verlet.graph_from_wider`). None when not known; whatever moves the
+            atoms without rebuilding the graph must reset it to None.
     """
 
     positions: Tensor
@@ -79,6 +85,7 @@ class Batch:
     target_names: tuple[str, ...] = ()
     system_ids: tuple[str, ...] = ()
     force_inputs: Tensor | None = None
+    graph_cutoff_angstrom: float | None = None
 
     def __post_init__(self) -> None:
         present = [getattr(self, name) is not None for name in _GRAPH_FIELDS]

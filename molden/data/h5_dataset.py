@@ -39,6 +39,7 @@ import threading
 import warnings
 import weakref
 from collections import OrderedDict, deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -306,6 +307,13 @@ class H5Dataset(Dataset):
         return float(self.attrs["cutoff_angstrom"])
 
     @property
+    def complete_graph_cutoff_angstrom(self) -> float | None:
+        """The cutoff, Å, when the cached graphs are whole radius graphs (no `--max-neighbors`
+        cap), else None: what collated batches carry as `Batch.graph_cutoff_angstrom`."""
+        cap = self.attrs.get("max_num_neighbors")
+        return self.cutoff_angstrom if cap is not None and int(cap) < 0 else None
+
+    @property
     def provenance(self) -> dict:
         return json.loads(self.attrs["provenance"])
 
@@ -474,7 +482,8 @@ class H5Dataset(Dataset):
         training batch of 128 QM9 molecules in about a quarter of the time; the data were
         checked when the cache was written and read). From disk, structure by structure."""
         if self.storage == "disk" or len(positions) == 0:
-            return collate([self[int(k)] for k in positions], dtype=dtype)
+            batch = collate([self[int(k)] for k in positions], dtype=dtype)
+            return replace(batch, graph_cutoff_angstrom=self.complete_graph_cutoff_angstrom)
         src = self._memory_arrays()
         idx = self.indices[np.asarray(positions, dtype=np.int64)]
         atoms, n_node = _ranges(self._atom_offsets, idx)
@@ -505,6 +514,7 @@ class H5Dataset(Dataset):
             targets=floats(src[S.TARGETS][idx]) if self.target_names else None,
             target_names=tuple(self.target_names),
             system_ids=tuple(i.decode("utf-8") if isinstance(i, bytes) else str(i) for i in ids),
+            graph_cutoff_angstrom=self.complete_graph_cutoff_angstrom,
             **optional,
         )
 

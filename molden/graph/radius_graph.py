@@ -215,16 +215,23 @@ def _triton_installed() -> bool:
 
 
 def edge_lengths(
-    positions: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor, i: torch.Tensor, j: torch.Tensor, shifts: torch.Tensor
+    positions: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor, i: torch.Tensor, j: torch.Tensor, shifts: torch.Tensor,
+    *, periodic: bool = True,
 ) -> torch.Tensor:
-    """[E] |pos[j] - pos[i] + S @ cell|, Å, in ASE's order of operations."""
-    return pair_lengths(positions, i, j, cartesian_shifts(shifts, cell.to(positions.dtype), batch[i]))
+    """[E] |pos[j] - pos[i] + S @ cell|, Å, in ASE's order of operations. `periodic=False`
+    promises every S is zero (molecules): the same lengths to the bit (x + 0 is x) without
+    the per-edge cell product."""
+    shift = cartesian_shifts(shifts, cell.to(positions.dtype), batch[i]) if periodic else None
+    return pair_lengths(positions, i, j, shift)
 
 
-def pair_lengths(positions: torch.Tensor, i: torch.Tensor, j: torch.Tensor, edge_shift: torch.Tensor) -> torch.Tensor:
+def pair_lengths(positions: torch.Tensor, i: torch.Tensor, j: torch.Tensor, edge_shift: torch.Tensor | None) -> torch.Tensor:
     """[E] |pos[j] - pos[i] + edge_shift|, Å, with `edge_shift` = S @ cell already computed
-    (`edge_lengths`'s arithmetic: the Verlet lists of `molden.graph.verlet` keep it)."""
-    vectors = (positions[j] - positions[i]) + edge_shift
+    (`edge_lengths`'s arithmetic: the Verlet lists of `molden.graph.verlet` keep it), or None
+    when every shift is zero."""
+    vectors = positions[j] - positions[i]
+    if edge_shift is not None:
+        vectors = vectors + edge_shift
     return torch.sqrt((vectors * vectors).sum(dim=-1))
 
 

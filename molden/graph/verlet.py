@@ -31,7 +31,7 @@ from torch import Tensor
 from molden.data.batch import Batch
 from molden.errors import MoldenConfigError
 from molden.graph.edges import cartesian_shifts
-from molden.graph.radius_graph import nearest_neighbors_mask, neighbor_list, pair_lengths
+from molden.graph.radius_graph import edge_lengths, nearest_neighbors_mask, neighbor_list, pair_lengths
 
 
 DEFAULT_SKIN_ANGSTROM = 0.5
@@ -129,7 +129,8 @@ class VerletGraph:
         # index_add, not bincount: bincount reads its input's maximum, a device wait
         n_edge = torch.zeros(len(counts), dtype=torch.long, device=device).index_add_(
             0, edge_graph, torch.ones_like(edge_graph))
-        return replace(batch, positions=positions, edge_index=edge_index, unit_shifts=unit_shifts, n_edge=n_edge)
+        return replace(batch, positions=positions, edge_index=edge_index, unit_shifts=unit_shifts, n_edge=n_edge,
+                       graph_cutoff_angstrom=self.cutoff if self.max_num_neighbors is None else None)
 
     def _host_counts(self, n_node: Tensor) -> np.ndarray:
         """[B] atoms per system on the host. A relaxation passes the same `n_node` tensor step
@@ -229,9 +230,51 @@ class VerletGraph:
         return index[:, take] + per_edge_shift[None], shifts[take], cartesian[take], edge_graph, edge_counts
 
     def _margin(self, moving: Tensor, cells: Tensor) -> float:
-        """Å: how far rounding could put a computed displacement or length off the true one, as
-        the radius graph sizes its band (256 ulps of the largest coordinate scale)."""
-        position_bound = moving.abs().amax() if moving.numel() else moving.new_zeros(())
-        cell_bound = cells.abs().sum(dim=(1, 2)).amax() if len(cells) else moving.new_zeros(())
-        scale = self.cutoff + self.skin + float(position_bound + cell_bound)  # one device read
-        return 256 * torch.finfo(moving.dtype).eps * scale
+        return float(_bounds(moving, cells, self.cutoff + self.skin)[1])  # one device read
+
+
+def _bounds(positions: Tensor, cells: Tensor, reach: float) -> Tensor:
+    """[2] on the device: (0, margin), where margin (Å) is how far rounding could put a computed
+    displacement or length off the true one, as the radius graph sizes its band (256 ulps of
+    the largest coordinate scale: `reach` plus the largest coordinate and cell)."""
+    position_bound = positions.abs().amax() if positions.numel() else positions.new_zeros(())
+    cell_bound = cells.abs().sum(dim=(1, 2)).amax() if len(cells) else positions.new_zeros(())
+    margin = 256 * torch.finfo(positions.dtype).eps * (reach + position_bound + cell_bound)
+    return torch.stack([margin.new_zeros(()), margin])
+
+
+def graph_from_wider(batch: Batch, positions: Tensor, cutoff_angstrom: float, *,
+                     max_num_neighbors: int | None = None) -> Batch | None:
+    """`batch` at `positions` with its radius graph at `cutoff_angstrom` filtered from the
+    batch's own graph, or None when that graph cannot be trusted to hold every pair: it is not
+    a whole radius graph (`Batch.graph_cutoff_angstrom` None) or not wider than the cutoff, or
+    an atom moved `(wider − cutoff) / 2` Å or more from `batch.positions`.
+
+    The graph after noise (Noisy Nodes, DeNS, denoising pre-training) from a cache stored
+    beyond the model's cutoff: the proof of the module docstring with the cache's graph as the
+    list and `wider − cutoff` as the skin. The same pairs as a search (`with_positions`), by
+    the same exact length test, in the cache's order; one device read to test the moves and
+    one to select the pairs, where a search on a GPU waits several times."""
+    wider = batch.graph_cutoff_angstrom
+    if wider is None or not batch.has_graph or not wider > cutoff_angstrom or len(positions) == 0:
+        return None
+    moving = positions.detach()
+    cells = batch.cell.to(moving.dtype).reshape(-1, 3, 3)
+    bounds = _bounds(moving, cells, wider)
+    bounds[0] = (moving - batch.positions.to(moving.dtype)).norm(dim=1).amax()
+    periodic = batch.unit_shifts.any()
+    farthest, margin, periodic = torch.cat([bounds, periodic.to(bounds.dtype)[None]]).tolist()  # one device read
+    if not farthest < (wider - cutoff_angstrom) / 2 - margin:
+        return None
+    i, j = batch.edge_index
+    lengths = edge_lengths(moving, cells, batch.batch, i, j, batch.unit_shifts, periodic=bool(periodic))
+    inside = (lengths.to(torch.float64) < cutoff_angstrom).nonzero().squeeze(1)  # the radius graph's exact test
+    edge_index, unit_shifts, lengths = batch.edge_index[:, inside], batch.unit_shifts[inside], lengths[inside]
+    if max_num_neighbors is not None:  # on the pairs within the cutoff, as a search does
+        nearest = nearest_neighbors_mask(edge_index[0], lengths, max_num_neighbors, num_nodes=len(moving))
+        edge_index, unit_shifts = edge_index[:, nearest], unit_shifts[nearest]
+    edge_graph = batch.batch[edge_index[0]]
+    n_edge = torch.zeros(batch.num_graphs, dtype=torch.long, device=moving.device).index_add_(
+        0, edge_graph, torch.ones_like(edge_graph))
+    return replace(batch, positions=positions, edge_index=edge_index, unit_shifts=unit_shifts, n_edge=n_edge,
+                   graph_cutoff_angstrom=cutoff_angstrom if max_num_neighbors is None else None)

@@ -2,7 +2,8 @@
 
 The cached graph belongs to the clean structure. Once noise moves atoms, the graph is rebuilt
 from the noised positions on the batch's device in one batched `neighbor_list` call (the
-encoder of Noisy Nodes §3.2 connects atoms of the noised input); `rebuild_graph=False` keeps
+encoder of Noisy Nodes §3.2 connects atoms of the noised input), or filtered from the cached
+graph when the cache was stored far enough beyond the model's cutoff (`graph_from_wider`); `rebuild_graph=False` keeps
 the clean graph (cheaper; at σ = 0.1–0.3 Å a kept graph gains and loses several per cent of
 its edges).
 """
@@ -16,6 +17,7 @@ from torch import Tensor
 
 from molden.data.batch import Batch
 from molden.graph.radius_graph import neighbor_list
+from molden.graph.verlet import graph_from_wider
 
 
 def gaussian_noise(
@@ -45,15 +47,21 @@ def with_positions(
 ) -> Batch:
     """A copy of `batch` at `positions` [N, 3] Å; with `rebuild_graph`, its radius graph rebuilt
     at `cutoff_angstrom` from the new positions (periodic images included, so atoms that noise
-    pushed across a cell face keep their neighbours)."""
+    pushed across a cell face keep their neighbours). When the batch's graph is a whole radius
+    graph wider than the cutoff by more than twice the largest move (a cache stored beyond the
+    model's cutoff), the new graph is filtered from it instead of searched: the same pairs."""
     if not rebuild_graph:
-        return replace(batch, positions=positions)
+        return replace(batch, positions=positions, graph_cutoff_angstrom=None)
     if cutoff_angstrom is None:
         raise ValueError("rebuilding the graph needs cutoff_angstrom")
+    filtered = graph_from_wider(batch, positions, cutoff_angstrom, max_num_neighbors=max_num_neighbors)
+    if filtered is not None:
+        return filtered
     edge_index, unit_shifts = neighbor_list(
         positions.detach(), cutoff_angstrom, cell=batch.cell, pbc=batch.pbc, batch=batch.batch,
         n_node=batch.n_node, max_num_neighbors=max_num_neighbors,
     )
     edge_index = edge_index.to(positions.device)
     n_edge = torch.bincount(batch.batch[edge_index[0]], minlength=batch.num_graphs)
-    return replace(batch, positions=positions, edge_index=edge_index, unit_shifts=unit_shifts.to(positions.device), n_edge=n_edge)
+    return replace(batch, positions=positions, edge_index=edge_index, unit_shifts=unit_shifts.to(positions.device),
+                   n_edge=n_edge, graph_cutoff_angstrom=cutoff_angstrom if max_num_neighbors is None else None)

@@ -18,6 +18,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
 from molden.data.batch import Batch
@@ -26,7 +27,7 @@ from molden.data import h5_schema as S
 from molden.data.h5_dataset import H5Dataset, open_cache
 from molden.data.sampling import BlockShuffleSampler, RandomOrderSampler
 from molden.errors import MoldenConfigError
-from molden.graph.edges import edge_vectors
+from molden.graph.radius_graph import edge_lengths
 from molden.train.config import DataConfig
 
 
@@ -153,14 +154,50 @@ def validation_batches(dataset: H5Dataset, config: DataConfig, *, rank: int, wor
 
 def move(batch: Batch, device: torch.device, cutoff_angstrom: float | None = None) -> Batch:
     """`batch` on `device`, its cached graph cut to `cutoff_angstrom` when the model's radius is
-    below the cache's (so clean and rebuilt-after-noise graphs hold the same edges)."""
+    below the cache's (so clean and rebuilt-after-noise graphs hold the same edges). A whole
+    radius graph (`Batch.graph_cutoff_angstrom`) stays wide until `for_model`, after the
+    corruption: the graph after noise is then filtered from it, not searched."""
     batch = batch if device.type == "cpu" else batch.to(device, non_blocking=True)
-    return batch if cutoff_angstrom is None else trim_graph(batch, cutoff_angstrom)
+    if cutoff_angstrom is None or batch.graph_cutoff_angstrom is not None:
+        return batch
+    return trim_graph(batch, cutoff_angstrom)
+
+
+def for_model(clean: Batch, inputs: Batch, cutoff_angstrom: float | None) -> Batch:
+    """The corrupted `inputs` of the batch `clean` (as `move` gave it), with a graph still
+    wider than the model's `cutoff_angstrom` cut to it. A graph the corruption kept (noise
+    without a rebuild) is cut where the clean positions put its edges, as `move` would have."""
+    if cutoff_angstrom is None:
+        return inputs
+    if inputs.edge_index is clean.edge_index and _wider(clean, cutoff_angstrom):
+        unmoved = inputs.positions is clean.positions
+        return replace(_kept(inputs, _within(clean, cutoff_angstrom)),
+                       graph_cutoff_angstrom=cutoff_angstrom if unmoved else None)
+    return trim_graph(inputs, cutoff_angstrom) if _wider(inputs, cutoff_angstrom) else inputs
+
+
+def _wider(batch: Batch, cutoff_angstrom: float) -> bool:
+    return batch.graph_cutoff_angstrom is not None and batch.graph_cutoff_angstrom > cutoff_angstrom
 
 
 def trim_graph(batch: Batch, cutoff_angstrom: float) -> Batch:
-    """The batch with only the edges no longer than `cutoff_angstrom` (Å)."""
-    keep = edge_vectors(batch).norm(dim=1) <= cutoff_angstrom
+    """The batch with only the edges shorter than `cutoff_angstrom` (Å), by the radius graph's
+    exact test, so a whole radius graph stays one (at the smaller cutoff)."""
+    trimmed = _kept(batch, _within(batch, cutoff_angstrom))
+    return replace(trimmed, graph_cutoff_angstrom=None if batch.graph_cutoff_angstrom is None else cutoff_angstrom)
+
+
+def _within(batch: Batch, cutoff_angstrom: float) -> Tensor:
+    """[E] bool: the edges shorter than `cutoff_angstrom` at the batch's positions."""
+    i, j = batch.edge_index
+    periodic = bool(batch.unit_shifts.any())
+    lengths = edge_lengths(batch.positions.detach(), batch.cell, batch.batch, i, j, batch.unit_shifts, periodic=periodic)
+    return lengths.to(torch.float64) < cutoff_angstrom
+
+
+def _kept(batch: Batch, keep: Tensor) -> Batch:
     edge_index = batch.edge_index[:, keep]
-    n_edge = torch.bincount(batch.batch[edge_index[0]], minlength=batch.num_graphs)
+    edge_graph = batch.batch[edge_index[0]]
+    n_edge = torch.zeros(batch.num_graphs, dtype=torch.long, device=edge_graph.device).index_add_(
+        0, edge_graph, torch.ones_like(edge_graph))
     return replace(batch, edge_index=edge_index, unit_shifts=batch.unit_shifts[keep], n_edge=n_edge)

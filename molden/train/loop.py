@@ -41,7 +41,8 @@ from molden.models.spec import ModelSpec, build_model
 from molden.objectives.objective import LOSS, Objective, ProgressAware, term_weights
 from molden.train import distributed as D
 from molden.train.config import FinetuneConfig, PretrainConfig
-from molden.train.data import StepPlan, batch_sampler, epoch_plan, loader, move, open_split, validation_batches
+from molden.train.data import (StepPlan, batch_sampler, epoch_plan, for_model, loader, move, open_split,
+                               validation_batches)
 from molden.train.metrics_log import MetricsLog
 from molden.train.optim import EMA, build_optimizer, build_scheduler
 from molden.train.tasks import TrainingTask, finetune_task, pretrain_task
@@ -238,16 +239,20 @@ def take_step(
     grad_clip_norm: float | None,
     bf16: bool = False,
     dist: D.Distributed | None = None,
+    trim_cutoff_angstrom: float | None = None,
 ) -> tuple[dict[str, Tensor], bool]:
     """One optimiser step over accumulated `batches` (gradients averaged, as DDP averages over
     processes). Returns the loss terms (means over the batches, detached, on `device`) and
-    whether the step was taken: a non-finite loss or gradient norm on any process skips it."""
+    whether the step was taken: a non-finite loss or gradient norm on any process skips it.
+    `trim_cutoff_angstrom`: the one given to `move`, whose cut of a whole cached graph waits
+    until after the corruption (`for_model`)."""
     optimizer.zero_grad(set_to_none=True)
     terms_sum: dict[str, Tensor] = {}
     finite = torch.ones((), device=device)
     n = len(batches)
     for a, (batch, generator) in enumerate(zip(batches, generators)):
         inputs, targets = objective.corrupt(batch, generator)
+        inputs = for_model(batch, inputs, trim_cutoff_angstrom)
         sync = a == n - 1 or not hasattr(model, "no_sync")
         with (contextlib.nullcontext() if sync else model.no_sync()), _autocast(device, bf16):
             predictions = model(inputs, all_blocks=objective.needs_all_blocks)
@@ -305,6 +310,7 @@ def evaluate(
         for index, batch in enumerate(loader(dataset, batches, data_config, dtype, pin=device.type == "cuda")):
             batch = move(batch, device, trim_cutoff_angstrom)
             inputs, targets = objective.corrupt(batch, corruption_generator(seed, VALIDATION_EPOCH, index))
+            inputs = for_model(batch, inputs, trim_cutoff_angstrom)
             with _autocast(device, bf16):
                 predictions = model(inputs, all_blocks=False)
                 terms = objective.loss(predictions, inputs, targets)
@@ -521,7 +527,8 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
                 if isinstance(task.objective, ProgressAware):
                     task.objective.set_progress(progress.step / run.steps)
                 terms, ok = take_step(train_model, task.objective, batches, generators, optimizer, device=device,
-                                      grad_clip_norm=optim_config.grad_clip_norm, bf16=run.bf16, dist=dist)
+                                      grad_clip_norm=optim_config.grad_clip_norm, bf16=run.bf16, dist=dist,
+                                      trim_cutoff_angstrom=task.trim_cutoff_angstrom)
                 scheduler.step()
                 progress.step += 1
                 progress.step_in_epoch = t + 1
