@@ -151,3 +151,17 @@ def test_training_with_the_filtered_graph_follows_the_searched_one(s2ef_cache, t
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_a_run_that_searches_after_noise_says_how_to_filter_instead(s2ef_cache, tmp_path):
+    from tests.test_training import FAST, _invoke
+
+    args = ("finetune", "--data", s2ef_cache, "--task", "s2ef", "--dens", *FAST[:-2], "--steps", "1", "--threads", "1")
+    searched = _invoke(*args, "--change", "cutoff_angstrom=4.0", "--out", tmp_path / "searched")
+    assert searched.exit_code == 0, searched.output
+    line = " ".join(searched.output.split())
+    assert ("the graph after noise is searched at every step (s2ef.h5: its graphs stop at 4 Å); a cache preprocessed "
+            "with --cutoff 4.5 and no --max-neighbors") in line
+    filtered = _invoke(*args, "--change", "cutoff_angstrom=3.5", "--out", tmp_path / "filtered")
+    assert filtered.exit_code == 0, filtered.output
+    assert "searched at every step" not in filtered.output

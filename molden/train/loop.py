@@ -45,7 +45,7 @@ from molden.train.data import (StepPlan, batch_sampler, epoch_plan, for_model, l
                                validation_batches)
 from molden.train.metrics_log import MetricsLog
 from molden.train.optim import EMA, build_optimizer, build_scheduler
-from molden.train.tasks import TrainingTask, finetune_task, pretrain_task
+from molden.train.tasks import TrainingTask, finetune_task, graph_search_note, pretrain_task
 
 TrainConfig = PretrainConfig | FinetuneConfig
 
@@ -471,6 +471,9 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
         "device": str(device), "processes": dist.world_size, "resumed_at": progress.step if resuming else None,
         "best_metric": task.best_metric, "dtype": run.dtype,
     })
+    hint = graph_search_note(task.objective, train_set)
+    if hint is not None:
+        reporter.note(hint)
 
     def checkpoint_payload() -> dict[str, Any]:
         return {

@@ -19,6 +19,7 @@ from molden.data import h5_schema as S
 from molden.data.batch import collate
 from molden.data.h5_dataset import H5Dataset, open_cache
 from molden.errors import MoldenConfigError, MoldenInputError
+from molden.graph.verlet import DEFAULT_SKIN_ANGSTROM
 from molden.models import keys
 from molden.models.gns import N_TAGS
 from molden.models.spec import HeadSpec, ModelSpec, backbone_from_preset, graph_readout, model_spec, vector_head
@@ -69,6 +70,22 @@ def trim_cutoff(backbone, dataset: H5Dataset) -> float | None:
     """The model's cutoff (Å) when below the cache's, else None."""
     cutoff = getattr(backbone, "cutoff_angstrom", None)
     return cutoff if cutoff is not None and cutoff < dataset.cutoff_angstrom - 1e-9 else None
+
+
+def graph_search_note(objective, dataset: H5Dataset) -> str | None:
+    """A one-line hint when `objective` searches the graph of every noised batch although a
+    cache stored beyond its cutoff would let it filter the cached graph instead (README)."""
+    config = getattr(objective, "config", None)
+    cutoff = getattr(config, "cutoff_angstrom", None)
+    if not getattr(config, "rebuild_graph", False) or cutoff is None:
+        return None
+    wider = dataset.complete_graph_cutoff_angstrom
+    if wider is not None and wider > cutoff:
+        return None
+    why = "its graphs are capped by --max-neighbors" if wider is None else f"its graphs stop at {wider:g} Å"
+    return (f"the graph after noise is searched at every step ({dataset.path.name}: {why}); a cache preprocessed with "
+            f"--cutoff {cutoff + DEFAULT_SKIN_ANGSTROM:g} and no --max-neighbors lets it be filtered from the cached "
+            "graph instead (README)")
 
 
 def _backbone(choice, dataset: H5Dataset, **forced):
