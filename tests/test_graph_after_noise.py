@@ -156,12 +156,36 @@ def test_training_with_the_filtered_graph_follows_the_searched_one(s2ef_cache, t
 def test_a_run_that_searches_after_noise_says_how_to_filter_instead(s2ef_cache, tmp_path):
     from tests.test_training import FAST, _invoke
 
-    args = ("finetune", "--data", s2ef_cache, "--task", "s2ef", "--dens", *FAST[:-2], "--steps", "1", "--threads", "1")
-    searched = _invoke(*args, "--change", "cutoff_angstrom=4.0", "--out", tmp_path / "searched")
-    assert searched.exit_code == 0, searched.output
-    line = " ".join(searched.output.split())
-    assert ("the graph after noise is searched at every step (s2ef.h5: its graphs stop at 4 Å); a cache preprocessed "
-            "with --cutoff 4.5 and no --max-neighbors") in line
-    filtered = _invoke(*args, "--change", "cutoff_angstrom=3.5", "--out", tmp_path / "filtered")
-    assert filtered.exit_code == 0, filtered.output
-    assert "searched at every step" not in filtered.output
+    def note(cutoff: str, *extra: str) -> str:
+        result = _invoke("finetune", "--data", s2ef_cache, "--task", "s2ef", "--dens", *FAST[:-2], "--steps", "1",
+                         "--threads", "1", "--change", f"cutoff_angstrom={cutoff}", *extra, "--out", tmp_path / cutoff)
+        assert result.exit_code == 0, result.output
+        return " ".join(result.output.split())
+
+    # DeNS's default σ 0.1 Å needs 2 × 5σ = 1 Å of margin; the 4 Å cache has none for a 4 Å model
+    assert ("the graph after noise (σ 0.1 Å) is searched at every step (s2ef.h5: its graphs stop at 4 Å); a cache "
+            "preprocessed with --cutoff 5 and no --max-neighbors") in note("4.0")
+    assert ("is searched at most steps (s2ef.h5: its graphs stop 0.5 Å beyond the model's, below 10σ); a cache "
+            "preprocessed with --cutoff 4.5 and no") in note("3.5")
+    assert "searched at" not in note("3.0", "--dens-sigma", "0.02")
+    assert "searched at" not in note("3.9", "--dens-sigma", "0.3")  # moves too far for any cache: no advice
+
+
+def test_the_advised_margin_is_ten_sigma_at_least_half_an_angstrom():
+    from molden.train.tasks import filter_margin_angstrom
+
+    assert [filter_margin_angstrom(s) for s in (0.02, 0.05, 0.051, 0.08, 0.1, 0.3)] == [0.5, 0.5, 0.6, 0.8, 1.0, 3.0]
+
+
+def test_a_capped_rebuild_at_a_wider_cutoff_than_the_models_is_cut_to_it(s2ef_cache):
+    clean = move(_batch(s2ef_cache, torch.float64), torch.device("cpu"), 3.0)
+    positions = clean.positions + 0.02 * torch.randn(clean.positions.shape, generator=torch.Generator().manual_seed(4),
+                                                     dtype=torch.float64)
+    rebuilt = with_positions(clean, positions, cutoff_angstrom=3.5, max_num_neighbors=12)  # the objective's own cutoff
+    assert rebuilt.graph_cutoff_angstrom is None
+    out = for_model(clean, rebuilt, 3.0)
+    i, j = out.edge_index
+    from molden.graph.radius_graph import edge_lengths
+
+    assert len(i) < len(rebuilt.edge_index[0])
+    assert bool((edge_lengths(positions, out.cell, out.batch, i, j, out.unit_shifts) < 3.0).all())

@@ -164,8 +164,8 @@ def move(batch: Batch, device: torch.device, cutoff_angstrom: float | None = Non
 
 
 def for_model(clean: Batch, inputs: Batch, cutoff_angstrom: float | None) -> Batch:
-    """The corrupted `inputs` of the batch `clean` (as `move` gave it), with a graph still
-    wider than the model's `cutoff_angstrom` cut to it. A graph the corruption kept (noise
+    """The corrupted `inputs` of the batch `clean` (as `move` gave it), with a graph that may
+    be wider than the model's `cutoff_angstrom` cut to it. A graph the corruption kept (noise
     without a rebuild) is cut where the clean positions put its edges, as `move` would have."""
     if cutoff_angstrom is None:
         return inputs
@@ -173,7 +173,11 @@ def for_model(clean: Batch, inputs: Batch, cutoff_angstrom: float | None) -> Bat
         unmoved = inputs.positions is clean.positions
         return replace(_kept(inputs, _within(clean, cutoff_angstrom)),
                        graph_cutoff_angstrom=cutoff_angstrom if unmoved else None)
-    return trim_graph(inputs, cutoff_angstrom) if _wider(inputs, cutoff_angstrom) else inputs
+    if inputs.edge_index is clean.edge_index:
+        return inputs  # cut by `move` already
+    # a new graph of unknown radius (a capped rebuild at the objective's own cutoff) is cut too
+    unknown = inputs.graph_cutoff_angstrom is None
+    return trim_graph(inputs, cutoff_angstrom) if unknown or _wider(inputs, cutoff_angstrom) else inputs
 
 
 def _wider(batch: Batch, cutoff_angstrom: float) -> bool:
@@ -196,6 +200,7 @@ def _within(batch: Batch, cutoff_angstrom: float) -> Tensor:
 
 
 def _kept(batch: Batch, keep: Tensor) -> Batch:
+    keep = keep.nonzero().squeeze(1)  # one device wait, not one per boolean index
     edge_index = batch.edge_index[:, keep]
     edge_graph = batch.batch[edge_index[0]]
     n_edge = torch.zeros(batch.num_graphs, dtype=torch.long, device=edge_graph.device).index_add_(
