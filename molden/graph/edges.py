@@ -165,6 +165,13 @@ def _per_graph_matmuls(unit_shifts: Tensor, cells: Tensor, counts: np.ndarray, w
     return torch.zeros(len(shifts), 3, dtype=cells.dtype).index_put((index,), parts)
 
 
+def edges_per_graph(edge_graph: Tensor, num_graphs: int) -> Tensor:
+    """[B] long: the edges of each graph, from each edge's graph index [E]. By `index_add`,
+    not `bincount`, which reads its input's maximum (a device wait on a GPU)."""
+    return torch.zeros(num_graphs, dtype=torch.long, device=edge_graph.device).index_add_(
+        0, edge_graph, torch.ones_like(edge_graph))
+
+
 def edge_vectors(batch: Batch, positions: Tensor | None = None) -> Tensor:
     """[E, 3] vectors pos[j] + shift - pos[i], Å, from `positions` (default: the batch's).
 

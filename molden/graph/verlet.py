@@ -30,7 +30,7 @@ from torch import Tensor
 
 from molden.data.batch import Batch
 from molden.errors import MoldenConfigError
-from molden.graph.edges import cartesian_shifts
+from molden.graph.edges import cartesian_shifts, edges_per_graph
 from molden.graph.radius_graph import edge_lengths, nearest_neighbors_mask, neighbor_list, pair_lengths
 
 
@@ -126,9 +126,7 @@ class VerletGraph:
         if self.max_num_neighbors is not None:  # on the pairs within the cutoff, as a fresh search does
             nearest = nearest_neighbors_mask(edge_index[0], lengths, self.max_num_neighbors, num_nodes=len(moving))
             edge_index, unit_shifts, edge_graph = edge_index[:, nearest], unit_shifts[nearest], edge_graph[nearest]
-        # index_add, not bincount: bincount reads its input's maximum, a device wait
-        n_edge = torch.zeros(len(counts), dtype=torch.long, device=device).index_add_(
-            0, edge_graph, torch.ones_like(edge_graph))
+        n_edge = edges_per_graph(edge_graph, len(counts))
         return replace(batch, positions=positions, edge_index=edge_index, unit_shifts=unit_shifts, n_edge=n_edge,
                        graph_cutoff_angstrom=self.cutoff if self.max_num_neighbors is None else None)
 
@@ -273,8 +271,6 @@ def graph_from_wider(batch: Batch, positions: Tensor, cutoff_angstrom: float, *,
     if max_num_neighbors is not None:  # on the pairs within the cutoff, as a search does
         nearest = nearest_neighbors_mask(edge_index[0], lengths, max_num_neighbors, num_nodes=len(moving))
         edge_index, unit_shifts = edge_index[:, nearest], unit_shifts[nearest]
-    edge_graph = batch.batch[edge_index[0]]
-    n_edge = torch.zeros(batch.num_graphs, dtype=torch.long, device=moving.device).index_add_(
-        0, edge_graph, torch.ones_like(edge_graph))
+    n_edge = edges_per_graph(batch.batch[edge_index[0]], batch.num_graphs)
     return replace(batch, positions=positions, edge_index=edge_index, unit_shifts=unit_shifts, n_edge=n_edge,
                    graph_cutoff_angstrom=cutoff_angstrom if max_num_neighbors is None else None)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from molden.data.batch import Batch
+from molden.graph.edges import edges_per_graph
 from molden.graph.radius_graph import neighbor_list
 from molden.graph.verlet import graph_from_wider
 
@@ -62,6 +63,6 @@ def with_positions(
         n_node=batch.n_node, max_num_neighbors=max_num_neighbors,
     )
     edge_index = edge_index.to(positions.device)
-    n_edge = torch.bincount(batch.batch[edge_index[0]], minlength=batch.num_graphs)
+    n_edge = edges_per_graph(batch.batch[edge_index[0]], batch.num_graphs)
     return replace(batch, positions=positions, edge_index=edge_index, unit_shifts=unit_shifts.to(positions.device),
                    n_edge=n_edge, graph_cutoff_angstrom=cutoff_angstrom if max_num_neighbors is None else None)

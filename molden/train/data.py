@@ -27,6 +27,7 @@ from molden.data import h5_schema as S
 from molden.data.h5_dataset import H5Dataset, open_cache
 from molden.data.sampling import BlockShuffleSampler, RandomOrderSampler
 from molden.errors import MoldenConfigError
+from molden.graph.edges import edges_per_graph
 from molden.graph.radius_graph import edge_lengths
 from molden.train.config import DataConfig
 
@@ -202,7 +203,5 @@ def _within(batch: Batch, cutoff_angstrom: float) -> Tensor:
 def _kept(batch: Batch, keep: Tensor) -> Batch:
     keep = keep.nonzero().squeeze(1)  # one device wait, not one per boolean index
     edge_index = batch.edge_index[:, keep]
-    edge_graph = batch.batch[edge_index[0]]
-    n_edge = torch.zeros(batch.num_graphs, dtype=torch.long, device=edge_graph.device).index_add_(
-        0, edge_graph, torch.ones_like(edge_graph))
+    n_edge = edges_per_graph(batch.batch[edge_index[0]], batch.num_graphs)
     return replace(batch, edge_index=edge_index, unit_shifts=batch.unit_shifts[keep], n_edge=n_edge)
