@@ -216,12 +216,17 @@ def _triton_installed() -> bool:
 
 def edge_lengths(
     positions: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor, i: torch.Tensor, j: torch.Tensor, shifts: torch.Tensor,
-    *, periodic: bool = True,
+    *, periodic: bool = True, edge_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[E] |pos[j] - pos[i] + S @ cell|, Å, in ASE's order of operations. `periodic=False`
     promises every S is zero (molecules): the same lengths to the bit (x + 0 is x) without
-    the per-edge cell product."""
-    shift = cartesian_shifts(shifts, cell.to(positions.dtype), batch[i]) if periodic else None
+    the per-edge cell product. `edge_counts` [B] (edges graph after graph, as a `Batch` holds
+    them) lets a CPU cell multiply once per graph instead of once per edge (`cartesian_shifts`)."""
+    if not periodic:
+        return pair_lengths(positions, i, j, None)
+    cell = cell.to(positions.dtype)
+    on_host = edge_counts is not None and cell.device.type == "cpu"
+    shift = cartesian_shifts(shifts, cell, None if on_host else batch[i], edge_counts=edge_counts if on_host else None)
     return pair_lengths(positions, i, j, shift)
 
 

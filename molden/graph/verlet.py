@@ -265,7 +265,8 @@ def graph_from_wider(batch: Batch, positions: Tensor, cutoff_angstrom: float, *,
     if not farthest < (wider - cutoff_angstrom) / 2 - margin:
         return None
     i, j = batch.edge_index
-    lengths = edge_lengths(moving, cells, batch.batch, i, j, batch.unit_shifts, periodic=bool(periodic))
+    lengths = edge_lengths(moving, cells, batch.batch, i, j, batch.unit_shifts, periodic=bool(periodic),
+                           edge_counts=batch.n_edge)
     inside = (lengths.to(torch.float64) < cutoff_angstrom).nonzero().squeeze(1)  # the radius graph's exact test
     edge_index, unit_shifts, lengths = batch.edge_index[:, inside], batch.unit_shifts[inside], lengths[inside]
     if max_num_neighbors is not None:  # on the pairs within the cutoff, as a search does

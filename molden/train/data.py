@@ -196,7 +196,8 @@ def _within(batch: Batch, cutoff_angstrom: float) -> Tensor:
     """[E] bool: the edges shorter than `cutoff_angstrom` at the batch's positions."""
     i, j = batch.edge_index
     periodic = bool(batch.unit_shifts.any())
-    lengths = edge_lengths(batch.positions.detach(), batch.cell, batch.batch, i, j, batch.unit_shifts, periodic=periodic)
+    lengths = edge_lengths(batch.positions.detach(), batch.cell, batch.batch, i, j, batch.unit_shifts, periodic=periodic,
+                           edge_counts=batch.n_edge)
     return lengths.to(torch.float64) < cutoff_angstrom
 
 
