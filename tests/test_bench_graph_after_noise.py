@@ -36,7 +36,8 @@ def test_every_objective_filters_the_same_edges_it_would_search(s2ef_cache, wide
 def test_caches_that_do_not_fit_the_comparison_are_refused_in_one_line(s2ef_cache, wider_s2ef_cache, emt_cache,
                                                                         capsys, tmp_path):
     for args, message in ((["--searched", wider_s2ef_cache, "--filtered", s2ef_cache], "wider than"),
-                          (["--searched", s2ef_cache, "--filtered", emt_cache], "hold different structures")):
+                          (["--searched", s2ef_cache, "--filtered", emt_cache], "hold different structures"),
+                          (["--searched", tmp_path / "none.h5", "--filtered", emt_cache], "none.h5")):
         with pytest.raises(SystemExit) as stop:
             main([str(a) for a in args] + ["--repeats", "1"])
         assert stop.value.code == 2 and message in capsys.readouterr().err

@@ -31,7 +31,7 @@ import torch
 
 from molden.data.batch import Batch
 from molden.data.h5_dataset import H5Dataset
-from molden.errors import MoldenConfigError
+from molden.errors import MoldenConfigError, MoldenError
 from molden.objectives.dens import DeNS, dens_md17_paper
 from molden.objectives.denoising import Denoising
 from molden.objectives.noisy_nodes import NoisyNodes, noisy_nodes_qm9_paper
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = run_graph_after_noise_benchmark(args.searched, args.filtered, args.objective, batch=args.batch,
                                                  repeats=args.repeats, device=args.device, seed=args.seed)
-    except MoldenConfigError as error:
+    except MoldenError as error:  # a missing or damaged cache too: one line, no traceback
         parser.error(str(error))
     s = result["setup"]
     print(f"{s['objective']} on {s['device']} ({s['threads']} threads), batches of {s['batch']} "
