@@ -46,3 +46,11 @@ def test_caches_that_do_not_fit_the_comparison_are_refused_in_one_line(s2ef_cach
           "--repeats", "1", "--json", str(out)])
     assert json.loads(out.read_text())["setup"]["objective"] == "dens"
     assert "same edges in every batch" in capsys.readouterr().out
+    for extra, message in (([], "exists: pass --overwrite"), (["--overwrite", "--json", str(s2ef_cache)], "one of the caches")):
+        with pytest.raises(SystemExit) as stop:
+            main(["--searched", str(s2ef_cache), "--filtered", str(wider_s2ef_cache), "--repeats", "1",
+                  "--json", str(out), *extra])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    main(["--searched", str(s2ef_cache), "--filtered", str(wider_s2ef_cache), "--repeats", "1", "--json", str(out),
+          "--overwrite"])
+    assert json.loads(out.read_text())["setup"]["objective"] == "noisy_nodes" and not list(tmp_path.glob("*.partial"))

@@ -137,8 +137,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="write the result here (refused if it exists)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args(argv)
+    if args.json is not None and args.json.resolve() in (args.searched.resolve(), args.filtered.resolve()):
+        parser.error(f"--json {args.json} is one of the caches")
+    if args.json is not None and args.json.exists() and not args.overwrite:
+        parser.error(f"--json {args.json} exists: pass --overwrite to replace it")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -153,8 +158,10 @@ def main(argv: list[str] | None = None) -> None:
           f"filtered from {s['wider_cutoff_angstrom']:g} Å {result['filtered_ms']:.2f} ms per corruption "
           f"(speedup {result['speedup']:.2f}; {result['filtered_batches']} of {s['repeats']} batches filtered; "
           "same edges in every batch)")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:  # whole or not at all: an interrupted write leaves no half file
+        partial = args.json.with_name(args.json.name + ".partial")
+        partial.write_text(json.dumps(result, indent=2) + "\n")
+        partial.replace(args.json)
 
 
 if __name__ == "__main__":
