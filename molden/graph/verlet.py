@@ -228,17 +228,25 @@ class VerletGraph:
         return index[:, take] + per_edge_shift[None], shifts[take], cartesian[take], edge_graph, edge_counts
 
     def _margin(self, moving: Tensor, cells: Tensor) -> float:
-        return float(_bounds(moving, cells, self.cutoff + self.skin)[1])  # one device read
+        return float(_rounding_margin(moving, cells, self.cutoff + self.skin))  # one device read
 
 
-def _bounds(positions: Tensor, cells: Tensor, reach: float) -> Tensor:
-    """[2] on the device: (0, margin), where margin (Å) is how far rounding could put a computed
-    displacement or length off the true one, as the radius graph sizes its band (256 ulps of
-    the largest coordinate scale: `reach` plus the largest coordinate and cell)."""
+def _rounding_margin(positions: Tensor, cells: Tensor, reach: float) -> Tensor:
+    """0-d, Å, on the device: how far rounding could put a computed displacement or length off
+    the true one, as the radius graph sizes its band (256 ulps of the largest coordinate scale:
+    `reach` plus the largest coordinate and cell)."""
     position_bound = positions.abs().amax() if positions.numel() else positions.new_zeros(())
     cell_bound = cells.abs().sum(dim=(1, 2)).amax() if len(cells) else positions.new_zeros(())
-    margin = 256 * torch.finfo(positions.dtype).eps * (reach + position_bound + cell_bound)
-    return torch.stack([margin.new_zeros(()), margin])
+    return 256 * torch.finfo(positions.dtype).eps * (reach + position_bound + cell_bound)
+
+
+def batch_edge_lengths(batch: Batch, positions: Tensor, *, periodic: bool = True) -> Tensor:
+    """[E] lengths, Å, of the batch's edges at `positions`, by the radius graph's exact arithmetic
+    (`edge_lengths`), the cells multiplied once per structure on a CPU. `periodic=False`
+    promises that every unit shift is zero."""
+    i, j = batch.edge_index
+    return edge_lengths(positions, batch.cell.to(positions.dtype), batch.batch, i, j, batch.unit_shifts,
+                        periodic=periodic, edge_counts=batch.n_edge)
 
 
 def graph_from_wider(batch: Batch, positions: Tensor, cutoff_angstrom: float, *,
@@ -257,16 +265,13 @@ def graph_from_wider(batch: Batch, positions: Tensor, cutoff_angstrom: float, *,
     if wider is None or not batch.has_graph or not wider > cutoff_angstrom or len(positions) == 0:
         return None
     moving = positions.detach()
-    cells = batch.cell.to(moving.dtype).reshape(-1, 3, 3)
-    bounds = _bounds(moving, cells, wider)
-    bounds[0] = (moving - batch.positions.to(moving.dtype)).norm(dim=1).amax()
-    periodic = batch.unit_shifts.any()
-    farthest, margin, periodic = torch.cat([bounds, periodic.to(bounds.dtype)[None]]).tolist()  # one device read
+    farthest = (moving - batch.positions.to(moving.dtype)).norm(dim=1).amax()
+    margin = _rounding_margin(moving, batch.cell.to(moving.dtype), wider)
+    periodic = batch.unit_shifts.any().to(moving.dtype)
+    farthest, margin, periodic = torch.stack([farthest, margin, periodic]).tolist()  # one device read
     if not farthest < (wider - cutoff_angstrom) / 2 - margin:
         return None
-    i, j = batch.edge_index
-    lengths = edge_lengths(moving, cells, batch.batch, i, j, batch.unit_shifts, periodic=bool(periodic),
-                           edge_counts=batch.n_edge)
+    lengths = batch_edge_lengths(batch, moving, periodic=bool(periodic))
     inside = (lengths.to(torch.float64) < cutoff_angstrom).nonzero().squeeze(1)  # the radius graph's exact test
     edge_index, unit_shifts, lengths = batch.edge_index[:, inside], batch.unit_shifts[inside], lengths[inside]
     if max_num_neighbors is not None:  # on the pairs within the cutoff, as a search does

@@ -3,9 +3,9 @@
 The cached graph belongs to the clean structure. Once noise moves atoms, the graph is rebuilt
 from the noised positions on the batch's device in one batched `neighbor_list` call (the
 encoder of Noisy Nodes §3.2 connects atoms of the noised input), or filtered from the cached
-graph when the cache was stored far enough beyond the model's cutoff (`graph_from_wider`); `rebuild_graph=False` keeps
-the clean graph (cheaper; at σ = 0.1–0.3 Å a kept graph gains and loses several per cent of
-its edges).
+graph when the cache was stored far enough beyond the model's cutoff (`graph_from_wider`).
+`rebuild_graph=False` keeps the clean graph (cheaper; at σ = 0.1–0.3 Å a kept graph gains and
+loses several per cent of its edges).
 """
 
 from __future__ import annotations

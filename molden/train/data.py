@@ -28,7 +28,7 @@ from molden.data.h5_dataset import H5Dataset, open_cache
 from molden.data.sampling import BlockShuffleSampler, RandomOrderSampler
 from molden.errors import MoldenConfigError
 from molden.graph.edges import edges_per_graph
-from molden.graph.radius_graph import edge_lengths
+from molden.graph.verlet import batch_edge_lengths
 from molden.train.config import DataConfig
 
 
@@ -170,13 +170,13 @@ def for_model(clean: Batch, inputs: Batch, cutoff_angstrom: float | None) -> Bat
     without a rebuild) is cut where the clean positions put its edges, as `move` would have."""
     if cutoff_angstrom is None:
         return inputs
-    if inputs.edge_index is clean.edge_index and _wider(clean, cutoff_angstrom):
+    if inputs.edge_index is clean.edge_index:  # the corruption kept the graph
+        if not _wider(clean, cutoff_angstrom):
+            return inputs  # `move` cut it already
         unmoved = inputs.positions is clean.positions
         return replace(_kept(inputs, _within(clean, cutoff_angstrom)),
                        graph_cutoff_angstrom=cutoff_angstrom if unmoved else None)
-    if inputs.edge_index is clean.edge_index:
-        return inputs  # cut by `move` already
-    # a new graph of unknown radius (a capped rebuild at the objective's own cutoff) is cut too
+    # a new graph: cut when wider, or of unknown radius (a capped rebuild at the objective's cutoff)
     unknown = inputs.graph_cutoff_angstrom is None
     return trim_graph(inputs, cutoff_angstrom) if unknown or _wider(inputs, cutoff_angstrom) else inputs
 
@@ -194,11 +194,8 @@ def trim_graph(batch: Batch, cutoff_angstrom: float) -> Batch:
 
 def _within(batch: Batch, cutoff_angstrom: float) -> Tensor:
     """[E] bool: the edges shorter than `cutoff_angstrom` at the batch's positions."""
-    i, j = batch.edge_index
-    periodic = bool(batch.unit_shifts.any())
-    lengths = edge_lengths(batch.positions.detach(), batch.cell, batch.batch, i, j, batch.unit_shifts, periodic=periodic,
-                           edge_counts=batch.n_edge)
-    return lengths.to(torch.float64) < cutoff_angstrom
+    lengths = batch_edge_lengths(batch, batch.positions.detach(), periodic=bool(batch.unit_shifts.any()))
+    return lengths.to(torch.float64) < cutoff_angstrom  # the radius graph's exact test
 
 
 def _kept(batch: Batch, keep: Tensor) -> Batch:
