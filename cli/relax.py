@@ -11,7 +11,7 @@ from molden.cli.console import console, err_console, note_line, user_errors
 
 OPTION_NAMES = {"fmax_ev_per_angstrom": "--fmax", "max_steps": "--steps", "batch_size": "--batch-size",
                 "methods": "--method", "input": "INPUT", "out": "--out",
-                "skin_angstrom": "--skin", "direct_passes": "--direct-passes", "forces_check": "--forces-check"}
+                "skin_angstrom": "--skin", "lbfgs_guess": "--lbfgs-guess", "direct_passes": "--direct-passes", "forces_check": "--forces-check"}
 
 
 def relax(
@@ -27,6 +27,8 @@ def relax(
     fmax: float = typer.Option(0.05, help="converged below this force on every free atom, eV/Å"),
     steps: int = typer.Option(300, help="optimiser steps at most per structure"),
     preset: str = typer.Option("ase", help="ase (ASE's defaults) | oc20 (L-BFGS maxstep 0.04 Å, memory 50)"),
+    lbfgs_guess: str = typer.Option("fixed", help="L-BFGS's initial inverse Hessian: fixed (1/α, ASE's steps) | scaled "
+                                                   "(from each structure's curvature: fewer force calls)"),
     batch_size: int = typer.Option(64, help="structures relaxed at once"),
     skin: Optional[float] = typer.Option(None, help="Verlet skin of a molden model's radius graph, Å (0: searched "
                                          "every step; the same pairs either way)", show_default="0.5"),
@@ -47,6 +49,7 @@ def relax(
     with user_errors(OPTION_NAMES):
         config = RelaxConfig(input=input, out=out, model=model, direct_model=direct_model, methods=methods, split=split,
                              fmax_ev_per_angstrom=fmax, max_steps=steps, preset=preset, batch_size=batch_size,
+                             lbfgs_guess=lbfgs_guess,
                              limit=limit, device=device, overwrite=overwrite, direct_passes=direct_passes,
                              forces_check=forces_check,
                              **({} if skin is None else {"skin_angstrom": skin}))
@@ -60,7 +63,8 @@ def relax(
                 progress.update(tasks[name], completed=done)
 
             results = run_relax(config, on_progress=hook)
-    table = Table(title=f"molden relax {input} ({model}, fmax {fmax} eV/Å)")
+    settings = f"preset {preset}" + (f", L-BFGS guess {lbfgs_guess}" if lbfgs_guess != "fixed" else "")
+    table = Table(title=f"molden relax {input} ({model}, fmax {fmax} eV/Å, {settings})")
     rows = [r.row() for r in results]
     checked = any("fbt" in r for r in rows)
     for column in ("method", "structures", "ADwT", "energy MAE meV", "EwT", *(("FbT", "AFbT") if checked else ()),

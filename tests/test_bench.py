@@ -20,8 +20,9 @@ def test_radius_graph_benchmark_has_a_row_per_case_and_peer_and_every_peer_finds
         got = {r["peer"] for r in rows if (r["case"], r["cutoff_angstrom"]) == case}
         assert got == EXPECTED_PEERS, (case, got)
     timed = [r for r in rows if r["peer_ms"] is not None]
-    # vesin and ASE are installed wherever the tests run: they are timed on every case.
-    for peer in ("vesin", "ase"):
+    # vesin, ASE and nvalchemi-toolkit-ops are installed wherever the tests run (`[test]`):
+    # they are timed on every case.
+    for peer in ("vesin", "ase", "nvalchemiops"):
         assert {(r["case"], r["cutoff_angstrom"]) for r in timed if r["peer"] == peer} == set(cases)
     assert all(r["agree"] is True for r in timed), [(r["case"], r["peer"]) for r in timed if not r["agree"]]
     assert all(r["molden_function"] == "radius_graph" for r in rows)

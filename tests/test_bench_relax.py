@@ -99,6 +99,53 @@ def test_torch_sim_takes_ases_path_and_holds_fixed_atoms(method, tmp_path):
         assert np.abs(p - atoms.positions).max() > 1e-4  # the free atoms did move
 
 
+def test_nvalchemi_rows_are_timed_and_its_fire2_takes_ases_early_path(quick_rows):
+    """nvalchemi-toolkit-ops is in `[test]`: both methods are timed. Its FIRE2 with ASE's
+    settings differs from FIRE only on uphill steps and after many downhill ones, so after the
+    quick mode's steps it is on ASE's path; its L-BFGS is another algorithm, timed, not compared."""
+    rows = {r["method"]: r for r in quick_rows if r["case"] == "fixed steps" and r["tool"] == "nvalchemi"}
+    assert set(rows) == {"lbfgs", "fire"}
+    if relax_peers.nvalchemi_missing() is not None:
+        assert all("pip install nvalchemi-toolkit-ops" in r["skipped"] for r in rows.values())
+        return
+    assert rows["fire"]["skipped"] is None and rows["fire"]["agree"] is True, rows["fire"]
+    assert rows["lbfgs"]["skipped"] is None and rows["lbfgs"]["agree"] is None and "not compared" in rows["lbfgs"]["note"]
+    assert rows["lbfgs"]["version"] == relax_peers.nvalchemi_version()
+
+
+@pytest.mark.parametrize("method", ["lbfgs", "fire"])
+def test_nvalchemi_relaxes_emt_slabs_to_ases_minima_holding_fixed_atoms(method):
+    """The peer as wired here (forces, not gradients; fixed atoms by zero force; molden's
+    settings) reaches fmax 0.05 eV/Å on EMT and a minimum no higher than ASE's L-BFGS finds,
+    with the fixed atoms exactly where they started and the step counts it reports."""
+    if relax_peers.nvalchemi_missing() is not None:
+        pytest.skip(relax_peers.nvalchemi_missing())
+    from ase.calculators.emt import EMT
+    from ase.optimize import LBFGS
+
+    from molden.relax.optimizers import FIRESettings, LBFGSSettings
+    from molden.relax.providers import ASECalculatorProvider
+
+    systems = bench_relax.oc20_like_systems(2, small=True)
+    found = relax_peers.nvalchemi_relax(ASECalculatorProvider(), systems, method, 300, lbfgs=LBFGSSettings(),
+                                        fire=FIRESettings(), batch_size=2, fmax_ev_per_angstrom=0.05)
+    for atoms, positions, steps in zip(systems, found.positions, found.steps):
+        fixed = atoms.constraints[0].index
+        np.testing.assert_array_equal(positions[fixed], atoms.positions[fixed])
+        relaxed = atoms.copy()
+        relaxed.calc = EMT()
+        relaxed.positions = positions
+        free = np.setdiff1d(np.arange(len(atoms)), fixed)
+        assert 0 < steps < 300 and np.linalg.norm(relaxed.get_forces()[free], axis=1).max() <= 0.05
+        reference = atoms.copy()
+        reference.calc = EMT()
+        LBFGS(reference, logfile=None).run(fmax=0.05, steps=300)
+        assert relaxed.get_potential_energy() <= reference.get_potential_energy() + 2e-3
+    capped = relax_peers.nvalchemi_relax(ASECalculatorProvider(), systems, method, 3, lbfgs=LBFGSSettings(),
+                                         fire=FIRESettings(), batch_size=1)
+    assert capped.steps == [3, 3]  # fmax 0: every system takes exactly the steps asked for
+
+
 def test_skipped_rows_say_why(quick_rows):
     for row in quick_rows:
         if row["skipped"] is not None:

@@ -55,6 +55,23 @@ def test_emt_lbfgs_reproduces_the_caches_reference_relaxations(emt_cache, tmp_pa
     assert again.exit_code == 1 and "--overwrite" in again.output
 
 
+def test_the_scaled_lbfgs_guess_relaxes_the_caches_systems_in_fewer_steps(emt_cache, tmp_path):
+    """`--lbfgs-guess scaled` converges every system with fewer steps than ASE's fixed guess,
+    and the results JSON says which settings ran."""
+    split = _split(emt_cache)
+    rows = {}
+    for guess in ("fixed", "scaled"):
+        out = tmp_path / f"{guess}.extxyz"
+        result = _invoke("relax", emt_cache, "--split", split, "--model", "emt", "--lbfgs-guess", guess, "--out", out)
+        assert result.exit_code == 0, result.output
+        summary = json.loads(out.with_suffix(".json").read_text())
+        assert summary["settings"]["lbfgs_guess"] == guess and summary["settings"]["preset"] == "ase"
+        rows[guess] = summary["rows"][0]
+    assert rows["scaled"]["converged_fraction"] == 1.0
+    assert rows["scaled"]["mean_steps"] < rows["fixed"]["mean_steps"]
+    assert "L-BFGS guess scaled" in result.output
+
+
 @pytest.fixture(scope="module")
 def is2rs_checkpoint(emt_cache, tmp_path_factory):
     """A position head trained for a few steps: direct prediction runs, not a good one."""
@@ -86,6 +103,7 @@ def test_direct_prediction_from_a_trained_position_head_beside_lbfgs(emt_cache, 
     (("--method", "lbfgs", "--skin", "-0.1"), "invalid --skin"),
     (("--method", "lbfgs", "--direct-passes", "0"), "invalid --direct-passes"),
     (("--method", "lbfgs", "--forces-check", "dft"), "invalid --forces-check"),
+    (("--method", "lbfgs", "--lbfgs-guess", "newton"), "invalid --lbfgs-guess"),
 ])
 def test_bad_relax_options_are_one_line(emt_cache, tmp_path, args, message):
     result = _invoke("relax", emt_cache, "--out", tmp_path / "x.extxyz", *args)

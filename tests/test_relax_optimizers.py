@@ -122,3 +122,77 @@ def test_the_curvature_guard_converges_where_ases_lbfgs_stalls(systems):
     positions, _, ase_steps = _ase_relax(systems[9], "lbfgs")
     guarded = relax([structure], ASECalculatorProvider(), method="lbfgs", fmax_ev_per_angstrom=FMAX, max_steps=MAX_STEPS)[0]
     assert ase_steps == MAX_STEPS and guarded.converged and guarded.steps < MAX_STEPS
+
+
+def test_the_second_step_is_the_bfgs_update_of_the_chosen_initial_guess():
+    """On E = Σ k_i (x_i − x*_i)²/2 (stiffness differing by component), the step after one
+    curvature pair (s, y) is −H g with H = (I − ρ s yᵀ) H0 (I − ρ y sᵀ) + ρ s sᵀ, ρ = 1/(y·s)
+    (Nocedal & Wright eq. 6.17) written as a 6×6 matrix: H0 = I/α for the fixed guess and
+    (s·y / y·y) I for the scaled one (eq. 7.20)."""
+    import torch
+
+    from molden.relax.optimizers import BatchedLBFGS
+
+    k = torch.tensor([[[5.0, 1.0, 12.0], [3.0, 8.0, 0.5]]], dtype=torch.float64)
+    minimum = torch.tensor([[[0.3, -0.1, 0.05], [0.0, 0.2, -0.1]]], dtype=torch.float64)
+    start = torch.tensor([[[0.28, -0.08, 0.06], [0.01, 0.17, -0.08]]], dtype=torch.float64)
+    active = torch.tensor([True])
+
+    def forces(x):
+        return -k * (x - minimum)
+
+    for guess in ("fixed", "scaled"):
+        settings = LBFGSSettings(initial_inverse_hessian=guess, maxstep_angstrom=10.0)
+        optimizer = BatchedLBFGS(1, 2, settings)
+        first = optimizer.step(start, forces(start), active)
+        second = optimizer.step(first, forces(first), active)
+        s_, y_ = (first - start).flatten(), (forces(start) - forces(first)).flatten()
+        rho = 1.0 / (y_ @ s_)
+        h0 = 1.0 / settings.alpha_ev_per_angstrom2 if guess == "fixed" else float((s_ @ y_) / (y_ @ y_))
+        eye = torch.eye(6, dtype=torch.float64)
+        h = (eye - rho * torch.outer(s_, y_)) @ (h0 * eye) @ (eye - rho * torch.outer(y_, s_)) + rho * torch.outer(s_, s_)
+        expected = first.flatten() + h @ forces(first).flatten()
+        np.testing.assert_allclose(second.flatten().numpy(), expected.numpy(), rtol=0, atol=1e-14)
+
+
+def test_the_scaled_guess_starts_from_one_over_alpha_and_keeps_each_structures_curvature():
+    """Before a structure has a curvature pair its guess is 1/α; after, each slot's γ is its own
+    (two slots on quadratics of different stiffness k get γ = 1/k each, not a shared value)."""
+    import torch
+
+    from molden.relax.optimizers import BatchedLBFGS
+
+    stiffness = torch.tensor([2.0, 40.0], dtype=torch.float64)[:, None, None]
+    optimizer = BatchedLBFGS(2, 1, LBFGSSettings(initial_inverse_hessian="scaled"))
+    positions = torch.tensor([[[0.05, 0.0, 0.0]], [[0.0, 0.03, 0.0]]], dtype=torch.float64)
+    active = torch.tensor([True, True])
+    first = optimizer.step(positions, -stiffness * positions, active)
+    np.testing.assert_allclose((first - positions).numpy(), (stiffness * positions / 70.0).numpy() * -1, atol=1e-15)
+    optimizer.step(first, -stiffness * first, active)  # stores each slot's first pair
+    s, y = optimizer.s[:, :1], optimizer.y[:, :1]
+    guess = optimizer._initial_inverse_hessian(s, y, depth=1)
+    np.testing.assert_allclose(guess.numpy(), 1.0 / stiffness.flatten().numpy(), rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_the_scaled_guess_converges_every_system_in_fewer_steps_and_the_batch_does_not_change_a_path(systems):
+    """On the 20 EMT systems the scaled guess converges every one to fmax in fewer steps in all
+    than ASE's fixed guess, fixed atoms unmoved; alone, queued or in one batch, each structure
+    takes the same steps to the same positions."""
+    structures = [structure_from_atoms(atoms) for atoms in systems]
+    provider = ASECalculatorProvider()
+    scaled = dict(method="lbfgs", fmax_ev_per_angstrom=FMAX, max_steps=MAX_STEPS,
+                  lbfgs=LBFGSSettings(initial_inverse_hessian="scaled"))
+    together = relax(structures, provider, batch_size=N_SYSTEMS, **scaled)
+    queued = relax(structures, provider, batch_size=3, **scaled)
+    fixed_steps = [relax([s], provider, method="lbfgs", fmax_ev_per_angstrom=FMAX, max_steps=MAX_STEPS)[0].steps
+                   for s in structures]
+    assert all(r.converged for r in together)
+    assert sum(r.steps for r in together) < 0.75 * sum(fixed_steps)
+    for k in range(4):
+        alone = relax([structures[k]], provider, **scaled)[0]
+        for other in (together[k], queued[k]):
+            assert other.steps == alone.steps
+            np.testing.assert_allclose(other.positions, alone.positions, atol=1e-9)
+    for structure, result in zip(structures, together):
+        np.testing.assert_array_equal(result.positions[structure.fixed], structure.positions[structure.fixed])

@@ -87,7 +87,7 @@ FMAX_EV_PER_ANGSTROM = 0.05
 MAX_STEPS = 300  # OC20's IS2RS budget
 BATCH_SIZE = 64  # molden relax's default
 QUICK_SYSTEMS, QUICK_STEPS = 3, 3
-TOOLS = ("molden", "ase", "torch-sim")
+TOOLS = ("molden", "ase", "torch-sim", "nvalchemi")
 
 
 def oc20_like_systems(n: int, seed: int = 0, *, small: bool = False) -> list[Atoms]:
@@ -224,6 +224,9 @@ def _fixed_step_rows(systems, structures, provider, peer_provider, models: Model
         if relax_peers.torch_sim_missing(method) is None:
             runs["torch-sim"] = lambda: relax_peers.torch_sim_relax(peer_provider, chosen_systems, method, chosen_steps,
                                                                     lbfgs=lbfgs, fire=fire, batch_size=batch_size)
+        if relax_peers.nvalchemi_missing() is None:
+            runs["nvalchemi"] = lambda: relax_peers.nvalchemi_relax(peer_provider, chosen_systems, method, chosen_steps,
+                                                                    lbfgs=lbfgs, fire=fire, batch_size=batch_size).positions
         return runs
 
     if warmup:
@@ -237,15 +240,20 @@ def _fixed_step_rows(systems, structures, provider, peer_provider, models: Model
                "structure_steps_per_s": None, "ratio": None, "agree": None, "max_deviation_angstrom": None,
                "tolerance_angstrom": AGREE_ANGSTROM, "skipped": None}
         if tool not in seconds:
-            row["skipped"] = relax_peers.torch_sim_missing(method)
+            row["skipped"] = (relax_peers.torch_sim_missing(method) if tool == "torch-sim"
+                              else relax_peers.nvalchemi_missing())
             rows.append(row)
             continue
         deviation = _deviation(outputs[tool], reference)
         row.update(time_s=seconds[tool], structure_steps_per_s=len(systems) * steps / seconds[tool],
                    ratio=seconds[tool] / seconds["molden"], max_deviation_angstrom=deviation,
                    agree=bool(deviation <= AGREE_ANGSTROM))
-        if tool == "torch-sim":
-            row["version"] = relax_peers.torch_sim_version()
+        if tool == "nvalchemi" and method == "lbfgs":
+            # Another L-BFGS (trust-region step length): the same force calls, other steps.
+            row.update(agree=None, note="its own L-BFGS, not ASE's: same force calls, positions not compared")
+        if tool != "molden" and tool != "ase":
+            row["version"] = (relax_peers.torch_sim_version() if tool == "torch-sim"
+                              else relax_peers.nvalchemi_version())
         rows.append(row)
     return rows
 
@@ -305,6 +313,7 @@ def machine_description() -> dict:
 
     described = machine()
     described["torch_sim"] = relax_peers.torch_sim_version()
+    described["nvalchemi"] = relax_peers.nvalchemi_version()
     return described
 
 

@@ -216,3 +216,96 @@ def torch_sim_relax(provider, systems: Sequence[Atoms], method: str, steps: int,
         bounds = np.cumsum([0] + [len(a) for a in chunk])
         out += [positions[bounds[k] : bounds[k + 1]].copy() for k in range(len(chunk))]
     return out
+
+
+NVALCHEMI_HINT = "not installed: pip install nvalchemi-toolkit-ops (brings warp-lang; in molden[bench])"
+
+
+def nvalchemi_version() -> str | None:
+    """The installed nvalchemi-toolkit-ops version, or None."""
+    try:
+        return importlib.metadata.version("nvalchemi-toolkit-ops")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def nvalchemi_missing() -> str | None:
+    """Why nvalchemi-toolkit-ops cannot run here (an install hint), or None."""
+    return NVALCHEMI_HINT if nvalchemi_version() is None or not _has_module("nvalchemiops.torch.lbfgs") else None
+
+
+@dataclass(frozen=True)
+class PeerRelaxation:
+    """A peer's relaxed positions [N_k, 3] Å and optimiser steps, per system."""
+
+    positions: list[np.ndarray]
+    steps: list[int]
+
+
+def nvalchemi_relax(provider, systems: Sequence[Atoms], method: str, max_steps: int, *, lbfgs: LBFGSSettings,
+                    fire: FIRESettings, batch_size: int, fmax_ev_per_angstrom: float = 0.0) -> PeerRelaxation:
+    """nvalchemi-toolkit-ops' batched optimisers (Warp kernels) driven by molden's model,
+    `batch_size` systems at a time: its own L-BFGS (trust-region step length, not ASE's fixed
+    1/α) with molden's largest step and memory, or FIRE2 (Guénolé et al. 2020: ASE's FIRE
+    with the half step back on an uphill step and a smallest time step) with molden's FIRE
+    settings (ASE's) in place of its own. It has no constraints and no stopping rule (the
+    caller owns the loop): fixed atoms get zero force, which neither optimiser moves, and a
+    system is done, with its positions and step count kept, at the first force call whose
+    largest free-atom force is at most `fmax_ev_per_angstrom`. The loop ends when every
+    system of the chunk is done or after `max_steps` steps (`max_steps + 1` force calls, as
+    molden and ASE count them); done systems keep stepping, as the library leaves them."""
+    import warp
+
+    warp.config.quiet = True
+    from nvalchemiops.torch.fire2 import fire2_step_coord
+    from nvalchemiops.torch.lbfgs import lbfgs_prepare_state, lbfgs_step_coord
+
+    if method not in ("lbfgs", "fire"):
+        raise ValueError(f"no nvalchemi optimiser for {method!r}")
+    out_positions: list[np.ndarray] = []
+    out_steps: list[int] = []
+    for start in range(0, len(systems), batch_size):
+        chunk = systems[start : start + batch_size]
+        structures = [structure_from_atoms(a, system_id=f"nvalchemi:{k}") for k, a in enumerate(chunk)]
+        template = collate(structures, dtype=torch.float64).to(getattr(provider, "device", "cpu"))
+        free = (~template.fixed)[:, None]
+        system = template.batch
+        batch_idx = system.to(torch.int32)
+        positions = template.positions.clone()
+        n = len(chunk)
+        if method == "lbfgs":
+            state = lbfgs_prepare_state(len(positions), n, dtype=positions.dtype, device=positions.device,
+                                        history_size=lbfgs.memory)
+        else:
+            velocities = torch.zeros_like(positions)
+            alpha = torch.full((n,), fire.a, dtype=positions.dtype, device=positions.device)
+            dt = torch.full((n,), fire.dt, dtype=positions.dtype, device=positions.device)
+            nsteps_inc = torch.zeros(n, dtype=torch.int32, device=positions.device)
+            # Its scratch buffers, allocated once (its documented tight loop).
+            scratch = {name: torch.empty(n, dtype=positions.dtype, device=positions.device)
+                       for name in ("vf", "v_sumsq", "f_sumsq", "max_norm")}
+            settings = dict(delaystep=fire.n_min, dtgrow=fire.finc, dtshrink=fire.fdec, alphashrink=fire.fa,
+                            alpha0=fire.astart, tmax=fire.dtmax, maxstep=fire.maxstep_angstrom)
+        done_at = np.full(n, -1)
+        done_positions: list[np.ndarray | None] = [None] * n
+        for step in range(max_steps + 1):
+            _, forces = provider(replace(template, positions=positions))
+            forces = forces.to(positions.dtype) * free
+            largest = torch.zeros(n, dtype=forces.dtype, device=forces.device).scatter_reduce_(
+                0, system, forces.norm(dim=1), "amax")
+            now_done = (largest <= fmax_ev_per_angstrom).cpu().numpy() & (done_at < 0)
+            if now_done.any() or step == max_steps:
+                host = positions.cpu().numpy()
+                bounds = np.cumsum([0] + [len(a) for a in chunk])
+                for k in np.flatnonzero(now_done | ((done_at < 0) & (step == max_steps))):
+                    done_at[k], done_positions[k] = step, host[bounds[k] : bounds[k + 1]].copy()
+            if (done_at >= 0).all():
+                break
+            if method == "lbfgs":
+                lbfgs_step_coord(positions, forces.contiguous(), state, batch_idx, maxstep=lbfgs.maxstep_angstrom)
+            else:
+                fire2_step_coord(positions, velocities, forces.contiguous(), batch_idx, alpha, dt, nsteps_inc,
+                                 **scratch, **settings)
+        out_positions += done_positions
+        out_steps += done_at.tolist()
+    return PeerRelaxation(out_positions, out_steps)

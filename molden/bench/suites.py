@@ -243,8 +243,15 @@ def _relax_suite(shared: _Shared) -> SuiteResult:
     notes = sorted({f"{r['tool']} {r['method']}: {r['skipped']}" for r in rows if r.get("skipped")})
     notes += [f"DISAGREES: {r['tool']} {r['method']} on {r['n_systems']} systems moved atoms "
               f"{r['max_deviation_angstrom']:.2g} Å away from ASE's path" for r in rows if r.get("agree") is False]
+    notes += sorted({f"{r['tool']} {r['method']}: {r['note']}" for r in rows
+                     if r.get("note") and r["case"] == "fixed steps"})
     notes += [f"direct prediction on {r['n_systems']} systems: {r['direct_speedup']:.1f}× faster than "
               f"{r['steps']} L-BFGS steps" for r in rows if r.get("direct_speedup")]
+    steps = _steps_rows(shared)
+    notes += [f"force calls to fmax {r['fmax_ev_per_angstrom']} eV/Å on {r['n_systems']} EMT systems: {r['tool']} "
+              f"{r['method']} ({r['variant']}) {r['force_calls']:,}, {r['calls_ratio']:.2f}× fewer than ASE's L-BFGS, "
+              f"{r['converged']}/{r['n_systems']} converged, {r['higher_by_10_mev']} ending > 10 meV above its minima"
+              for r in steps if not r.get("skipped")]
     verlet = _verlet_rows(shared)
     peers = {r["n_systems"]: r for r in verlet if r["tool"] != "molden" and r.get("ratio")}
     notes += [f"radius graph from Verlet lists (skin {r['skin_angstrom']} Å) on {r['n_systems']} systems along a "
@@ -265,7 +272,14 @@ def _relax_suite(shared: _Shared) -> SuiteResult:
              "tool / molden > 1 means molden is faster")
     return SuiteResult("relax", title, shown, columns, notes,
                        setup={"sizes": [3] if config.quick else list(RELAX_SIZES), "steps": RELAX_STEPS, "repeats": 1,
-                              "verlet": verlet})
+                              "verlet": verlet, "force_calls": steps})
+
+
+def _steps_rows(shared: _Shared) -> list[dict]:
+    """`molden.bench.relax_steps` with EMT: force calls to fmax of every optimiser (device-free)."""
+    from molden.bench.relax_steps import run_relax_steps_benchmark
+
+    return run_relax_steps_benchmark("emt", quick=shared.config.quick, seed=shared.config.seed)
 
 
 def _verlet_rows(shared: _Shared) -> list[dict]:
