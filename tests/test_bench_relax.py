@@ -91,7 +91,7 @@ def test_torch_sim_takes_ases_path_and_holds_fixed_atoms(method, tmp_path):
     lbfgs, fire = LBFGSSettings(curvature_guard=False), FIRESettings()
     reference = relax_peers.ase_relax_loop(systems, models.s2ef, method, 5, lbfgs=lbfgs, fire=fire,
                                            dtype=provider.dtype)
-    positions = relax_peers.torch_sim_relax(provider, systems, method, 5, lbfgs=lbfgs, fire=fire, batch_size=2)
+    positions = relax_peers.torch_sim_relax(provider, systems, method, 5, lbfgs=lbfgs, fire=fire, batch_size=2).positions
     assert bench_relax._deviation(positions, reference) <= bench_relax.AGREE_ANGSTROM
     for p, atoms in zip(positions, systems):
         fixed = atoms.constraints[0].index

@@ -223,7 +223,7 @@ def _fixed_step_rows(systems, structures, provider, peer_provider, models: Model
         }
         if relax_peers.torch_sim_missing(method) is None:
             runs["torch-sim"] = lambda: relax_peers.torch_sim_relax(peer_provider, chosen_systems, method, chosen_steps,
-                                                                    lbfgs=lbfgs, fire=fire, batch_size=batch_size)
+                                                                    lbfgs=lbfgs, fire=fire, batch_size=batch_size).positions
         if relax_peers.nvalchemi_missing() is None:
             runs["nvalchemi"] = lambda: relax_peers.nvalchemi_relax(peer_provider, chosen_systems, method, chosen_steps,
                                                                     lbfgs=lbfgs, fire=fire, batch_size=batch_size).positions

@@ -69,7 +69,10 @@ class TorchSimAPI:
     def optimizer(self, model, method: str, *, lbfgs: LBFGSSettings,
                   fire: FIRESettings) -> tuple[Callable, Callable]:
         """(init, step): `init(sim_state)` evaluates the forces, `step(opt_state)` takes one
-        optimiser step with molden's settings (ASE's algorithms and defaults)."""
+        optimiser step with molden's settings (ASE's algorithms and defaults). The L-BFGS
+        guess follows `lbfgs.initial_inverse_hessian`: 'fixed' is torch-sim's ASE mode (α
+        given), 'scaled' its default (γ = s·y / y·y as molden's `scaled`, but another first
+        step before any pair: 0.17 Å apart from molden's after one step on the quick systems)."""
         if method not in self.methods:
             raise ValueError(f"torch-sim {self.version} has no {method}")
         from torch_sim import optimizers
@@ -79,8 +82,8 @@ class TorchSimAPI:
                                    f_dec=fire.fdec, alpha_start=fire.astart, f_alpha=fire.fa,
                                    max_step=fire.maxstep_angstrom, md_flavor="ase_fire")
         if method == "lbfgs":
-            return (lambda state: optimizers.lbfgs_init(state, model, step_size=lbfgs.damping,
-                                                        alpha=lbfgs.alpha_ev_per_angstrom2),
+            alpha = lbfgs.alpha_ev_per_angstrom2 if lbfgs.initial_inverse_hessian == "fixed" else None
+            return (lambda state: optimizers.lbfgs_init(state, model, step_size=lbfgs.damping, alpha=alpha),
                     lambda state: optimizers.lbfgs_step(state, model, max_history=lbfgs.memory,
                                                         max_step=lbfgs.maxstep_angstrom))
         flavor = {("fire_flavor" if "fire_flavor" in inspect.signature(optimizers.fire_init).parameters
@@ -149,6 +152,11 @@ def ase_relax_loop(systems: Sequence[Atoms], checkpoint: Path, method: str, step
     return out
 
 
+def _device_of(provider) -> torch.device:
+    """Where a provider's model runs (an ASE calculator provider computes on the host)."""
+    return torch.device(getattr(provider, "device", "cpu"))
+
+
 def torch_sim_model(provider, systems: Sequence[Atoms], *, zero_fixed_forces: bool = True):
     """torch-sim's `ModelInterface` around a molden `ModelProvider`, for these systems.
 
@@ -162,7 +170,7 @@ def torch_sim_model(provider, systems: Sequence[Atoms], *, zero_fixed_forces: bo
     class MoldenModel(ModelInterface):
         def __init__(self):
             super().__init__()
-            self._device, self._dtype = torch.device(provider.device), torch.float64
+            self._device, self._dtype = _device_of(provider), torch.float64
             self._compute_stress, self._compute_forces = False, True
             structures = [structure_from_atoms(a, system_id=f"torch-sim:{k}") for k, a in enumerate(systems)]
             self.template = collate(structures, dtype=torch.float64).to(self._device)
@@ -199,24 +207,63 @@ def torch_sim_state(systems: Sequence[Atoms], api: TorchSimAPI, device: str | to
     return state
 
 
+@dataclass(frozen=True)
+class PeerRelaxation:
+    """A peer's relaxed positions [N_k, 3] Å and optimiser steps, per system."""
+
+    positions: list[np.ndarray]
+    steps: list[int]
+
+
 def torch_sim_relax(provider, systems: Sequence[Atoms], method: str, steps: int, *, lbfgs: LBFGSSettings,
-                    fire: FIRESettings, batch_size: int) -> list[np.ndarray]:
-    """torch-sim's batched L-BFGS (ASE mode) or FIRE (`ase_fire`, ASE's algorithm) with
-    molden's settings, `batch_size` systems at a time (as molden's `relax`), `steps` steps each."""
+                    fire: FIRESettings, batch_size: int, fmax_ev_per_angstrom: float = 0.0) -> PeerRelaxation:
+    """torch-sim's batched L-BFGS (ASE mode for the fixed guess, its default for the scaled
+    one) or FIRE (`ase_fire`, ASE's algorithm) with molden's settings, `batch_size` systems at
+    a time (as molden's `relax`). A system is done at the first force evaluation whose largest
+    free-atom force is at most `fmax_ev_per_angstrom`, or after `steps` steps (fmax 0: exactly
+    `steps` each); done systems keep stepping, as torch-sim's step functions leave them."""
     api = torch_sim_api()
-    out: list[np.ndarray] = []
+    out = PeerRelaxation([], [])
     for start in range(0, len(systems), batch_size):
         chunk = systems[start : start + batch_size]
         model = torch_sim_model(provider, chunk, zero_fixed_forces=api.fix_atoms is None)
         init, step = api.optimizer(model, method, lbfgs=lbfgs, fire=fire)
-        state = init(torch_sim_state(chunk, api, provider.device, fixed=model.template.fixed))
-        for _ in range(steps):
+        state = init(torch_sim_state(chunk, api, _device_of(provider), fixed=model.template.fixed))
+        free = (~model.template.fixed)[:, None]
+        done = _FirstConverged(chunk, model.template.batch, fmax_ev_per_angstrom, steps)
+        for n in range(steps + 1):
+            if done.record(n, state.positions, state.forces * free) or n == steps:
+                break
             state = step(state)
-        positions = state.positions.detach().cpu().numpy()
-        bounds = np.cumsum([0] + [len(a) for a in chunk])
-        out += [positions[bounds[k] : bounds[k + 1]].copy() for k in range(len(chunk))]
+        out.positions.extend(done.positions)
+        out.steps.extend(done.steps)
     return out
 
+
+class _FirstConverged:
+    """Per system of a chunk, the positions and step count at the first force evaluation whose
+    largest free-atom force is at most `fmax`, or at `max_steps` (one host read per call; with
+    fmax 0, none before the last)."""
+
+    def __init__(self, chunk: Sequence[Atoms], system: torch.Tensor, fmax: float, max_steps: int):
+        self.system, self.fmax, self.max_steps = system, fmax, max_steps
+        self.bounds = np.cumsum([0] + [len(a) for a in chunk])
+        self.steps = [-1] * len(chunk)
+        self.positions: list[np.ndarray | None] = [None] * len(chunk)
+
+    def record(self, step: int, positions: torch.Tensor, free_forces: torch.Tensor) -> bool:
+        """Record the systems done at `step`; True once every system is."""
+        if self.fmax <= 0 and step < self.max_steps:
+            return False  # fixed steps: no device read until the last (the peer's own loop has none)
+        largest = torch.zeros(len(self.steps), dtype=free_forces.dtype, device=free_forces.device).scatter_reduce_(
+            0, self.system, free_forces.norm(dim=1), "amax")
+        now = (largest <= self.fmax).cpu().numpy() | (step == self.max_steps)
+        pending = [k for k in np.flatnonzero(now) if self.steps[k] < 0]
+        if pending:
+            host = positions.detach().cpu().numpy()
+            for k in pending:
+                self.steps[k], self.positions[k] = step, host[self.bounds[k] : self.bounds[k + 1]].copy()
+        return min(self.steps) >= 0
 
 NVALCHEMI_HINT = "not installed: pip install nvalchemi-toolkit-ops (brings warp-lang; in molden[bench])"
 
@@ -232,14 +279,6 @@ def nvalchemi_version() -> str | None:
 def nvalchemi_missing() -> str | None:
     """Why nvalchemi-toolkit-ops cannot run here (an install hint), or None."""
     return NVALCHEMI_HINT if nvalchemi_version() is None or not _has_module("nvalchemiops.torch.lbfgs") else None
-
-
-@dataclass(frozen=True)
-class PeerRelaxation:
-    """A peer's relaxed positions [N_k, 3] Å and optimiser steps, per system."""
-
-    positions: list[np.ndarray]
-    steps: list[int]
 
 
 def nvalchemi_relax(provider, systems: Sequence[Atoms], method: str, max_steps: int, *, lbfgs: LBFGSSettings,
@@ -267,7 +306,7 @@ def nvalchemi_relax(provider, systems: Sequence[Atoms], method: str, max_steps: 
     for start in range(0, len(systems), batch_size):
         chunk = systems[start : start + batch_size]
         structures = [structure_from_atoms(a, system_id=f"nvalchemi:{k}") for k, a in enumerate(chunk)]
-        template = collate(structures, dtype=torch.float64).to(getattr(provider, "device", "cpu"))
+        template = collate(structures, dtype=torch.float64).to(_device_of(provider))
         free = (~template.fixed)[:, None]
         system = template.batch
         batch_idx = system.to(torch.int32)
@@ -286,26 +325,17 @@ def nvalchemi_relax(provider, systems: Sequence[Atoms], method: str, max_steps: 
                        for name in ("vf", "v_sumsq", "f_sumsq", "max_norm")}
             settings = dict(delaystep=fire.n_min, dtgrow=fire.finc, dtshrink=fire.fdec, alphashrink=fire.fa,
                             alpha0=fire.astart, tmax=fire.dtmax, maxstep=fire.maxstep_angstrom)
-        done_at = np.full(n, -1)
-        done_positions: list[np.ndarray | None] = [None] * n
+        done = _FirstConverged(chunk, system, fmax_ev_per_angstrom, max_steps)
         for step in range(max_steps + 1):
             _, forces = provider(replace(template, positions=positions))
             forces = forces.to(positions.dtype) * free
-            largest = torch.zeros(n, dtype=forces.dtype, device=forces.device).scatter_reduce_(
-                0, system, forces.norm(dim=1), "amax")
-            now_done = (largest <= fmax_ev_per_angstrom).cpu().numpy() & (done_at < 0)
-            if now_done.any() or step == max_steps:
-                host = positions.cpu().numpy()
-                bounds = np.cumsum([0] + [len(a) for a in chunk])
-                for k in np.flatnonzero(now_done | ((done_at < 0) & (step == max_steps))):
-                    done_at[k], done_positions[k] = step, host[bounds[k] : bounds[k + 1]].copy()
-            if (done_at >= 0).all():
+            if done.record(step, positions, forces) or step == max_steps:
                 break
             if method == "lbfgs":
                 lbfgs_step_coord(positions, forces.contiguous(), state, batch_idx, maxstep=lbfgs.maxstep_angstrom)
             else:
                 fire2_step_coord(positions, velocities, forces.contiguous(), batch_idx, alpha, dt, nsteps_inc,
                                  **scratch, **settings)
-        out_positions += done_positions
-        out_steps += done_at.tolist()
+        out_positions += done.positions
+        out_steps += done.steps
     return PeerRelaxation(out_positions, out_steps)

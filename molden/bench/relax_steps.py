@@ -13,7 +13,9 @@ twice as fast on a laptop and on a GPU alike.
 - Forces: ASE's EMT (the physics reference: real minima), or a molden checkpoint with energy and
   forces; every tool gets the same ones.
 - Tools: ASE's `LBFGS` and `FIRE` one structure at a time (the reference); molden's batched
-  L-BFGS with the fixed (ASE's) and the scaled initial inverse Hessian, and its FIRE; and
+  L-BFGS with the fixed (ASE's) and the scaled initial inverse Hessian, and its FIRE;
+  torch-sim's L-BFGS in its default mode (γ scaling too, but its first step before any pair
+  is not ASE's F/α) and its FIRE (`ase_fire`), and
   nvalchemi-toolkit-ops' own L-BFGS and FIRE2 (`relax_peers.nvalchemi_relax`), where installed.
   `--preset` picks the L-BFGS settings (ASE's, or OC20's maxstep 0.04 Å and memory 50).
 - Per row: systems converged (every free atom's force at most fmax within `max_steps`), mean
@@ -122,13 +124,25 @@ def run_relax_steps_benchmark(model: str = "emt", n_systems: int = 20, preset: s
             return found.positions, found.steps
         return run
 
+    def torch_sim_run(method: str, settings: LBFGSSettings) -> Callable[[], tuple[list[np.ndarray], list[int]]]:
+        def run():
+            found = relax_peers.torch_sim_relax(provider, systems, method, MAX_STEPS, lbfgs=settings, fire=fire,
+                                                batch_size=batch_size, fmax_ev_per_angstrom=FMAX_EV_PER_ANGSTROM)
+            return found.positions, found.steps
+        return run
+
+    scaled = replace(lbfgs, initial_inverse_hessian="scaled")
     runs: list[tuple[str, str, str, Callable | None]] = [
         ("ase", "lbfgs", "fixed 1/α", lambda: _ase_run(systems, make_calculator, "lbfgs", lbfgs, fire)),
         ("molden", "lbfgs", "fixed 1/α", molden_run("lbfgs", lbfgs)),
-        ("molden", "lbfgs", "scaled", molden_run("lbfgs", replace(lbfgs, initial_inverse_hessian="scaled"))),
+        ("molden", "lbfgs", "scaled", molden_run("lbfgs", scaled)),
+        ("torch-sim", "lbfgs", "its default (γ)",
+         torch_sim_run("lbfgs", scaled) if relax_peers.torch_sim_missing("lbfgs") is None else None),
         ("nvalchemi", "lbfgs", "its own", nvalchemi_run("lbfgs") if relax_peers.nvalchemi_missing() is None else None),
         ("ase", "fire", "FIRE", lambda: _ase_run(systems, make_calculator, "fire", lbfgs, fire)),
         ("molden", "fire", "FIRE", molden_run("fire", lbfgs)),
+        ("torch-sim", "fire", "FIRE (ase_fire)",
+         torch_sim_run("fire", lbfgs) if relax_peers.torch_sim_missing("fire") is None else None),
         ("nvalchemi", "fire", "FIRE2", nvalchemi_run("fire") if relax_peers.nvalchemi_missing() is None else None),
     ]
     rows: list[dict] = []
@@ -137,7 +151,8 @@ def run_relax_steps_benchmark(model: str = "emt", n_systems: int = 20, preset: s
         row = {"tool": tool, "method": method, "variant": variant, "model": model, "preset": preset,
                "n_systems": len(systems), "fmax_ev_per_angstrom": FMAX_EV_PER_ANGSTROM, "max_steps": MAX_STEPS}
         if run is None:
-            rows.append({**row, "skipped": relax_peers.nvalchemi_missing()})
+            rows.append({**row, "skipped": relax_peers.nvalchemi_missing() if tool == "nvalchemi"
+                         else relax_peers.torch_sim_missing(method)})
             continue
         start = time.perf_counter()
         positions, steps = run()
