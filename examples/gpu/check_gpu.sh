@@ -9,6 +9,8 @@
 #   molden preprocess qm9 --out DATA/qm9_20k_55.h5 --limit 20000 --val 0.1 --test 0.1 --cutoff 5.5
 #   molden preprocess qm9 --out DATA/qm9_400.h5 --limit 400 --val 60 --test 40   # the tests' QM9 fixture
 #   molden preprocess emt --out DATA/emt300.h5 --emt-systems 300 --workers 2
+# and, optionally, DATA/s2ef_best.pt: a force field trained on emt300.h5 (e.g. RESULTS.md's
+# exp3_painn_plain/best.pt), for relaxations to fmax with both L-BFGS guesses on the GPU.
 # Phase 1 runs the CUDA tests, beside six short trainings (longer versions of RESULTS.md's
 # experiments 1, 3 and 4) when EXPERIMENTS=1; phase 2 runs the benchmarks alone on the quiet
 # GPU, most wanted first. Every step has its own time limit, so one that hangs costs only its
@@ -78,6 +80,14 @@ for n in 64 256; do  # one size per call, so a time-out loses one table, not bot
     --threads 8 --json "$OUT/relax_cuda_$n.json" 2>&1 | tail -14; check "relax benchmark, $n systems"
   tar rf "$OUT/bench.tar" -C "$OUT" "relax_cuda_$n.json" 2>/dev/null && rm -f "$OUT/relax_cuda_$n.json"
 done
+if [ -f "$DATA/s2ef_best.pt" ]; then  # to fmax on the GPU: the scaled guess's fewer force calls, in seconds
+  for guess in fixed scaled; do
+    stamp "relax to fmax, L-BFGS guess $guess"
+    timeout 120 molden relax "$DATA/emt300.h5" --split test_id --model "$DATA/s2ef_best.pt" --method lbfgs \
+      --lbfgs-guess $guess --device cuda --out "$OUT/relax_$guess.extxyz" 2>&1 | tail -8; check "relax to fmax, $guess"
+    tar rf "$OUT/bench.tar" -C "$OUT" "relax_$guess.json" 2>/dev/null && rm -f "$OUT"/relax_$guess.*
+  done
+fi
 stamp verlet lists  # molden relax's radius graph on the GPU, against a search at every call (BENCHMARKS.md)
 timeout 90 python3 -m molden.bench.verlet --device cuda --sizes 1 64 256 --calls 30 --skins 0.5 1.0 \
   --relax-repeats 4 --json "$OUT/verlet_cuda.json" 2>&1 | tail -14; check "verlet benchmark"
