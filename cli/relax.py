@@ -11,7 +11,8 @@ from molden.cli.console import console, err_console, note_line, user_errors
 
 OPTION_NAMES = {"fmax_ev_per_angstrom": "--fmax", "max_steps": "--steps", "batch_size": "--batch-size",
                 "methods": "--method", "input": "INPUT", "out": "--out",
-                "skin_angstrom": "--skin", "lbfgs_guess": "--lbfgs-guess", "direct_passes": "--direct-passes", "forces_check": "--forces-check"}
+                "skin_angstrom": "--skin", "lbfgs_guess": "--lbfgs-guess", "direct_passes": "--direct-passes",
+                "forces_check": "--forces-check"}
 
 
 def relax(

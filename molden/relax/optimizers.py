@@ -10,7 +10,9 @@ Both follow ASE's algorithms step for step (`ase.optimize.LBFGS`, `ase.optimize.
 3.23+), so a structure takes the same path as under ASE, alone or in any batch, up to float
 rounding: forces on fixed atoms are zero and fixed atoms never move, as under `FixAtoms`. The
 one deliberate difference is L-BFGS's curvature guard (`LBFGSSettings.curvature_guard`, on by
-default; off, the steps are ASE's).
+default; off, the steps are ASE's). L-BFGS can also leave ASE's path on purpose: the scaled
+initial inverse Hessian (`LBFGSSettings.initial_inverse_hessian`) needs about half the force
+calls.
 """
 
 from __future__ import annotations
