@@ -275,8 +275,6 @@ def _direct_row(structures, models: Models, lbfgs_seconds: float | None, repeats
 
 def _converged_rows(systems, structures, provider, models: Models, *, lbfgs, fire, device, base) -> list[dict]:
     """molden's and ASE's L-BFGS to fmax (a trained model only), one repeat each."""
-    from ase.optimize import LBFGS
-
     from molden.ase import MoldenCalculator
 
     dtype = next(provider.model.parameters()).dtype
@@ -286,15 +284,9 @@ def _converged_rows(systems, structures, provider, models: Models, *, lbfgs, fir
     molden_s = time.perf_counter() - start
     calculator = MoldenCalculator(models.s2ef, dtype=dtype, device=device)
     start = time.perf_counter()
-    ase_positions, ase_steps = [], []
-    for original in systems:
-        atoms = original.copy()
-        atoms.calc = calculator
-        opt = LBFGS(atoms, logfile=None, maxstep=lbfgs.maxstep_angstrom, memory=lbfgs.memory, damping=lbfgs.damping,
-                    alpha=lbfgs.alpha_ev_per_angstrom2)
-        opt.run(fmax=FMAX_EV_PER_ANGSTROM, steps=MAX_STEPS)
-        ase_positions.append(atoms.positions.copy())
-        ase_steps.append(opt.nsteps)
+    found = relax_peers.ase_relax(systems, lambda: calculator, "lbfgs", MAX_STEPS, lbfgs=lbfgs, fire=fire,
+                                  fmax_ev_per_angstrom=FMAX_EV_PER_ANGSTROM)
+    ase_positions, ase_steps = found.positions, found.steps
     ase_s = time.perf_counter() - start
     deviation = _deviation([r.positions for r in relaxed], ase_positions)
     same_steps = [r.steps for r in relaxed] == ase_steps

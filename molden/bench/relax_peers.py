@@ -127,30 +127,45 @@ def _has_module(name: str) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class PeerRelaxation:
+    """A peer's relaxed positions [N_k, 3] Å and optimiser steps, per system."""
+
+    positions: list[np.ndarray]
+    steps: list[int]
+
+
 def ase_relax_loop(systems: Sequence[Atoms], checkpoint: Path, method: str, steps: int, *,
                    lbfgs: LBFGSSettings, fire: FIRESettings, dtype: torch.dtype, device: str = "cpu") -> list[np.ndarray]:
     """ASE's `LBFGS` / `FIRE` with one `MoldenCalculator`, structure after structure, each
     `steps` steps (fmax 0); the settings are molden's (ASE's defaults)."""
-    from ase.optimize import FIRE, LBFGS
-
     from molden.ase import MoldenCalculator
 
     # Searched at every call, as other tools' calculators do (molden's Verlet lists are molden's).
     calculator = MoldenCalculator(checkpoint, dtype=dtype, device=device, skin_angstrom=0.0)
-    out = []
+    return ase_relax(systems, lambda: calculator, method, steps, lbfgs=lbfgs, fire=fire).positions
+
+
+def ase_relax(systems: Sequence[Atoms], make_calculator: Callable[[], object], method: str, max_steps: int, *,
+              lbfgs: LBFGSSettings, fire: FIRESettings, fmax_ev_per_angstrom: float = 0.0) -> PeerRelaxation:
+    """ASE's `LBFGS` / `FIRE` with molden's settings (ASE's defaults), one structure after
+    another, each with `make_calculator()`, to `fmax_ev_per_angstrom` or `max_steps` steps."""
+    from ase.optimize import FIRE, LBFGS
+
+    out = PeerRelaxation([], [])
     for original in systems:
         atoms = original.copy()
-        atoms.calc = calculator
+        atoms.calc = make_calculator()
         if method == "lbfgs":
             opt = LBFGS(atoms, logfile=None, maxstep=lbfgs.maxstep_angstrom, memory=lbfgs.memory,
                         damping=lbfgs.damping, alpha=lbfgs.alpha_ev_per_angstrom2)
         else:
             opt = FIRE(atoms, logfile=None, dt=fire.dt, maxstep=fire.maxstep_angstrom, dtmax=fire.dtmax,
                        Nmin=fire.n_min, finc=fire.finc, fdec=fire.fdec, astart=fire.astart, fa=fire.fa, a=fire.a)
-        opt.run(fmax=0.0, steps=steps)
-        out.append(atoms.positions.copy())
+        opt.run(fmax=fmax_ev_per_angstrom, steps=max_steps)
+        out.positions.append(atoms.positions.copy())
+        out.steps.append(opt.nsteps)
     return out
-
 
 def _device_of(provider) -> torch.device:
     """Where a provider's model runs (an ASE calculator provider computes on the host)."""
@@ -205,14 +220,6 @@ def torch_sim_state(systems: Sequence[Atoms], api: TorchSimAPI, device: str | to
     if api.fix_atoms is not None and fixed is not None and bool(fixed.any()):
         state.constraints = [api.fix_atoms(atom_idx=torch.nonzero(fixed).flatten().to(device))]
     return state
-
-
-@dataclass(frozen=True)
-class PeerRelaxation:
-    """A peer's relaxed positions [N_k, 3] Å and optimiser steps, per system."""
-
-    positions: list[np.ndarray]
-    steps: list[int]
 
 
 def torch_sim_relax(provider, systems: Sequence[Atoms], method: str, steps: int, *, lbfgs: LBFGSSettings,

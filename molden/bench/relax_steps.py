@@ -67,23 +67,9 @@ def _calculator_factory(model: str) -> Callable[[], object]:
 
 def _ase_run(systems: Sequence[Atoms], make_calculator, method: str, lbfgs: LBFGSSettings,
              fire: FIRESettings) -> tuple[list[np.ndarray], list[int]]:
-    from ase.optimize import FIRE, LBFGS
-
-    positions, steps = [], []
-    for original in systems:
-        atoms = original.copy()
-        atoms.calc = make_calculator()
-        if method == "lbfgs":
-            opt = LBFGS(atoms, logfile=None, maxstep=lbfgs.maxstep_angstrom, memory=lbfgs.memory,
-                        damping=lbfgs.damping, alpha=lbfgs.alpha_ev_per_angstrom2)
-        else:
-            opt = FIRE(atoms, logfile=None, dt=fire.dt, maxstep=fire.maxstep_angstrom, dtmax=fire.dtmax,
-                       Nmin=fire.n_min, finc=fire.finc, fdec=fire.fdec, astart=fire.astart, fa=fire.fa, a=fire.a)
-        opt.run(fmax=FMAX_EV_PER_ANGSTROM, steps=MAX_STEPS)
-        positions.append(atoms.positions.copy())
-        steps.append(opt.nsteps)
-    return positions, steps
-
+    found = relax_peers.ase_relax(systems, make_calculator, method, MAX_STEPS, lbfgs=lbfgs, fire=fire,
+                                  fmax_ev_per_angstrom=FMAX_EV_PER_ANGSTROM)
+    return found.positions, found.steps
 
 def _energies_and_fmax(systems: Sequence[Atoms], positions: Sequence[np.ndarray], make_calculator) -> tuple[np.ndarray, np.ndarray]:
     """Energy (eV) and largest free-atom force (eV/Å) of every system at `positions`."""
