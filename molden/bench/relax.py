@@ -24,8 +24,8 @@ systems; and direct IS2RS prediction against L-BFGS.
 - Agreement before speed: each tool's positions after the `steps` steps are compared with
   ASE's on every system; `agree` is False when any atom differs by more than
   `AGREE_ANGSTROM`, and such a row is flagged, not ranked.
-- Timing: after a one-step warm-up of every tool on two systems (none in quick mode: on a GPU
-  the first call compiles kernels and sets up CUDA), the tools take turns within each repeat
+- Timing: after a one-step warm-up of every tool on two systems (the first call compiles
+  kernels: CUDA's, and Warp's on any device), the tools take turns within each repeat
   (the order flips every repeat), medians of `repeats`. `ratio` = tool time / molden's time
   for the same method (> 1: molden is faster); structure-steps/s = systems × steps / time.
 - Direct prediction (Noisy Nodes §5.1): one forward pass of an IS2RS model (the same backbone
@@ -197,11 +197,11 @@ def run_relax_benchmark(device: str = "cpu", quick: bool = False, sizes: Sequenc
             lbfgs_seconds = None
             for method in ("lbfgs", "fire"):
                 method_rows = _fixed_step_rows(systems, structures, provider, peer_provider, models, method, steps, repeats,
-                                               warmup=not quick, lbfgs=lbfgs, fire=fire, device=device, base=base)
+                                               warmup=True, lbfgs=lbfgs, fire=fire, device=device, base=base)
                 rows += method_rows
                 if method == "lbfgs":
                     lbfgs_seconds = method_rows[0]["time_s"]
-            rows.append(_direct_row(structures, models, lbfgs_seconds, repeats, warmup=not quick, device=device, base=base))
+            rows.append(_direct_row(structures, models, lbfgs_seconds, repeats, warmup=True, device=device, base=base))
             if models.trained:
                 rows += _converged_rows(systems, structures, provider, models, lbfgs=lbfgs, fire=fire, device=device,
                                         base=base)
