@@ -53,3 +53,34 @@ def test_the_scaled_guess_needs_fewer_force_calls(rows):
     fixed, scaled = _row(rows, "molden", "lbfgs", "fixed 1/α"), _row(rows, "molden", "lbfgs", "scaled")
     assert scaled["force_calls"] < 0.75 * fixed["force_calls"]
     assert scaled["preset"] == fixed["preset"] == "ase"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--systems", "0"], "--systems 0: at least one system"),
+    (["--model", "no_such.pt"], "no such checkpoint"),
+    (["--preset", "fast"], "invalid choice"),
+])
+def test_bad_options_are_one_line_before_any_work(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        relax_steps.main(args)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, capsys):
+    bogus = tmp_path / "model.pt"
+    bogus.write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as exit_:
+        relax_steps.main(["--model", str(bogus), "--quick"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "not a molden checkpoint" in err and "Traceback" not in err
+
+
+def test_an_existing_json_is_refused_unless_overwrite_and_written_whole(tmp_path, capsys):
+    out = tmp_path / "steps.json"
+    out.write_text("earlier")
+    with pytest.raises(SystemExit):
+        relax_steps.main(["--quick", "--json", str(out)])
+    assert "--overwrite" in capsys.readouterr().err and out.read_text() == "earlier"
+    relax_steps.main(["--quick", "--json", str(out), "--overwrite"])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["tool"] == "ase" and not list(tmp_path.glob("*.partial"))

@@ -44,6 +44,7 @@ from molden.bench import relax_peers
 from molden.bench.relax import oc20_like_systems
 from molden.bench.tables import print_table
 from molden.data.ase_convert import structure_from_atoms
+from molden.errors import MoldenError
 from molden.relax.driver import relax
 from molden.relax.optimizers import FIRESettings, LBFGSSettings
 from molden.relax.providers import ASECalculatorProvider, provider_for
@@ -189,14 +190,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_SYSTEMS} small systems")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    parser.add_argument("--json", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--json", type=Path, help="write the rows as JSON here (refused if it exists)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = parser.parse_args(argv)
+    if args.systems < 1:
+        parser.error(f"--systems {args.systems}: at least one system")
+    if args.model != "emt" and not Path(args.model).is_file():
+        parser.error(f"--model {args.model}: no such checkpoint (or 'emt')")
+    if args.json is not None and args.json.exists() and not args.overwrite:
+        parser.error(f"--json {args.json} exists: pass --overwrite to replace it")
     torch.set_num_threads(args.threads)
-    rows = run_relax_steps_benchmark(args.model, args.systems, args.preset, args.quick, args.seed)
+    try:
+        rows = run_relax_steps_benchmark(args.model, args.systems, args.preset, args.quick, args.seed)
+    except MoldenError as error:  # a damaged checkpoint: one line, no traceback
+        parser.error(str(error))
     _print(rows)
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
-
+    if args.json:  # whole or not at all: an interrupted write leaves no half file
+        partial = args.json.with_name(args.json.name + ".partial")
+        partial.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+        partial.replace(args.json)
 
 if __name__ == "__main__":
     main()
