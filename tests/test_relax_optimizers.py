@@ -196,3 +196,61 @@ def test_the_scaled_guess_converges_every_system_in_fewer_steps_and_the_batch_do
             np.testing.assert_allclose(other.positions, alone.positions, atol=1e-9)
     for structure, result in zip(structures, together):
         np.testing.assert_array_equal(result.positions[structure.fixed], structure.positions[structure.fixed])
+
+
+def _bfgs_step(pairs, h0: float, forces):
+    """The L-BFGS step from the pairs (s, y) oldest first, as the matrix recursion
+    H ← Vᵀ H V + ρ s sᵀ, V = I − ρ y sᵀ (Nocedal & Wright eq. 7.19), from H0 = h0 I."""
+    import torch
+
+    n = forces.numel()
+    h = h0 * torch.eye(n, dtype=torch.float64)
+    for s_, y_ in pairs:
+        rho = 1.0 / (y_ @ s_)
+        v = torch.eye(n, dtype=torch.float64) - rho * torch.outer(y_, s_)
+        h = v.T @ h @ v + rho * torch.outer(s_, s_)
+    return h @ forces.flatten()
+
+
+def test_the_scaled_guess_uses_the_newest_pair_of_a_full_ring_and_a_reset_slot_starts_again():
+    """Memory 2, two slots, steps on an anisotropic quadratic: once the ring has wrapped, each
+    step is still the BFGS update of the two newest pairs from γ of the newest (not the oldest,
+    not a stale one). Then slot 0 is reset while slot 1 keeps its history: slot 0's next step
+    is F/α again (its ring still holds the old pairs), slot 1's goes on from its own."""
+    import torch
+
+    from molden.relax.optimizers import BatchedLBFGS
+
+    k = torch.tensor([[5.0, 1.0, 12.0], [3.0, 8.0, 0.5]], dtype=torch.float64)
+    minimum = torch.tensor([[0.3, -0.1, 0.05], [0.0, 0.2, -0.1]], dtype=torch.float64)
+
+    def forces(x):
+        return -k * (x - minimum)
+
+    settings = LBFGSSettings(initial_inverse_hessian="scaled", memory=2, maxstep_angstrom=10.0)
+    optimizer = BatchedLBFGS(2, 2, settings)
+    positions = torch.stack([minimum + 0.05, minimum - torch.tensor([0.02, 0.04, 0.01], dtype=torch.float64)])
+    active = torch.tensor([True, True])
+    visited: list[list] = [[], []]  # the positions each slot was given since it (re)started
+
+    def expected_step(slot: int, x):
+        xs = visited[slot]
+        pairs = [((xs[i] - xs[i - 1]).flatten(), (forces(xs[i - 1]) - forces(xs[i])).flatten())
+                 for i in range(1, len(xs))][-settings.memory:]
+        if not pairs:
+            return (forces(x) / settings.alpha_ev_per_angstrom2).flatten()
+        s_new, y_new = pairs[-1]
+        return _bfgs_step(pairs, float((s_new @ y_new) / (y_new @ y_new)), forces(x))
+
+    for step in range(6):
+        if step == 5:
+            optimizer.reset(torch.tensor([0]))
+            visited[0] = []
+        for slot in (0, 1):
+            visited[slot].append(positions[slot])
+        moved = optimizer.step(positions, forces(positions), active)
+        for slot in (0, 1):
+            np.testing.assert_allclose((moved[slot] - positions[slot]).flatten().numpy(),
+                                       expected_step(slot, positions[slot]).numpy(), rtol=0, atol=1e-13)
+        positions = moved
+    assert len(visited[1]) == 6 and len(visited[0]) == 1  # slot 1 wrapped its ring twice; slot 0 restarted

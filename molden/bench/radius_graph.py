@@ -197,7 +197,8 @@ def _peer_runners(case: Case, device: str) -> dict[str, Peer]:
 def _nvalchemi_peer(case: Case, device: str) -> Peer:
     """nvalchemi-toolkit-ops (NVIDIA Warp kernels): one batched call over the case, through the
     prepared state its documentation recommends for repeated calls (the method it picks itself
-    and the buffers are settled once, outside the timing, as a relaxation or MD loop would)."""
+    and the buffers are settled once, outside the timing, as a relaxation or MD loop would while
+    the atoms stay within the bounds it prepared; molden's timed call does all of its work)."""
     if not _importable("nvalchemiops.torch.neighbors"):
         return Peer(note="not installed: pip install nvalchemi-toolkit-ops (brings warp-lang)")
     import warp

@@ -249,7 +249,7 @@ def torch_sim_relax(provider, systems: Sequence[Atoms], method: str, steps: int,
 
 class _FirstConverged:
     """Per system of a chunk, the positions and step count at the first force evaluation whose
-    largest free-atom force is at most `fmax`, or at `max_steps` (one host read per call; with
+    largest free-atom force is below `fmax`, or at `max_steps` (one host read per call; with
     fmax 0, none before the last)."""
 
     def __init__(self, chunk: Sequence[Atoms], system: torch.Tensor, fmax: float, max_steps: int):
@@ -264,7 +264,7 @@ class _FirstConverged:
             return False  # fixed steps: no device read until the last (the peer's own loop has none)
         largest = torch.zeros(len(self.steps), dtype=free_forces.dtype, device=free_forces.device).scatter_reduce_(
             0, self.system, free_forces.norm(dim=1), "amax")
-        now = (largest <= self.fmax).cpu().numpy() | (step == self.max_steps)
+        now = (largest < self.fmax).cpu().numpy() | (step == self.max_steps)  # ASE's test: strictly below
         pending = [k for k in np.flatnonzero(now) if self.steps[k] < 0]
         if pending:
             host = positions.detach().cpu().numpy()
@@ -297,7 +297,7 @@ def nvalchemi_relax(provider, systems: Sequence[Atoms], method: str, max_steps: 
     settings (ASE's) in place of its own. It has no constraints and no stopping rule (the
     caller owns the loop): fixed atoms get zero force, which neither optimiser moves, and a
     system is done, with its positions and step count kept, at the first force call whose
-    largest free-atom force is at most `fmax_ev_per_angstrom`. The loop ends when every
+    largest free-atom force is below `fmax_ev_per_angstrom`. The loop ends when every
     system of the chunk is done or after `max_steps` steps (`max_steps + 1` force calls, as
     molden and ASE count them); done systems keep stepping, as the library leaves them."""
     import warp
@@ -334,7 +334,9 @@ def nvalchemi_relax(provider, systems: Sequence[Atoms], method: str, max_steps: 
                             alpha0=fire.astart, tmax=fire.dtmax, maxstep=fire.maxstep_angstrom)
         done = _FirstConverged(chunk, system, fmax_ev_per_angstrom, max_steps)
         for step in range(max_steps + 1):
-            _, forces = provider(replace(template, positions=positions))
+            # A copy: the optimiser moves `positions` in place, and a provider may keep what it
+            # is given (a Verlet list's reference positions).
+            _, forces = provider(replace(template, positions=positions.clone()))
             forces = forces.to(positions.dtype) * free
             if done.record(step, positions, forces) or step == max_steps:
                 break

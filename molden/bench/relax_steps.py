@@ -18,7 +18,7 @@ twice as fast on a laptop and on a GPU alike.
   is not ASE's F/α) and its FIRE (`ase_fire`), and
   nvalchemi-toolkit-ops' own L-BFGS and FIRE2 (`relax_peers.nvalchemi_relax`), where installed.
   `--preset` picks the L-BFGS settings (ASE's, or OC20's maxstep 0.04 Å and memory 50).
-- Per row: systems converged (every free atom's force at most fmax within `max_steps`), mean
+- Per row: systems converged (every free atom's force below fmax at the end), mean
   steps, force calls in all (steps + 1 per system), `calls_ratio` = ASE L-BFGS's calls / the
   row's (> 1: fewer calls than ASE), and the final energy against ASE L-BFGS's on the same
   system (median, range, how many systems end within 10 meV of it and how many more than
@@ -149,7 +149,7 @@ def run_relax_steps_benchmark(model: str = "emt", n_systems: int = 20, preset: s
         if reference_energy is None:  # ASE's L-BFGS comes first
             reference_energy, reference_calls = energies, calls
         delta_mev = 1e3 * (energies - reference_energy)
-        converged = (np.array(steps) < MAX_STEPS) & (fmax <= FMAX_EV_PER_ANGSTROM * (1 + 1e-6))
+        converged = fmax < FMAX_EV_PER_ANGSTROM  # ASE's test, at the final positions
         rows.append({**row, "skipped": None, "converged": int(converged.sum()), "mean_steps": float(np.mean(steps)),
                      "force_calls": calls, "calls_ratio": reference_calls / calls, "seconds": seconds,
                      "median_energy_difference_mev": float(np.median(delta_mev)),
