@@ -167,6 +167,7 @@ def ase_relax(systems: Sequence[Atoms], make_calculator: Callable[[], object], m
         out.steps.append(opt.nsteps)
     return out
 
+
 def _device_of(provider) -> torch.device:
     """Where a provider's model runs (an ASE calculator provider computes on the host)."""
     return torch.device(getattr(provider, "device", "cpu"))
@@ -227,7 +228,7 @@ def torch_sim_relax(provider, systems: Sequence[Atoms], method: str, steps: int,
     """torch-sim's batched L-BFGS (ASE mode for the fixed guess, its default for the scaled
     one) or FIRE (`ase_fire`, ASE's algorithm) with molden's settings, `batch_size` systems at
     a time (as molden's `relax`). A system is done at the first force evaluation whose largest
-    free-atom force is at most `fmax_ev_per_angstrom`, or after `steps` steps (fmax 0: exactly
+    free-atom force is below `fmax_ev_per_angstrom`, or after `steps` steps (fmax 0: exactly
     `steps` each); done systems keep stepping, as torch-sim's step functions leave them."""
     api = torch_sim_api()
     out = PeerRelaxation([], [])
@@ -239,7 +240,7 @@ def torch_sim_relax(provider, systems: Sequence[Atoms], method: str, steps: int,
         free = (~model.template.fixed)[:, None]
         done = _FirstConverged(chunk, model.template.batch, fmax_ev_per_angstrom, steps)
         for n in range(steps + 1):
-            if done.record(n, state.positions, state.forces * free) or n == steps:
+            if done.record(n, state.positions, state.forces, free) or n == steps:
                 break
             state = step(state)
         out.positions.extend(done.positions)
@@ -258,12 +259,13 @@ class _FirstConverged:
         self.steps = [-1] * len(chunk)
         self.positions: list[np.ndarray | None] = [None] * len(chunk)
 
-    def record(self, step: int, positions: torch.Tensor, free_forces: torch.Tensor) -> bool:
-        """Record the systems done at `step`; True once every system is."""
+    def record(self, step: int, positions: torch.Tensor, forces: torch.Tensor, free: torch.Tensor) -> bool:
+        """Record the systems done at `step` (`free` [N, 1]: the atoms the test looks at); True
+        once every system is."""
         if self.fmax <= 0 and step < self.max_steps:
             return False  # fixed steps: no device read until the last (the peer's own loop has none)
-        largest = torch.zeros(len(self.steps), dtype=free_forces.dtype, device=free_forces.device).scatter_reduce_(
-            0, self.system, free_forces.norm(dim=1), "amax")
+        largest = torch.zeros(len(self.steps), dtype=forces.dtype, device=forces.device).scatter_reduce_(
+            0, self.system, (forces * free).norm(dim=1), "amax")
         now = (largest < self.fmax).cpu().numpy() | (step == self.max_steps)  # ASE's test: strictly below
         pending = [k for k in np.flatnonzero(now) if self.steps[k] < 0]
         if pending:
@@ -271,6 +273,7 @@ class _FirstConverged:
             for k in pending:
                 self.steps[k], self.positions[k] = step, host[self.bounds[k] : self.bounds[k + 1]].copy()
         return min(self.steps) >= 0
+
 
 NVALCHEMI_HINT = "not installed: pip install nvalchemi-toolkit-ops (brings warp-lang; in molden[bench])"
 
@@ -308,8 +311,7 @@ def nvalchemi_relax(provider, systems: Sequence[Atoms], method: str, max_steps: 
 
     if method not in ("lbfgs", "fire"):
         raise ValueError(f"no nvalchemi optimiser for {method!r}")
-    out_positions: list[np.ndarray] = []
-    out_steps: list[int] = []
+    out = PeerRelaxation([], [])
     for start in range(0, len(systems), batch_size):
         chunk = systems[start : start + batch_size]
         structures = [structure_from_atoms(a, system_id=f"nvalchemi:{k}") for k, a in enumerate(chunk)]
@@ -338,13 +340,13 @@ def nvalchemi_relax(provider, systems: Sequence[Atoms], method: str, max_steps: 
             # is given (a Verlet list's reference positions).
             _, forces = provider(replace(template, positions=positions.clone()))
             forces = forces.to(positions.dtype) * free
-            if done.record(step, positions, forces) or step == max_steps:
+            if done.record(step, positions, forces, free) or step == max_steps:
                 break
             if method == "lbfgs":
                 lbfgs_step_coord(positions, forces.contiguous(), state, batch_idx, maxstep=lbfgs.maxstep_angstrom)
             else:
                 fire2_step_coord(positions, velocities, forces.contiguous(), batch_idx, alpha, dt, nsteps_inc,
                                  **scratch, **settings)
-        out_positions += done.positions
-        out_steps += done.steps
-    return PeerRelaxation(out_positions, out_steps)
+        out.positions.extend(done.positions)
+        out.steps.extend(done.steps)
+    return out

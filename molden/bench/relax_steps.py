@@ -22,8 +22,7 @@ twice as fast on a laptop and on a GPU alike.
   steps, force calls in all (steps + 1 per system), `calls_ratio` = ASE L-BFGS's calls / the
   row's (> 1: fewer calls than ASE), and the final energy against ASE L-BFGS's on the same
   system (median, range, how many systems end within 10 meV of it and how many more than
-  10 meV above it, in a worse minimum; negative: lower).
-  Seconds are reported but mean
+  10 meV above it, in a worse minimum; negative: lower). Seconds are reported but mean
   little here: with EMT they are mostly ASE's per-structure Python.
 """
 
@@ -41,7 +40,7 @@ import torch
 from ase import Atoms
 
 from molden.bench import relax_peers
-from molden.bench.relax import oc20_like_systems
+from molden.bench.relax import FMAX_EV_PER_ANGSTROM, MAX_STEPS, oc20_like_systems
 from molden.bench.tables import print_table
 from molden.data.ase_convert import structure_from_atoms
 from molden.errors import MoldenError
@@ -50,8 +49,6 @@ from molden.relax.optimizers import FIRESettings, LBFGSSettings
 from molden.relax.providers import ASECalculatorProvider, provider_for
 from molden.relax.run import oc20_lbfgs
 
-FMAX_EV_PER_ANGSTROM = 0.05
-MAX_STEPS = 300  # OC20's IS2RS budget
 QUICK_SYSTEMS = 3
 
 
@@ -204,6 +201,8 @@ def main(argv: list[str] | None = None) -> None:
         rows = run_relax_steps_benchmark(args.model, args.systems, args.preset, args.quick, args.seed)
     except MoldenError as error:  # a damaged checkpoint: one line, no traceback
         parser.error(str(error))
+    except KeyboardInterrupt:  # nothing was written yet: the JSON comes only at the end
+        raise SystemExit("interrupted: nothing written")
     _print(rows)
     if args.json:  # whole or not at all: an interrupted write leaves no half file
         partial = args.json.with_name(args.json.name + ".partial")
