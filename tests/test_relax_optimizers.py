@@ -169,8 +169,7 @@ def test_the_scaled_guess_starts_from_one_over_alpha_and_keeps_each_structures_c
     first = optimizer.step(positions, -stiffness * positions, active)
     np.testing.assert_allclose((first - positions).numpy(), (stiffness * positions / 70.0).numpy() * -1, atol=1e-15)
     optimizer.step(first, -stiffness * first, active)  # stores each slot's first pair
-    s, y = optimizer.s[:, :1], optimizer.y[:, :1]
-    guess = optimizer._initial_inverse_hessian(s, y, depth=1)
+    guess = optimizer.initial_inverse_hessian()
     np.testing.assert_allclose(guess.numpy(), 1.0 / stiffness.flatten().numpy(), rtol=1e-12)
 
 
@@ -254,3 +253,104 @@ def test_the_scaled_guess_uses_the_newest_pair_of_a_full_ring_and_a_reset_slot_s
                                        expected_step(slot, positions[slot]).numpy(), rtol=0, atol=1e-13)
         positions = moved
     assert len(visited[1]) == 6 and len(visited[0]) == 1  # slot 1 wrapped its ring twice; slot 0 restarted
+
+
+def _two_loop(pairs, h0: float, g: np.ndarray) -> np.ndarray:
+    """H g by the two-loop recursion over the pairs (s, y) oldest first, as ASE's `LBFGS.step`
+    writes it (ρ = 1/(y·s) whatever its sign)."""
+    q, a = g.copy(), []
+    for s_, y_ in reversed(pairs):
+        a.append((s_ @ q) / (y_ @ s_))
+        q = q - a[-1] * y_
+    z = h0 * q
+    for (s_, y_), a_ in zip(pairs, reversed(a)):
+        z = z + s_ * (a_ - (y_ @ z) / (y_ @ s_))
+    return z
+
+
+@pytest.mark.parametrize("guess", ["fixed", "scaled"])
+def test_the_compact_step_is_the_two_loop_recursion_at_every_depth_wrap_and_reset(guess):
+    """Three slots on separable quartic wells (curvature changing along the path, so pairs
+    differ and some have y·s < 0 with the guard off), memory 4: every step of every slot equals
+    ASE's two-loop recursion over the pairs that slot stored since it (re)started, through the
+    ring's wrap, an idle slot, and a reset of one slot mid-run."""
+    import torch
+
+    from molden.relax.optimizers import BatchedLBFGS
+
+    rng = np.random.default_rng(3)
+    k = rng.uniform(0.5, 8.0, size=(3, 4, 3))
+    minimum = rng.normal(scale=0.1, size=(3, 4, 3))
+
+    def forces(x):
+        d = x - minimum
+        return -(k * d + 40.0 * d**3) + 3.0 * np.sin(5.0 * d)  # concave near d = 0: y·s < 0 happens
+
+    settings = LBFGSSettings(memory=4, maxstep_angstrom=10.0, curvature_guard=False, initial_inverse_hessian=guess)
+    optimizer = BatchedLBFGS(3, 4, settings)
+    x = minimum + rng.normal(scale=0.1, size=minimum.shape)
+    visited: list[list[np.ndarray]] = [[], [], []]
+    negative_curvature = 0
+    for step in range(12):
+        active = np.array([True, step % 3 != 1, True])  # slot 1 sits out every third step
+        if step == 7:
+            optimizer.reset(torch.tensor([2]))
+            visited[2] = []
+        f = forces(x)
+        moved = optimizer.step(torch.from_numpy(x), torch.from_numpy(f), torch.from_numpy(active)).numpy()
+        for b in range(3):
+            if not active[b]:
+                np.testing.assert_array_equal(moved[b], x[b])
+                continue
+            visited[b].append((x[b].ravel().copy(), f[b].ravel().copy()))
+            pairs = [(xs - xp, fp - fs) for (xp, fp), (xs, fs) in zip(visited[b][:-1], visited[b][1:])][-settings.memory:]
+            negative_curvature += bool(pairs) and pairs[-1][0] @ pairs[-1][1] < 0
+            h0 = 1.0 / settings.alpha_ev_per_angstrom2
+            if guess == "scaled" and pairs and pairs[-1][0] @ pairs[-1][1] > 0:
+                h0 = (pairs[-1][0] @ pairs[-1][1]) / (pairs[-1][1] @ pairs[-1][1])
+            expected = _two_loop(pairs, h0, -f[b].ravel())
+            np.testing.assert_allclose((x[b] - moved[b]).ravel(), expected, rtol=1e-9, atol=1e-13)
+        x = moved
+    assert negative_curvature > 0  # the case ASE stores and the guard would not
+
+
+def test_the_lbfgs_step_reads_nothing_back_and_launches_as_many_kernels_at_any_depth():
+    """A GPU step costs launches: the step's aten ops (views aside) are as many with 1 stored
+    pair as with 50, and none of them waits for the device (nonzero, item, boolean masks)."""
+    import collections
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from molden.relax.optimizers import BatchedLBFGS
+
+    views = {"view", "_unsafe_view", "permute", "unsqueeze", "squeeze", "expand", "select", "slice", "as_strided",
+             "t", "transpose", "alias", "detach", "lift_fresh", "diagonal", "unbind", "reshape", "_reshape_alias"}
+    host_reads = {"nonzero", "_local_scalar_dense", "item", "masked_select", "is_nonzero", "equal"}
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            if name not in views:
+                self.ops[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    memory = 50
+    optimizer = BatchedLBFGS(4, 5, LBFGSSettings(memory=memory, maxstep_angstrom=0.04))
+    stiffness = torch.linspace(1.0, 9.0, 60, dtype=torch.float64).view(4, 5, 3)
+    x = torch.full((4, 5, 3), 0.8, dtype=torch.float64)
+    active = torch.tensor([True, True, False, True])
+    counts = {}
+    for step in range(memory + 10):
+        ops = Ops()
+        with ops:
+            x = optimizer.step(x, -stiffness * x, active)
+        counts[step] = ops.ops
+    assert int(optimizer.count.max()) == memory
+    for step in (1, 2, memory // 2, memory + 5):
+        assert not host_reads & set(counts[step]), counts[step]
+        assert sum(counts[step].values()) == sum(counts[2].values())

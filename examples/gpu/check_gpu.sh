@@ -80,6 +80,10 @@ for n in 64 256; do  # one size per call, so a time-out loses one table, not bot
     --threads 8 --json "$OUT/relax_cuda_$n.json" 2>&1 | tail -14; check "relax benchmark, $n systems"
   tar rf "$OUT/bench.tar" -C "$OUT" "relax_cuda_$n.json" 2>/dev/null && rm -f "$OUT/relax_cuda_$n.json"
 done
+stamp optimiser cost per step  # the optimisers alone (free random forces): launches, not arithmetic
+timeout 90 python3 -m molden.bench.optimizer_step --device cuda --systems 64 --memory 100 --steps 120 --threads 8 \
+  --json "$OUT/optimizer_step_cuda.json" 2>&1 | tail -24; check "optimizer step benchmark"
+tar rf "$OUT/bench.tar" -C "$OUT" optimizer_step_cuda.json 2>/dev/null && rm -f "$OUT/optimizer_step_cuda.json"
 if [ -f "$DATA/s2ef_best.pt" ]; then  # to fmax on the GPU: the scaled guess's fewer force calls, in seconds
   for guess in fixed scaled; do
     stamp "relax to fmax, L-BFGS guess $guess"
