@@ -143,23 +143,25 @@ class BatchedLBFGS:
         # Oldest first: the k-th pair sits at ring position (head + k) % depth (a ring not yet
         # wrapped holds count = head pairs from 0; a full one has depth = M), and the first
         # depth − count of them are pairs the slot does not have (zero, decoupled).
-        rows = torch.arange(len(self.head), device=self.head.device)[:, None]
         ages = torch.arange(depth, device=self.head.device)
         order = (self.head[:, None] + ages) % depth
         had = ages >= (depth - self.count)[:, None]
-        sy = self.sy[rows[..., None], order[:, :, None], order[:, None, :]]
-        yy = self.yy[rows[..., None], order[:, :, None], order[:, None, :]]
-        r = sy.triu() + torch.diag_embed((~had).to(sy.dtype))
-        gamma = self.initial_inverse_hessian()[:, None, None]
-        u = torch.linalg.solve_triangular(r, s_g.gather(1, order)[..., None], upper=True)
-        w = sy.diagonal(dim1=1, dim2=2)[..., None] * u + gamma * (yy @ u - y_g.gather(1, order)[..., None])
-        p = torch.linalg.solve_triangular(r.mT, w, upper=False)
-        coefficients = torch.zeros(len(self.head), 2, depth, dtype=g.dtype, device=g.device)
-        coefficients[:, 0].scatter_(1, order, p[..., 0])
-        coefficients[:, 1].scatter_(1, order, -gamma[..., 0] * u[..., 0])
+        # R, oldest first: one gather of the rows, one of the columns. YᵀY is used only times a
+        # vector, which is taken in ring order instead (a gather of [B, depth], not [B, depth²]).
+        sy = self.sy[:, :depth, :depth]
+        sy = sy.gather(1, order[:, :, None].expand_as(sy)).gather(2, order[:, None, :].expand_as(sy))
+        r = sy * torch.ones(depth, depth, dtype=sy.dtype, device=sy.device).triu()
+        r.diagonal(dim1=1, dim2=2).add_(~had)  # 1 for the pairs not had: decoupled
+        gamma = self.initial_inverse_hessian()[:, None]
+        u = torch.linalg.solve_triangular(r, s_g.gather(1, order)[..., None], upper=True)[..., 0]
+        u_ring = torch.zeros_like(u).scatter_(1, order, u)
+        yy_u = (self.yy[:, :depth, :depth] @ u_ring[..., None])[..., 0].gather(1, order)
+        w = sy.diagonal(dim1=1, dim2=2) * u + gamma * (yy_u - y_g.gather(1, order))
+        p = torch.linalg.solve_triangular(r.mT, w[..., None], upper=False)[..., 0]
+        p_ring = torch.zeros_like(p).scatter_(1, order, p)
         # H g = γ g + S p − γ Y u, one pass over each of S and Y.
-        hg = (gamma[..., 0] * g.flatten(1) + (coefficients[:, :1] @ self.s[:, :depth].flatten(2))[:, 0]
-              + (coefficients[:, 1:] @ self.y[:, :depth].flatten(2))[:, 0])
+        hg = (gamma * g.flatten(1) + (p_ring[:, None] @ self.s[:, :depth].flatten(2))[:, 0]
+              - gamma * (u_ring[:, None] @ self.y[:, :depth].flatten(2))[:, 0])
         step = -hg.view_as(g)
         longest = step.norm(dim=2).amax(dim=1)
         scale = torch.where(longest >= cfg.maxstep_angstrom, cfg.maxstep_angstrom / longest.clamp_min(1e-300), 1.0)
