@@ -269,11 +269,13 @@ def _two_loop(pairs, h0: float, g: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("guess", ["fixed", "scaled"])
-def test_the_compact_step_is_the_two_loop_recursion_at_every_depth_wrap_and_reset(guess):
+@pytest.mark.parametrize(("memory", "resets"), [(4, {7: [2]}), (6, {4: [0], 9: [0, 1, 2]})])
+def test_the_compact_step_is_the_two_loop_recursion_at_every_depth_wrap_and_reset(guess, memory, resets):
     """Three slots on separable quartic wells (curvature changing along the path, so pairs
-    differ and some have y·s < 0 with the guard off), memory 4: every step of every slot equals
-    ASE's two-loop recursion over the pairs that slot stored since it (re)started, through the
-    ring's wrap, an idle slot, and a reset of one slot mid-run."""
+    differ and some have y·s < 0 with the guard off): every step of every slot equals ASE's
+    two-loop recursion over the pairs that slot stored since it (re)started, through the ring's
+    wrap, an idle slot, a reset of one slot mid-run, and (memory 6) a reset of every slot after
+    one ring wrapped, which shrinks the depth the step reads (`calls_since_reset`)."""
     import torch
 
     from molden.relax.optimizers import BatchedLBFGS
@@ -286,16 +288,17 @@ def test_the_compact_step_is_the_two_loop_recursion_at_every_depth_wrap_and_rese
         d = x - minimum
         return -(k * d + 40.0 * d**3) + 3.0 * np.sin(5.0 * d)  # concave near d = 0: y·s < 0 happens
 
-    settings = LBFGSSettings(memory=4, maxstep_angstrom=10.0, curvature_guard=False, initial_inverse_hessian=guess)
+    settings = LBFGSSettings(memory=memory, maxstep_angstrom=10.0, curvature_guard=False, initial_inverse_hessian=guess)
     optimizer = BatchedLBFGS(3, 4, settings)
     x = minimum + rng.normal(scale=0.1, size=minimum.shape)
     visited: list[list[np.ndarray]] = [[], [], []]
     negative_curvature = 0
-    for step in range(12):
+    for step in range(14):
         active = np.array([True, step % 3 != 1, True])  # slot 1 sits out every third step
-        if step == 7:
-            optimizer.reset(torch.tensor([2]))
-            visited[2] = []
+        if step in resets:
+            optimizer.reset(resets[step])
+            for b in resets[step]:
+                visited[b] = []
         f = forces(x)
         moved = optimizer.step(torch.from_numpy(x), torch.from_numpy(f), torch.from_numpy(active)).numpy()
         for b in range(3):
@@ -312,6 +315,8 @@ def test_the_compact_step_is_the_two_loop_recursion_at_every_depth_wrap_and_rese
             np.testing.assert_allclose((x[b] - moved[b]).ravel(), expected, rtol=1e-9, atol=1e-13)
         x = moved
     assert negative_curvature > 0  # the case ASE stores and the guard would not
+    last_reset = [max([k for k, slots in resets.items() if b in slots], default=0) for b in range(3)]
+    assert optimizer.calls_since_reset.tolist() == [14 - k for k in last_reset]  # the depth bound follows resets
 
 
 def test_the_lbfgs_step_reads_nothing_back_and_launches_as_many_kernels_at_any_depth():

@@ -18,8 +18,9 @@ calls with ASE's settings (fewer gains under OC20's 0.04 Å step cap).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -40,7 +41,7 @@ class LBFGSSettings:
     guard off the steps are ASE's exactly. On one of 20 EMT test systems ASE's L-BFGS, storing
     such pairs, is still unconverged after 300 steps where the guarded one converges in 55."""
     initial_inverse_hessian: Literal["fixed", "scaled"] = "fixed"
-    """The two-loop recursion's starting guess H0 of the inverse Hessian. 'fixed': 1/α at every
+    """The L-BFGS update's starting guess H0 of the inverse Hessian. 'fixed': 1/α at every
     step, as ASE's `LBFGS` (steps follow ASE's). 'scaled': γ I with γ = s·y / y·y of the
     structure's newest stored pair (Nocedal & Wright, Numerical Optimization, 2nd ed., eq.
     7.20), 1/α until it has one or when γ is not positive: the curvature the structure has
@@ -58,16 +59,18 @@ class BatchedLBFGS:
     History is a ring buffer [B, M, N, 3] per slot with its own write position, beside the
     pairs' inner products s_i·y_j and y_i·y_j [B, M, M], updated by a row and a column when a
     pair is stored. The step is the compact form of the same inverse-Hessian update (Byrd,
-    Nocedal & Schnabel 1994, eq. 3.1; Nocedal & Wright, Numerical Optimization, 2nd ed., eq.
-    7.24): with S, Y a structure's pairs oldest first, R the upper triangle of SᵀY, D its
+    Nocedal & Schnabel, "Representations of quasi-Newton matrices", Math. Programming 63,
+    1994, §2; it needs only s_i·y_i ≠ 0, so ASE's pairs of negative curvature are taken as ASE
+    takes them): with S, Y a structure's pairs oldest first, R the upper triangle of SᵀY, D its
     diagonal and H0 = γ I,
 
         H g = γ g + S p − γ Y u,   u = R⁻¹ Sᵀg,   p = R⁻ᵀ ((D + γ YᵀY) u − γ Yᵀg).
 
-    ASE's two-loop recursion computes the same vector in two Python loops over the history,
-    about 10 kernels per stored pair (1,000 per step at ASE's memory of 100: on a GPU, launches
-    that outlast the arithmetic); this is a fixed few dozen at any depth, reads nothing back to
-    the host, and reads the history from memory as often as the two loops do.
+    The two-loop recursion (ASE's, and molden's before) computes the same vector in two loops
+    over the history: in torch about 12 kernels per stored pair, 1,260 per step at ASE's memory
+    of 100 (`molden.bench.optimizer_step`; on a GPU, launches that outlast the arithmetic). This
+    is a fixed 86 at any depth, reads nothing back to the host, and passes over the history in
+    memory as often as the two loops do.
 
     Invariant: a pair a slot does not have is zero in `s`, `y`, `sy` and `yy` (reset zeroes
     them), so it adds nothing; only R's diagonal needs a 1 there.
@@ -85,14 +88,17 @@ class BatchedLBFGS:
         self.iteration = torch.zeros(n_slots, dtype=torch.long, device=device)
         self.r0 = torch.zeros(n_slots, n_atoms, 3, dtype=dtype, device=device)
         self.f0 = torch.zeros_like(self.r0)
-        self.calls = 0
-        """Steps taken: a host-side bound on every slot's writes, so that until the ring is full
-        the history is read only as far as it was written (slots write from position 0)."""
+        self.calls_since_reset = np.zeros(n_slots, dtype=np.int64)
+        """Per slot, steps since it was last reset, kept on the host: a bound on its writes (at
+        most one a step, from ring position 0), so that until some ring is full the history is
+        read only as far as any slot has written, without asking the device."""
 
-    def reset(self, slots: Tensor) -> None:
-        """Forget everything about the structures in `slots` (a new structure moved in)."""
+    def reset(self, slots: Sequence[int] | Tensor) -> None:
+        """Forget everything about the structures in `slots` (a new structure moved in). A list
+        costs no device read; a device tensor costs one (`relax` passes a list)."""
         for t in (self.s, self.y, self.sy, self.yy, self.head, self.count, self.iteration, self.r0, self.f0):
-            t[slots] = 0
+            t[torch.as_tensor(slots, dtype=torch.long, device=self.head.device)] = 0
+        self.calls_since_reset[np.asarray(slots.tolist() if isinstance(slots, Tensor) else slots, dtype=np.int64)] = 0
 
     def initial_inverse_hessian(self) -> Tensor:
         """[B] H0 per slot (Å²/eV): 1/α, or γ = s·y / y·y of each slot's newest stored pair."""
@@ -129,9 +135,9 @@ class BatchedLBFGS:
         """New positions [B, N, 3] Å for the `active` [B] slots (others unchanged), from the
         forces [B, N, 3] eV/Å at `positions` (zero on fixed and padding atoms)."""
         cfg = self.settings
-        self.calls += 1
-        # Until the ring wraps, positions past `calls` hold nothing (a bound, no device read).
-        depth = min(cfg.memory, self.calls)
+        self.calls_since_reset += 1
+        # No slot has written past this (a host-side bound: no device read).
+        depth = int(min(cfg.memory, self.calls_since_reset.max(initial=1)))
         s0, y0, g = positions - self.r0, self.f0 - forces, -forces  # y: the gradient's change
         store = active & (self.iteration > 0)
         if cfg.curvature_guard:
@@ -198,7 +204,7 @@ class BatchedFIRE:
         self.n_steps = torch.zeros(n_slots, dtype=torch.long, device=device)
         self.started = torch.zeros(n_slots, dtype=torch.bool, device=device)
 
-    def reset(self, slots: Tensor) -> None:
+    def reset(self, slots: Sequence[int] | Tensor) -> None:
         cfg = self.settings
         self.v[slots] = 0
         self.dt[slots] = cfg.dt
