@@ -72,6 +72,10 @@ def test_quick_benchmark_writes_every_row_every_chart_and_the_machine(qm9_cache,
     assert all(r["agree"] for r in verlet)
     assert any("Verlet lists (skin 0.5 Å)" in note and "ASE's NeighborList at the same skin takes" in note
                for note in report["suites"]["relax"]["notes"])
+    per_step = report["suites"]["relax"]["setup"]["optimizer_step"]
+    assert {r["tool"] for r in per_step if r["method"] == "lbfgs" and not r.get("skipped")} >= {"molden"}
+    assert any(note.startswith("lbfgs alone: molden") and "1.0 host reads per step" in note
+               for note in report["suites"]["relax"]["notes"])
     # the tables name every suite and the files written
     assert "Radius graph" in result.output and "Training step" in result.output and "benchmark.json" in result.output
 

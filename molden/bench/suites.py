@@ -254,6 +254,16 @@ def _relax_suite(shared: _Shared) -> SuiteResult:
               + (f"({r['calls_ratio']:.2f}× fewer)" if r["calls_ratio"] >= 1 else f"({1 / r['calls_ratio']:.2f}× more)")
               + f", {r['converged']}/{r['n_systems']} converged, {r['higher_by_10_mev']} ending > 10 meV above ASE's minima"
               for r in steps if not r.get("skipped") and r is not reference]
+    per_step = _optimizer_step_rows(shared)
+    notes += [f"{r['method']} alone ({r['window']}, free forces, {r['n_systems']} systems, L-BFGS memory {r['memory']} "
+              f"full): {r['tool']} "
+              + (f"{r['kernels_per_step']:.0f} kernels and {r['host_reads_per_step']:.1f} host reads per step, "
+                 if r["kernels_per_step"] is not None else "")
+              + f"{r['ratio']:.2f}× molden's time" for r in per_step
+              if not r.get("skipped") and r["tool"] != "molden" and r["history_full"]]
+    notes += [f"{r['method']} alone: molden {r['kernels_per_step']:.0f} kernels and {r['host_reads_per_step']:.1f} "
+              f"host reads per step ({r['window']})" for r in per_step
+              if not r.get("skipped") and r["tool"] == "molden" and r["history_full"]]
     verlet = _verlet_rows(shared)
     peers = {r["n_systems"]: r for r in verlet if r["tool"] != "molden" and r.get("ratio")}
     notes += [f"radius graph from Verlet lists (skin {r['skin_angstrom']} Å) on {r['n_systems']} systems along a "
@@ -274,7 +284,7 @@ def _relax_suite(shared: _Shared) -> SuiteResult:
              "tool / molden > 1 means molden is faster")
     return SuiteResult("relax", title, shown, columns, notes,
                        setup={"sizes": [3] if config.quick else list(RELAX_SIZES), "steps": RELAX_STEPS, "repeats": 1,
-                              "verlet": verlet, "force_calls": steps})
+                              "verlet": verlet, "force_calls": steps, "optimizer_step": per_step})
 
 
 def _steps_rows(shared: _Shared) -> list[dict]:
@@ -282,6 +292,16 @@ def _steps_rows(shared: _Shared) -> list[dict]:
     from molden.bench.relax_steps import run_relax_steps_benchmark
 
     return run_relax_steps_benchmark("emt", quick=shared.config.quick, seed=shared.config.seed)
+
+
+def _optimizer_step_rows(shared: _Shared) -> list[dict]:
+    """`molden.bench.optimizer_step`: the optimisers alone, around a force call that costs
+    nothing (kernels and host reads per step, the GPU's concern)."""
+    from molden.bench.optimizer_step import run_optimizer_step_benchmark
+
+    config = shared.config
+    size = dict(n_systems=2, memory=10, steps=30) if config.quick else dict(n_systems=RELAX_SIZES[0], memory=100, steps=120)
+    return run_optimizer_step_benchmark(config.device, seed=config.seed, **size)
 
 
 def _verlet_rows(shared: _Shared) -> list[dict]:
