@@ -73,6 +73,8 @@ def relax(
     steps = torch.zeros(n_slots, dtype=torch.long, device=device)
     results: list[Relaxed | None] = [None] * n
     queue = iter(range(n))
+    # Each occupant as the provider sees it, prepared once when it moves in (not at every refill).
+    members: dict[int, Structure] = {}
 
     def move_in(slots: list[int]) -> None:
         """The next queued structures into `slots` (emptied where the queue has run out), with
@@ -82,8 +84,11 @@ def relax(
         for row, slot in enumerate(slots):
             index = next(queue, None)
             occupant[slot] = -1 if index is None else index
+            members.pop(slot, None)
             if index is not None:
                 s = structures[index]
+                # The queue position as system id: providers may keep per-structure state by it.
+                members[slot] = replace(s, edge_index=None, unit_shifts=None, system_id=f"relax:{index}")
                 k = len(s.numbers)
                 host_positions[row, :k] = s.positions
                 host_free[row, :k] = True if s.fixed is None else ~np.asarray(s.fixed, bool)
@@ -109,7 +114,7 @@ def relax(
                 on_finished(index, results[index])
 
     move_in(list(range(n_slots)))
-    layout = _Layout.of(structures, occupant, n_atoms, dtype, device)
+    layout = _Layout.of(members, dtype, device)
     while layout.slots.numel():
         batch = replace(layout.batch, positions=positions[layout.slots_of_atoms, layout.atom_in_slot])
         energy, forces = provider(batch)
@@ -134,7 +139,7 @@ def relax(
         steps += stepping.long()
         if finished:
             move_in(finished)
-            layout = _Layout.of(structures, occupant, n_atoms, dtype, device)
+            layout = _Layout.of(members, dtype, device)
     return [r for r in results]  # every structure finished
 
 
@@ -148,16 +153,14 @@ class _Layout:
     atom_in_slot: Tensor
 
     @classmethod
-    def of(cls, structures, occupant, n_atoms, dtype, device) -> _Layout:
-        slots = [k for k, index in enumerate(occupant) if index >= 0]
+    def of(cls, members: dict[int, Structure], dtype, device) -> _Layout:
+        """From the occupied slots' structures (slot → structure as the provider sees it)."""
+        slots = sorted(members)
         if not slots:
             empty = torch.zeros(0, dtype=torch.long, device=device)
             return cls(batch=None, slots=empty, slots_of_atoms=empty, atom_in_slot=empty)  # type: ignore[arg-type]
-        # The queue position as system id: providers may keep per-structure state by it.
-        members = [replace(structures[occupant[k]], edge_index=None, unit_shifts=None, system_id=f"relax:{occupant[k]}")
-                   for k in slots]
-        batch = collate(members, dtype=dtype).to(device)
-        sizes = torch.tensor([len(m.numbers) for m in members], device=device)
+        batch = collate([members[k] for k in slots], dtype=dtype).to(device)
+        sizes = torch.tensor([len(members[k].numbers) for k in slots], device=device)
         slot_tensor = torch.tensor(slots, device=device)
         slots_of_atoms = torch.repeat_interleave(slot_tensor, sizes)
         starts = torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
