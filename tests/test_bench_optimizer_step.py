@@ -13,7 +13,7 @@ from molden.bench import optimizer_step
 
 @pytest.fixture(scope="module")
 def rows():
-    return optimizer_step.run_optimizer_step_benchmark(n_systems=2, memory=10, steps=30)
+    return optimizer_step.run_optimizer_step_benchmark(n_systems=2, memory=20, steps=40)
 
 
 def test_rows_cover_every_window_and_tool(rows):

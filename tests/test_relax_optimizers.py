@@ -359,3 +359,18 @@ def test_the_lbfgs_step_reads_nothing_back_and_launches_as_many_kernels_at_any_d
     for step in (1, 2, memory // 2, memory + 5):
         assert not host_reads & set(counts[step]), counts[step]
         assert sum(counts[step].values()) == sum(counts[2].values())
+
+
+@pytest.mark.parametrize("form", ["list", "indices", "mask"])
+def test_reset_takes_slots_as_a_list_indices_or_a_mask_and_resets_only_those(form):
+    import torch
+
+    from molden.relax.optimizers import BatchedFIRE, BatchedLBFGS
+
+    slots = {"list": [2], "indices": torch.tensor([2]), "mask": torch.tensor([False, False, True])}[form]
+    lbfgs, fire = BatchedLBFGS(3, 2, LBFGSSettings()), BatchedFIRE(3, 2, FIRESettings())
+    lbfgs.count[:], lbfgs.calls_since_reset[:], fire.n_steps[:] = 2, 3, 4
+    lbfgs.reset(slots)
+    fire.reset(slots)
+    assert lbfgs.count.tolist() == [2, 2, 0] and lbfgs.calls_since_reset.tolist() == [3, 3, 0]
+    assert fire.n_steps.tolist() == [4, 4, 0]

@@ -23,7 +23,10 @@ in OC20's preset). This benchmark isolates that part.
   L-BFGS's history is full): ms per step (the window's wall time with one device wait at each
   end, divided by its steps) and kernels per step: aten operators dispatched between two force
   calls, views aside (on a GPU each is a launch; Warp's kernels, nvalchemi's, are not aten
-  operators and are not counted), and how many of them read back to the host (nonzero, item).
+  operators and are not counted), and how many of them make the host wait (`_reads_back`: on a
+  GPU, nonzero or item of a device tensor and copies to the host; on a CPU run, where nothing
+  waits, nonzero and item by name, the waits they would be on a GPU, while copies to the host
+  are not seen there, so a CPU run's count is a lower bound).
   `ratio` = the peer's ms per step / molden's in the same window (> 1: molden is faster).
 """
 
@@ -55,6 +58,20 @@ VIEWS = frozenset({"view", "_unsafe_view", "permute", "unsqueeze", "squeeze", "e
 HOST_READS = frozenset({"nonzero", "_local_scalar_dense", "item", "masked_select", "is_nonzero", "equal",
                         "unique_consecutive", "_unique2"})
 """Operators whose output size or value the host must wait for."""
+READ = "<host read>"
+"""The counter's key for host reads (not an operator)."""
+
+
+def _reads_back(name: str, args, out, device: torch.device) -> bool:
+    """Whether this operator makes the host wait: on a GPU run, `HOST_READS` with a device input
+    and copies from the device to the host; on a CPU run, `HOST_READS` by name (the waits they
+    would be on a GPU; copies to the host are no-ops there and not seen)."""
+    if device.type == "cpu":
+        return name in HOST_READS
+    on_device = any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args)
+    if name in HOST_READS:
+        return on_device
+    return name in ("_to_copy", "copy_") and on_device and isinstance(out, torch.Tensor) and out.device.type == "cpu"
 
 
 class _Recorder:
@@ -86,15 +103,21 @@ class _Recorder:
 
 
 class _OperatorCounter(TorchDispatchMode):
-    def __init__(self):
+    """Operators dispatched, views aside, by name; and the host reads among them (`_reads_back`)."""
+
+    def __init__(self, device: torch.device):
         super().__init__()
+        self.device = device
         self.ops: collections.Counter = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
+        out = func(*args, **(kwargs or {}))
         if name not in VIEWS:
             self.ops[name] += 1
-        return func(*args, **(kwargs or {}))
+            if _reads_back(name, args, out, self.device):
+                self.ops[READ] += 1
+        return out
 
     def take(self) -> collections.Counter:
         ops, self.ops = self.ops, collections.Counter()
@@ -103,12 +126,12 @@ class _OperatorCounter(TorchDispatchMode):
 
 def _windows(steps: int, memory: int) -> list[tuple[str, int, bool]]:
     """(label, start, whether L-BFGS's history is full) of each timed window: steps start+1 ..
-    start+`WINDOW`, start a multiple of `WINDOW` (the recorder waits for the device there)."""
+    start+`WINDOW`, start a multiple of `WINDOW` (the recorder waits for the device there).
+    Step k stores the (k−1)-th pair, so the history is full from step memory + 1 on."""
     half = max(WINDOW, round(memory / 2 / WINDOW) * WINDOW)
-    full = -(-(memory + 1) // WINDOW) * WINDOW
-    starts = [(0, False), (half, False), (full, True)]
-    return [(f"steps {start + 1}–{start + WINDOW}", start, is_full) for start, is_full in starts
-            if start + WINDOW <= steps]
+    full = -(-memory // WINDOW) * WINDOW
+    return [(f"steps {start + 1}–{start + WINDOW}", start, start >= memory)
+            for start in sorted({0, half, full}) if start + WINDOW <= steps]
 
 
 def _runners(systems, method: str, steps: int, lbfgs: LBFGSSettings, fire: FIRESettings,
@@ -146,7 +169,7 @@ def run_optimizer_step_benchmark(device: str = "cpu", n_systems: int = 64, memor
         for tool, run in runners.items():
             recorder = _Recorder(device, seed)
             run(recorder)
-            counter = _OperatorCounter()
+            counter = _OperatorCounter(device)
             counted = _Recorder(device, seed, counter)
             with counter:
                 run(counted)
@@ -157,8 +180,8 @@ def run_optimizer_step_benchmark(device: str = "cpu", n_systems: int = 64, memor
                 # Force call k follows step k: the window's steps run between calls start and start + WINDOW.
                 ms = 1000 * (recorder.stamps[start + WINDOW] - recorder.stamps[start]) / WINDOW
                 ops = counted.per_call[start + 1 : start + 1 + WINDOW]
-                kernels = sum(sum(c.values()) for c in ops) / WINDOW
-                reads = sum(sum(v for k, v in c.items() if k in HOST_READS) for c in ops) / WINDOW
+                kernels = sum(sum(v for k, v in c.items() if k != READ) for c in ops) / WINDOW
+                reads = sum(c[READ] for c in ops) / WINDOW
                 reference = ms if tool == "molden" else reference
                 rows.append({"method": method, "tool": tool, "window": label, "history_full": history_full,
                              "n_systems": n_systems,

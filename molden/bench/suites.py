@@ -255,8 +255,8 @@ def _relax_suite(shared: _Shared) -> SuiteResult:
               + f", {r['converged']}/{r['n_systems']} converged, {r['higher_by_10_mev']} ending > 10 meV above ASE's minima"
               for r in steps if not r.get("skipped") and r is not reference]
     per_step = _optimizer_step_rows(shared)
-    notes += [f"{r['method']} alone ({r['window']}, free forces, {r['n_systems']} systems, L-BFGS memory {r['memory']} "
-              f"full): {r['tool']} "
+    notes += [f"{r['method']} alone ({r['window']}, free forces, {r['n_systems']} systems"
+              + (f", history of {r['memory']} full" if r["method"] == "lbfgs" else "") + f"): {r['tool']} "
               + (f"{r['kernels_per_step']:.0f} kernels and {r['host_reads_per_step']:.1f} host reads per step, "
                  if r["kernels_per_step"] is not None else "")
               + f"{r['ratio']:.2f}× molden's time" for r in per_step

@@ -96,7 +96,7 @@ def relax(
         positions[chosen] = torch.from_numpy(host_positions).to(device=device, dtype=dtype)
         free[chosen] = torch.from_numpy(host_free).to(device)
         steps[chosen] = 0
-        optimizer.reset(slots)
+        optimizer.reset(slots, chosen)
 
     def harvest(slots: list[int], energy_by_slot: Tensor, fmax: Tensor) -> None:
         """The finished structures in `slots`, read from the device in one copy per quantity."""

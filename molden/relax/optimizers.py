@@ -30,6 +30,18 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(dim=(1, 2))
 
 
+def _slots(slots: Sequence[int] | Tensor, index: Tensor | None, device: torch.device) -> tuple[Tensor, np.ndarray]:
+    """The slots to reset as a device index and a host array. `slots`: host slot numbers, with
+    `index` the same numbers already on the device (`relax` has both: no copy, no wait), or
+    one copy to the device without it; or a tensor of slot numbers or a [B] bool mask (one read
+    of a device tensor)."""
+    if isinstance(slots, Tensor):
+        chosen = torch.nonzero(slots).flatten() if slots.dtype == torch.bool else slots.long()
+        return chosen.to(device), chosen.cpu().numpy()
+    host = np.asarray(slots, dtype=np.int64)
+    return (torch.as_tensor(host, device=device) if index is None else index), host
+
+
 @dataclass
 class LBFGSSettings:
     maxstep_angstrom: float = 0.2
@@ -67,10 +79,13 @@ class BatchedLBFGS:
         H g = γ g + S p − γ Y u,   u = R⁻¹ Sᵀg,   p = R⁻ᵀ ((D + γ YᵀY) u − γ Yᵀg).
 
     The two-loop recursion (ASE's, and molden's before) computes the same vector in two loops
-    over the history: in torch about 12 kernels per stored pair, 1,260 per step at ASE's memory
-    of 100 (`molden.bench.optimizer_step`; on a GPU, launches that outlast the arithmetic). This
-    is a fixed 86 at any depth, reads nothing back to the host, and passes over the history in
-    memory as often as the two loops do.
+    over the history: in torch about 12 kernels per stored pair, 1,283 per step with the relax
+    driver's at ASE's memory of 100 (`molden.bench.optimizer_step`; on a GPU, launches that
+    outlast the arithmetic). This is a fixed number at any depth (109 with the driver's), reads
+    nothing back to the host, and passes over the history in memory as often as the two loops
+    do. Its inner products are batched matrix products: in float32 on a GPU where the user has
+    allowed TF32 matmuls they lose precision the elementwise recursion kept (relax runs the
+    optimisers in float64 by default).
 
     Invariant: a pair a slot does not have is zero in `s`, `y`, `sy` and `yy` (reset zeroes
     them), so it adds nothing; only R's diagonal needs a 1 there.
@@ -93,12 +108,13 @@ class BatchedLBFGS:
         most one a step, from ring position 0), so that until some ring is full the history is
         read only as far as any slot has written, without asking the device."""
 
-    def reset(self, slots: Sequence[int] | Tensor) -> None:
-        """Forget everything about the structures in `slots` (a new structure moved in). A list
-        costs no device read; a device tensor costs one (`relax` passes a list)."""
+    def reset(self, slots: Sequence[int] | Tensor, index: Tensor | None = None) -> None:
+        """Forget everything about the structures in `slots` (a new structure moved in):
+        `_slots` says what it accepts and what it costs."""
+        index, host = _slots(slots, index, self.head.device)
         for t in (self.s, self.y, self.sy, self.yy, self.head, self.count, self.iteration, self.r0, self.f0):
-            t[torch.as_tensor(slots, dtype=torch.long, device=self.head.device)] = 0
-        self.calls_since_reset[np.asarray(slots.tolist() if isinstance(slots, Tensor) else slots, dtype=np.int64)] = 0
+            t[index] = 0
+        self.calls_since_reset[host] = 0
 
     def initial_inverse_hessian(self) -> Tensor:
         """[B] H0 per slot (Å²/eV): 1/α, or γ = s·y / y·y of each slot's newest stored pair."""
@@ -204,13 +220,14 @@ class BatchedFIRE:
         self.n_steps = torch.zeros(n_slots, dtype=torch.long, device=device)
         self.started = torch.zeros(n_slots, dtype=torch.bool, device=device)
 
-    def reset(self, slots: Sequence[int] | Tensor) -> None:
+    def reset(self, slots: Sequence[int] | Tensor, index: Tensor | None = None) -> None:
         cfg = self.settings
-        self.v[slots] = 0
-        self.dt[slots] = cfg.dt
-        self.a[slots] = cfg.a
-        self.n_steps[slots] = 0
-        self.started[slots] = False
+        index, _ = _slots(slots, index, self.v.device)
+        self.v[index] = 0
+        self.dt[index] = cfg.dt
+        self.a[index] = cfg.a
+        self.n_steps[index] = 0
+        self.started[index] = False
 
     def step(self, positions: Tensor, forces: Tensor, active: Tensor) -> Tensor:
         cfg = self.settings
