@@ -210,3 +210,12 @@ def test_the_verlet_benchmark_refuses_settings_it_cannot_time():
     for bad in ({"calls": 1}, {"sizes": (0,)}, {"skins": (0.0,)}):
         with pytest.raises(ValueError, match="calls >= 2"):
             run_verlet_benchmark(**{"sizes": (1,), "calls": 3, **bad})
+
+
+def test_without_ase_the_batched_tools_are_compared_with_moldens_path():
+    rows = bench_relax.run_relax_benchmark(quick=True, ase=False)
+    fixed = [r for r in rows if r["case"] == "fixed steps"]
+    assert all(r["path_reference"] == "molden" for r in fixed)
+    assert [r["skipped"] for r in fixed if r["tool"] == "ase"] == ["not run (--no-ase)"] * 2
+    molden = [r for r in fixed if r["tool"] == "molden"]
+    assert [r["max_deviation_angstrom"] for r in molden] == [0.0, 0.0] and all(r["agree"] for r in molden)

@@ -80,6 +80,10 @@ for n in 64 256; do  # one size per call, so a time-out loses one table, not bot
     --threads 8 --json "$OUT/relax_cuda_$n.json" 2>&1 | tail -14; check "relax benchmark, $n systems"
   tar rf "$OUT/bench.tar" -C "$OUT" "relax_cuda_$n.json" 2>/dev/null && rm -f "$OUT/relax_cuda_$n.json"
 done
+stamp relax benchmark, 50 steps without ASE  # deep L-BFGS histories: where the compact step should show
+timeout 150 python3 -m molden.bench.relax --device cuda --sizes 64 256 --steps 50 --repeats 3 --no-ase --threads 8 \
+  --json "$OUT/relax_cuda_50.json" 2>&1 | tail -16; check "relax benchmark, 50 steps"
+tar rf "$OUT/bench.tar" -C "$OUT" relax_cuda_50.json 2>/dev/null && rm -f "$OUT/relax_cuda_50.json"
 stamp optimiser cost per step  # the optimisers alone (free random forces): launches, not arithmetic
 timeout 90 python3 -m molden.bench.optimizer_step --device cuda --systems 64 --memory 100 --steps 120 --threads 8 \
   --json "$OUT/optimizer_step_cuda.json" 2>&1 | tail -24; check "optimizer step benchmark"

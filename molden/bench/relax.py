@@ -23,7 +23,10 @@ systems; and direct IS2RS prediction against L-BFGS.
   model searches its radius graph at every call, as their own model wrappers and calculators do.
 - Agreement before speed: each tool's positions after the `steps` steps are compared with
   ASE's on every system; `agree` is False when any atom differs by more than
-  `AGREE_ANGSTROM`, and such a row is flagged, not ranked.
+  `AGREE_ANGSTROM`, and such a row is flagged, not ranked. `--no-ase` leaves ASE's loop out
+  (for many steps on a GPU, where it would take most of the time) and compares with molden's
+  path instead, which is ASE's (tests/test_relax_optimizers.py); rows say which
+  (`path_reference`).
 - Timing: after a one-step warm-up of every tool on two systems (the first call compiles
   kernels: CUDA's, and Warp's on any device), the tools take turns within each repeat
   (the order flips every repeat), medians of `repeats`. `ratio` = tool time / molden's time
@@ -168,11 +171,13 @@ def _molden_runner(structures: Sequence[Structure], provider: ModelProvider, met
 
 def run_relax_benchmark(device: str = "cpu", quick: bool = False, sizes: Sequence[int] = (64, 256),
                         checkpoint: str | Path | None = None, steps: int = 10, repeats: int = 3,
-                        seed: int = 0) -> list[dict]:
+                        seed: int = 0, ase: bool = True) -> list[dict]:
     """One row per (case, systems, tool, method): seconds for `steps` optimiser steps on every
     system, structure-steps/s, `ratio` (tool time / molden's time, > 1: molden is faster),
     `agree` (positions within `AGREE_ANGSTROM` of ASE's), or `skipped` with an install hint.
-    `quick`: `QUICK_SYSTEMS` small systems, `QUICK_STEPS` steps, a tiny model, one repeat."""
+    `quick`: `QUICK_SYSTEMS` small systems, `QUICK_STEPS` steps, a tiny model, one repeat.
+    `ase=False` leaves ASE's loop out (many steps on a GPU, where it would take most of the
+    time): the batched tools are then compared with molden's path, which is ASE's (tested)."""
     if quick:
         sizes, steps, repeats = (QUICK_SYSTEMS,), min(steps, QUICK_STEPS), 1
     if steps < 1 or repeats < 1 or not sizes or min(sizes) < 1:
@@ -197,20 +202,21 @@ def run_relax_benchmark(device: str = "cpu", quick: bool = False, sizes: Sequenc
             lbfgs_seconds = None
             for method in ("lbfgs", "fire"):
                 method_rows = _fixed_step_rows(systems, structures, provider, peer_provider, models, method, steps, repeats,
-                                               warmup=True, lbfgs=lbfgs, fire=fire, device=device, base=base)
+                                               warmup=True, lbfgs=lbfgs, fire=fire, device=device, base=base, ase=ase)
                 rows += method_rows
                 if method == "lbfgs":
                     lbfgs_seconds = method_rows[0]["time_s"]
             rows.append(_direct_row(structures, models, lbfgs_seconds, repeats, warmup=True, device=device, base=base))
-            if models.trained:
+            if models.trained and ase:
                 rows += _converged_rows(systems, structures, provider, models, lbfgs=lbfgs, fire=fire, device=device,
                                         base=base)
     return rows
 
 
 def _fixed_step_rows(systems, structures, provider, peer_provider, models: Models, method: str, steps: int, repeats: int, *,
-                     warmup: bool, lbfgs, fire, device, base) -> list[dict]:
-    """molden, ASE and torch-sim rows for `steps` steps of `method` on every system."""
+                     warmup: bool, lbfgs, fire, device, base, ase: bool = True) -> list[dict]:
+    """molden, ASE (unless not `ase`) and the batched peers' rows for `steps` steps of `method`
+    on every system."""
     dtype = next(provider.model.parameters()).dtype
     batch_size = min(BATCH_SIZE, len(systems))
 
@@ -218,9 +224,10 @@ def _fixed_step_rows(systems, structures, provider, peer_provider, models: Model
         runs = {
             "molden": _molden_runner(chosen_structures, provider, method, chosen_steps, lbfgs=lbfgs, fire=fire,
                                      device=device, batch_size=batch_size),
-            "ase": lambda: relax_peers.ase_relax_loop(chosen_systems, models.s2ef, method, chosen_steps, lbfgs=lbfgs,
-                                                      fire=fire, dtype=dtype, device=device),
         }
+        if ase:
+            runs["ase"] = lambda: relax_peers.ase_relax_loop(chosen_systems, models.s2ef, method, chosen_steps,
+                                                             lbfgs=lbfgs, fire=fire, dtype=dtype, device=device)
         if relax_peers.torch_sim_missing(method) is None:
             runs["torch-sim"] = lambda: relax_peers.torch_sim_relax(peer_provider, chosen_systems, method, chosen_steps,
                                                                     lbfgs=lbfgs, fire=fire, batch_size=batch_size).positions
@@ -233,15 +240,15 @@ def _fixed_step_rows(systems, structures, provider, peer_provider, models: Model
         for warm in runners(systems[:2], structures[:2], 1).values():
             warm()
     seconds, outputs = _interleaved(runners(systems, structures, steps), repeats)
-    reference = outputs["ase"]
+    reference = outputs["ase" if ase else "molden"]
     rows = []
     for tool in TOOLS:
         row = {"case": "fixed steps", **base, "tool": tool, "method": method, "time_s": None,
                "structure_steps_per_s": None, "ratio": None, "agree": None, "max_deviation_angstrom": None,
-               "tolerance_angstrom": AGREE_ANGSTROM, "skipped": None}
+               "tolerance_angstrom": AGREE_ANGSTROM, "skipped": None, "path_reference": "ase" if ase else "molden"}
         if tool not in seconds:
-            row["skipped"] = (relax_peers.torch_sim_missing(method) if tool == "torch-sim"
-                              else relax_peers.nvalchemi_missing())
+            row["skipped"] = ("not run (--no-ase)" if tool == "ase" else relax_peers.torch_sim_missing(method)
+                              if tool == "torch-sim" else relax_peers.nvalchemi_missing())
             rows.append(row)
             continue
         deviation = _deviation(outputs[tool], reference)
@@ -340,13 +347,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (medians)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-ase", action="store_true",
+                        help="leave ASE's per-structure loop out (the batched tools are compared with molden's path)")
     parser.add_argument("--json", type=Path, help="write the machine and the rows as JSON here")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     machine = machine_description()
     rows = run_relax_benchmark(args.device, args.quick, tuple(args.sizes), args.checkpoint, args.steps, args.repeats,
-                               args.seed)
+                               args.seed, ase=not args.no_ase)
     machine["load_average_after"] = machine_description()["load_average"]
     _print_table(rows, machine)
     if args.json:
