@@ -357,3 +357,30 @@ def test_reset_takes_slots_as_a_list_indices_or_a_mask_and_resets_only_those(for
     fire.reset(slots)
     assert lbfgs.count.tolist() == [2, 2, 0] and lbfgs.calls_since_reset.tolist() == [3, 3, 0]
     assert fire.n_steps.tolist() == [4, 4, 0]
+
+
+@pytest.mark.parametrize("method", ["lbfgs", "fire"])
+def test_forces_with_their_graph_never_reach_the_optimisers_state(method, monkeypatch):
+    """A provider may return −∂E/∂x with its graph (create_graph=True, as a conservative model
+    in training mode would): the history must not chain the steps' graphs (torch-sim #559)."""
+    import torch
+
+    from molden.relax import driver
+
+    made = []
+    for name in ("BatchedLBFGS", "BatchedFIRE"):
+        cls = getattr(driver, name)
+        monkeypatch.setattr(driver, name, type(name, (cls,), {"__init__": lambda self, *a, _c=cls, **k: (
+            _c.__init__(self, *a, **k), made.append(self))[0]}))
+
+    def provider(batch):
+        x = batch.positions.clone().requires_grad_(True)
+        energy = (2.0 * (x - batch.positions.detach() - 0.05) ** 2).sum()
+        forces = -torch.autograd.grad(energy, x, create_graph=True)[0]
+        return energy.reshape(1).expand(batch.num_graphs), forces
+
+    structure = structure_from_atoms(_systems(1)[0])
+    relax([structure], provider, method=method, fmax_ev_per_angstrom=0.0, max_steps=4)
+    assert len(made) == 1
+    state = [v for v in vars(made[0]).values() if isinstance(v, torch.Tensor)]
+    assert state and not any(t.requires_grad for t in state)

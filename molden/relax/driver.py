@@ -119,7 +119,9 @@ def relax(
         batch = replace(layout.batch, positions=positions[layout.slots_of_atoms, layout.atom_in_slot])
         energy, forces = provider(batch)
         padded = torch.zeros_like(positions)
-        padded[layout.slots_of_atoms, layout.atom_in_slot] = forces.to(dtype)
+        # Detached: a provider that returns forces with their graph (−∂E/∂x, create_graph) would
+        # otherwise chain every step's graph into the history until memory runs out (torch-sim #559).
+        padded[layout.slots_of_atoms, layout.atom_in_slot] = forces.detach().to(dtype)
         padded = padded * free[..., None]  # as FixAtoms: no force on fixed atoms
         fmax = padded.norm(dim=2).amax(dim=1)
         active = torch.zeros(n_slots, dtype=torch.bool, device=device)
