@@ -5,8 +5,10 @@ trains through `molden finetune --config`."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -157,3 +159,70 @@ def test_the_qm9_cpu_config_trains_through_the_command_line(qm9_cache, tmp_path)
     assert saved["run"]["steps"] == 2 and saved["data"]["path"] == str(qm9_cache)  # the command line wins
     assert saved["noisy_nodes"]["sigma_angstrom"] == 0.02 and saved["data"]["max_atoms"] == 256  # the file's values
     assert (out / "best.pt").is_file()
+
+
+def _check_cpu():
+    spec = importlib.util.spec_from_file_location("check_cpu", CONFIGS / "check_cpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_runs(folder: Path, seed: int, val: float, test: float) -> Path:
+    """A reproduce_cpu.sh folder with one finished run and one evaluation."""
+    run = folder / "qm9_homo_noisy_nodes"
+    (folder / "eval").mkdir(parents=True)
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"run": {"seed": seed}}))
+    (run / "summary.json").write_text(json.dumps({"best_metric": "mae_homo_meV", "best_value": val}))
+    (folder / "eval" / "qm9_homo_noisy_nodes.test.json").write_text(json.dumps(
+        {"split": "test", "metrics": {"mae_homo_meV": test, "targets_mse": 0.3, "loss": 0.3}}))
+    return folder
+
+
+def test_check_cpu_records_seeds_and_flags_a_metric_outside_their_range(tmp_path, capsys):
+    """The expected metrics are the recorded seeds' range ± the tolerance; a run inside passes,
+    one outside (either way) fails with exit 1 and names the metric; losses are not pinned."""
+    check = _check_cpu()
+    expected = tmp_path / "expected.json"
+    s0, s1 = _fake_runs(tmp_path / "s0", 0, 100.0, 110.0), _fake_runs(tmp_path / "s1", 1, 104.0, 100.0)
+    assert check.main([str(s0), str(s1), "--record", "--expected", str(expected)]) == 0
+    recorded = json.loads(expected.read_text())["metrics"]
+    assert recorded == {"qm9_homo_noisy_nodes/val/mae_homo_meV": {"0": 100.0, "1": 104.0},
+                        "qm9_homo_noisy_nodes/test/mae_homo_meV": {"0": 110.0, "1": 100.0}}
+    capsys.readouterr()
+    # 10 %: test in [90, 121], val in [90, 114.4].
+    assert check.main([str(_fake_runs(tmp_path / "in", 2, 114.0, 91.0)), "--expected", str(expected)]) == 0
+    assert "2 of 2 metrics in range" in capsys.readouterr().out
+    assert check.main([str(_fake_runs(tmp_path / "out", 3, 115.0, 89.0)), "--expected", str(expected)]) == 1
+    out = capsys.readouterr().out
+    assert "0 of 2 metrics in range" in out and "above" in out and "below" in out
+    assert check.main([str(_fake_runs(tmp_path / "tight", 4, 114.0, 91.0)), "--expected", str(expected),
+                       "--tolerance", "0"]) == 1
+    (tmp_path / "partial" / "eval").mkdir(parents=True)
+    assert check.main([str(tmp_path / "partial"), "--expected", str(expected)]) == 1
+    assert "missing" in capsys.readouterr().out
+
+
+def test_check_cpu_refuses_bad_folders_in_one_line(tmp_path, capsys):
+    check = _check_cpu()
+    assert check.main([str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nowhere'}: no such run folder"
+    assert check.main([str(tmp_path), "--expected", str(tmp_path / "none.json")]) == 2
+    assert "no such file of expected metrics" in capsys.readouterr().err
+
+
+def test_the_expected_cpu_metrics_cover_every_cpu_twin():
+    """expected_cpu.json pins a validation metric of every run reproduce_cpu.sh trains and a test
+    metric of every fine-tuning, each with at least two seeds."""
+    expected = json.loads((CONFIGS / "expected_cpu.json").read_text())
+    script = (CONFIGS / "reproduce_cpu.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(CONFIGS / "reproduce_cpu.sh")]).returncode == 0
+    runs = set(re.findall(r"^train (\w+)\s+\w+ (\w+)\.yaml", script, flags=re.M))
+    assert {config for _, config in runs} == {p.stem for p in FILES if p.stem.endswith("_cpu")}
+    keys = expected["metrics"]
+    for name, _ in runs:
+        assert any(k.startswith(f"{name}/val/") for k in keys), name
+        if name != "pcqm4mv2_pretrain":
+            assert any(k.startswith(f"{name}/test") for k in keys), name
+    assert all(len(seeds) >= 2 for seeds in keys.values())

@@ -167,6 +167,23 @@ def test_s2ef_loss_weights_fixed_atoms_by_the_configured_fraction():
     assert float(result["energy_mae_mev"]) == pytest.approx(10.0)
 
 
+def test_s2ef_reports_no_energy_error_for_an_energy_it_does_not_train():
+    """ForceNet trains forces only (λ_E = 0): the energy head beside them learns nothing, and an
+    energy MAE of it would read as a result. Forces are reported whenever predicted."""
+    batch = example_batch(("slab",))
+    forces_only = S2EFLoss(S2EFConfig(energy_coefficient=0.0, force_coefficient=1.0, force_loss="mae"))
+    _, targets = forces_only.corrupt(batch, torch.Generator())
+    predictions = {keys.ENERGY: targets[keys.ENERGY] + 2.0, keys.FORCES: targets[keys.FORCES] + 0.1}
+    result = forces_only.loss(predictions, batch, targets)
+    assert not any(name.startswith("energy") for name in result)
+    assert float(result["forces_mae_mev_per_angstrom"]) == pytest.approx(100.0)
+    energy_only = S2EFLoss(S2EFConfig(energy_coefficient=1.0, force_coefficient=0.0))
+    result = energy_only.loss(predictions, batch, targets)
+    assert float(result["energy_mae_mev"]) == pytest.approx(2000.0)
+    assert float(result["forces_mae_mev_per_angstrom"]) == pytest.approx(100.0)
+    assert float(result["loss"]) == pytest.approx(2.0 / energy_only.config.energy_scale_ev)
+
+
 def test_rotation_augmentation_turns_positions_cell_and_forces_together():
     batch = example_batch(("molecule", "slab", "bulk"))
     batch = replace(batch, force_inputs=batch.forces * 0.5)

@@ -126,7 +126,9 @@ def _free_port() -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_two_processes_take_the_same_steps_as_one_process_accumulating_two_batches(qm9_cache, tmp_path, device):
-    steps = 6
+    """Two DDP processes step as one process accumulating their two batches, and their
+    checkpoint resumes in that one process as its own does (from N processes on M)."""
+    steps = 3
     common = ("--data", qm9_cache, "--steps", steps, "--checkpoint-every", steps, "--dtype", "float64", *_on(device))
     _run("--out", tmp_path / "one", "--accumulate", "2", *common)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
@@ -147,3 +149,14 @@ def test_two_processes_take_the_same_steps_as_one_process_accumulating_two_batch
     val_one = [line for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
     val_two = [line for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
     assert len(val_one) == len(val_two) == 1
+    # Both checkpoints resumed in one process accumulating two batches (the same virtual ranks,
+    # so the same batches follow), to twice the steps: the runs stay within the same tolerance.
+    for run in ("one", "two"):
+        resumed = _run("--out", tmp_path / run, "--resume", "--accumulate", "2", *common[:2], "--steps", 2 * steps,
+                       *common[4:])
+        assert f"resumed at step {steps}" in resumed.stdout + resumed.stderr
+    one, two = read_checkpoint(tmp_path / "one" / "last.pt"), read_checkpoint(tmp_path / "two" / "last.pt")
+    assert one["progress"]["step"] == two["progress"]["step"] == 2 * steps
+    assert one["progress"]["structures_seen"] == two["progress"]["structures_seen"]
+    for name, value in one["model"].items():
+        torch.testing.assert_close(two["model"][name], value, rtol=1e-9, atol=1e-10, msg=name)

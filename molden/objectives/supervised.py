@@ -309,7 +309,10 @@ class S2EFLoss:
         c = self.config
         out: dict[str, Tensor] = {}
         total = None
-        if keys.ENERGY in targets and (c.energy_coefficient > 0 or keys.ENERGY in predictions):
+        # An energy head trained with λ_E = 0 (ForceNet: forces only) learned nothing: its error
+        # would read as a result. Forces are kept when predicted, since −∂E/∂x of a trained
+        # energy is one.
+        if keys.ENERGY in targets and c.energy_coefficient > 0:
             difference = predictions[keys.ENERGY].reshape(-1) - targets[keys.ENERGY]
             energy = scalar_error(difference / c.energy_scale_ev, c.energy_loss).mean()
             out[f"energy_{c.energy_loss}"] = energy.detach()
