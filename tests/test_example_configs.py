@@ -210,6 +210,10 @@ def test_check_cpu_refuses_bad_folders_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nowhere'}: no such run folder"
     assert check.main([str(tmp_path), "--expected", str(tmp_path / "none.json")]) == 2
     assert "no such file of expected metrics" in capsys.readouterr().err
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "run.test.json").write_text('{"split": "te')  # cut short
+    with pytest.raises(SystemExit, match=r"run\.test\.json: not a readable JSON file"):
+        check.main([str(tmp_path), "--expected", str(CONFIGS / "expected_cpu.json")])
 
 
 def test_the_expected_cpu_metrics_cover_every_cpu_twin():

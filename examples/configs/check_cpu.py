@@ -35,15 +35,23 @@ def reported(metric: str) -> bool:
     return metric.endswith(UNITS) or any(score in metric for score in SCORES)
 
 
+def _read(path: Path) -> dict:
+    """A JSON file the runs wrote, or one line saying which file is unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: {path}: not a readable JSON file ({error})") from None
+
+
 def observed(runs: Path) -> dict[str, float]:
     """`run/split/metric` → value for every finished run and evaluation in `runs`."""
     found: dict[str, float] = {}
     for summary in sorted(runs.glob("*/summary.json")):
-        s = json.loads(summary.read_text())
+        s = _read(summary)
         if s.get("best_metric") is not None and s.get("best_value") is not None:
             found[f"{summary.parent.name}/val/{s['best_metric']}"] = float(s["best_value"])
     for evaluation in sorted((runs / "eval").glob("*.json")):
-        e = json.loads(evaluation.read_text())
+        e = _read(evaluation)
         run = evaluation.name.removesuffix(f".{e['split']}.json")
         for metric, value in e["metrics"].items():
             if reported(metric) and value is not None:
@@ -71,7 +79,7 @@ def record(folders: list[Path]) -> dict:
         configs = sorted(folder.glob("*/config.json"))
         if not configs:
             raise SystemExit(f"error: {folder}: no run with a config.json (not a reproduce_cpu.sh folder)")
-        seed = str(json.loads(configs[0].read_text())["run"]["seed"])
+        seed = str(_read(configs[0])["run"]["seed"])
         by_seed[seed] = observed(folder)
     keys = sorted(set.intersection(*(set(v) for v in by_seed.values())))
     return {
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.expected.is_file():
         print(f"error: {args.expected}: no such file of expected metrics", file=sys.stderr)
         return 2
-    rows = compare(observed(args.runs[0]), json.loads(args.expected.read_text()), args.tolerance)
+    rows = compare(observed(args.runs[0]), _read(args.expected), args.tolerance)
     _print(rows, args.tolerance)
     off = [r for r in rows if r["status"] != "ok"]
     print(f"{len(rows) - len(off)} of {len(rows)} metrics in range" + (f"; off: {', '.join(r['metric'] for r in off)}"
