@@ -173,3 +173,30 @@ def test_molecular_dynamics_with_the_calculators_verlet_lists(conservative_check
     np.testing.assert_allclose(kept, fresh, rtol=0, atol=1e-8)
     assert abs(energy_kept - energy_fresh) < 1e-8
     assert 1 < verlet.built < every_step.built / 2
+
+
+def test_a_force_only_model_warns_once_that_its_energies_mean_nothing(s2ef_cache, tmp_path):
+    """ForceNet's training (energy weight 0) leaves the energy head untrained: the calculator
+    still gives ASE an energy (its optimisers log it) but warns, once; a model trained on
+    energy does not warn."""
+    import warnings
+
+    app = typer.Typer()
+    app.command()(train_cli.finetune)
+    app.command()(train_cli.pretrain)
+    for coefficient in ("0", "1"):
+        out = tmp_path / f"e{coefficient}"
+        result = CliRunner().invoke(app, ["finetune", "--data", str(s2ef_cache), "--out", str(out), "--task", "s2ef",
+                                          "--model", "painn_cpu", "--change", "cutoff_angstrom=4.0",
+                                          "--energy-coefficient", coefficient, "--steps", "1", "--max-graphs", "8",
+                                          "--eval-every", "1"])
+        assert result.exit_code == 0, result.output
+        atoms = _slab()
+        atoms.calc = MoldenCalculator(out / "best.pt")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            atoms.get_forces()
+            atoms.positions[0, 0] += 0.01
+            atoms.get_potential_energy()
+        mine = [w for w in caught if "trained on forces only" in str(w.message)]
+        assert len(mine) == (1 if coefficient == "0" else 0)

@@ -172,3 +172,25 @@ def test_a_structure_whose_direct_prediction_goes_non_finite_ends_as_nan_and_the
     assert np.isnan(positions[0]).all()
     for a, b in zip(positions[1:], clean[1:]):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)  # float32 sums: other runs of structures
+
+
+@pytest.mark.slow
+def test_a_force_only_model_relaxes_without_reporting_its_untrained_energies(emt_cache, tmp_path):
+    """ForceNet's training (λ_E = 0) leaves the energy head untrained: relaxation with it reports
+    no energy MAE and writes no energies, where a model trained on energy reports both."""
+    rows = {}
+    for coefficient in ("0", "1"):
+        run = tmp_path / f"s2ef_{coefficient}"
+        trained = _invoke("finetune", "--data", emt_cache, "--out", run, "--task", "s2ef", "--model", "painn_cpu",
+                          "--energy-coefficient", coefficient, "--steps", "2", "--max-graphs", "8",
+                          "--val-split", "val_id", "--eval-every", "2")
+        assert trained.exit_code == 0, trained.output
+        out = tmp_path / f"r{coefficient}.extxyz"
+        result = _invoke("relax", emt_cache, "--split", _split(emt_cache), "--method", "fire", "--model",
+                         run / "best.pt", "--steps", "3", "--out", out, "--limit", "2")
+        assert result.exit_code == 0, result.output
+        rows[coefficient] = json.loads(out.with_suffix(".json").read_text())["rows"][0]
+        energies = [a.calc.results.get("energy") if a.calc else a.info.get("energy") for a in ase.io.read(out, ":")]
+        assert (all(e is None for e in energies) if coefficient == "0" else all(e is not None for e in energies))
+    assert "energy_mae_mev" not in rows["0"] and "energy_mae_mev" in rows["1"]
+    assert rows["0"]["failed"] == 0 and rows["0"]["structures"] == 2

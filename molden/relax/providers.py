@@ -90,6 +90,9 @@ class ModelProvider:
                                     "forces (a model trained with molden finetune --task s2ef)")
         self.model = loaded.model
         self.conservative = loaded.spec.conservative_forces
+        # A force-only training (λ_E = 0, ForceNet) leaves the energy head untrained: its
+        # energies are no result. Checkpoints from before the flag trained energy.
+        self.energy_trained = bool(loaded.task.get("energy_trained", True))
         self.cutoff_angstrom = float(loaded.spec.backbone_config().cutoff_angstrom)
         self.graph = VerletGraph(self.cutoff_angstrom, skin_angstrom, max_num_neighbors=max_num_neighbors)
         parameter = next(self.model.parameters())

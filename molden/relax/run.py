@@ -78,7 +78,7 @@ def oc20_lbfgs() -> LBFGSSettings:
 class MethodResult:
     method: str
     structures: list[Structure]
-    energies_ev: list[float]
+    energies_ev: list[float | None]
     steps: list[int]
     converged: list[bool]
     wall_s: float
@@ -259,6 +259,9 @@ def run_relax(config: RelaxConfig, on_progress: Callable[[str, int, int], None] 
                             lbfgs=lbfgs_settings(config), on_finished=finished)
             positions = [r.positions for r in relaxed]
             energies = [r.energy_ev for r in relaxed]
+            if not getattr(provider, "energy_trained", True):
+                # No energies from an untrained head; a NaN stays, so the relaxation counts as failed.
+                energies = [None if np.isfinite(e) else e for e in energies]
             steps = [r.steps for r in relaxed]
             converged = [r.converged for r in relaxed]
         wall = time.perf_counter() - start

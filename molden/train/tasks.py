@@ -201,7 +201,8 @@ def finetune_task(config: FinetuneConfig, dataset: H5Dataset) -> TrainingTask:
             heads[keys.FORCES] = vector_head(backbone)
         s2ef = (config.dens.s2ef if config.dens is not None else config.s2ef).with_statistics(statistics)
         primary = S2EFLoss(s2ef)
-        description.update(energy_scale_ev=s2ef.energy_scale_ev, force_scale_ev_per_angstrom=s2ef.force_scale_ev_per_angstrom)
+        description.update(energy_scale_ev=s2ef.energy_scale_ev, force_scale_ev_per_angstrom=s2ef.force_scale_ev_per_angstrom,
+                           energy_trained=s2ef.energy_coefficient > 0)
         best = "forces_mae_mev_per_angstrom" if s2ef.force_coefficient > 0 else "energy_mae_mev"
 
     objective: Objective = primary
