@@ -310,8 +310,9 @@ class S2EFLoss:
         out: dict[str, Tensor] = {}
         total = None
         # An energy head trained with λ_E = 0 (ForceNet: forces only) learned nothing: its error
-        # would read as a result. Forces are kept when predicted, since −∂E/∂x of a trained
-        # energy is one.
+        # would read as a result. Forces stay reported when predicted: −∂E/∂x of an energy
+        # trained alone is a prediction (a direct force head with λ_F = 0 would not be; no
+        # preset trains one).
         if keys.ENERGY in targets and c.energy_coefficient > 0:
             difference = predictions[keys.ENERGY].reshape(-1) - targets[keys.ENERGY]
             energy = scalar_error(difference / c.energy_scale_ev, c.energy_loss).mean()
