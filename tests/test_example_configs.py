@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -214,6 +215,16 @@ def test_check_cpu_refuses_bad_folders_in_one_line(tmp_path, capsys):
     (tmp_path / "eval" / "run.test.json").write_text('{"split": "te')  # cut short
     with pytest.raises(SystemExit, match=r"run\.test\.json: not a readable JSON file"):
         check.main([str(tmp_path), "--expected", str(CONFIGS / "expected_cpu.json")])
+    (tmp_path / "eval" / "run.test.json").write_text('{"x": 1}')
+    with pytest.raises(SystemExit, match=r"not a `molden evaluate --out` file"):
+        check.main([str(tmp_path), "--expected", str(CONFIGS / "expected_cpu.json")])
+    bad_expected = tmp_path / "expected.json"
+    bad_expected.write_text("{}")
+    assert check.main([str(tmp_path), "--expected", str(bad_expected)]) == 2
+    assert 'no "metrics"' in capsys.readouterr().err
+    # --record never replaces the expected metrics unless told to
+    assert check.main([str(tmp_path), "--record", "--expected", str(bad_expected)]) == 2
+    assert "exists: pass --overwrite" in capsys.readouterr().err and bad_expected.read_text() == "{}"
 
 
 def test_the_expected_cpu_metrics_cover_every_cpu_twin():
@@ -230,3 +241,35 @@ def test_the_expected_cpu_metrics_cover_every_cpu_twin():
         if name != "pcqm4mv2_pretrain":
             assert any(k.startswith(f"{name}/test") for k in keys), name
     assert all(len(seeds) >= 2 for seeds in keys.values())
+
+
+def test_reproduce_cpu_keeps_finished_runs_resumes_interrupted_ones_and_restarts_unstarted_ones(tmp_path):
+    """reproduce_cpu.sh's rerun after a stop (the molden commands echoed, not run): a run with
+    its summary is kept, one with last.pt resumed, one stopped before its first checkpoint
+    started over (molden refuses its folder otherwise), and the pre-training the fine-tuning
+    starts from is the one in the same run folder."""
+    runs = tmp_path / "runs"
+    for name, files in (("qm9_homo_noisy_nodes", ("summary.json", "last.pt")), ("pcqm4mv2_pretrain", ("last.pt",)),
+                        ("qm9_homo_from_pretrained", ("config.json",))):
+        (runs / name).mkdir(parents=True)
+        for file in files:
+            (runs / name / file).write_text("{}")
+    result = subprocess.run(["bash", str(CONFIGS / "reproduce_cpu.sh"), str(tmp_path / "data"), str(runs), "3"],
+                            capture_output=True, text=True, env={**os.environ, "MOLDEN": "echo molden"}, timeout=120)
+    lines = result.stdout.splitlines()
+
+    def command(name: str) -> str:
+        (found,) = [line for line in lines if f"--out {runs / name} " in line + " "]
+        assert "--seed 3" in found
+        return found
+
+    assert "qm9_homo_noisy_nodes: finished before, kept" in lines
+    assert "--resume" in command("pcqm4mv2_pretrain") and "--overwrite" not in command("pcqm4mv2_pretrain")
+    assert "--overwrite" in command("qm9_homo_from_pretrained")
+    assert f"--init {runs / 'pcqm4mv2_pretrain' / 'best.pt'}" in command("qm9_homo_from_pretrained")
+    for fresh in ("oc20_is2re_noisy_nodes", "s2ef_dens", "forcenet_s2ef"):
+        assert "--resume" not in command(fresh) and "--overwrite" not in command(fresh)
+    assert sum("molden preprocess" in line for line in lines) == 3
+    assert sum("molden evaluate" in line for line in lines) == 2 + 3 * 4
+    # Nothing was trained, so the check finds every expected metric missing and fails the script.
+    assert result.returncode == 1 and "missing" in result.stdout

@@ -1,7 +1,7 @@
 """A `reproduce_cpu.sh` run folder against the expected metrics of the CPU twins.
 
     python examples/configs/check_cpu.py RUNS_DIR                   # compare, exit 1 when a metric is off
-    python examples/configs/check_cpu.py --record RUNS_S0 RUNS_S1   # write expected_cpu.json from seed runs
+    python examples/configs/check_cpu.py --record --overwrite RUNS_S0 RUNS_S1   # expected_cpu.json from seed runs
 
 Each run's validation metric (the one its best checkpoint was chosen by, from `summary.json`)
 and every test metric `molden evaluate` wrote (`eval/RUN.SPLIT.json`) in a named unit or a
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -38,9 +38,12 @@ def reported(metric: str) -> bool:
 def _read(path: Path) -> dict:
     """A JSON file the runs wrote, or one line saying which file is unreadable."""
     try:
-        return json.loads(path.read_text())
+        content = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: {path}: not a readable JSON file ({error})") from None
+    if not isinstance(content, dict):
+        raise SystemExit(f"error: {path}: not a JSON object")
+    return content
 
 
 def observed(runs: Path) -> dict[str, float]:
@@ -52,6 +55,8 @@ def observed(runs: Path) -> dict[str, float]:
             found[f"{summary.parent.name}/val/{s['best_metric']}"] = float(s["best_value"])
     for evaluation in sorted((runs / "eval").glob("*.json")):
         e = _read(evaluation)
+        if not isinstance(e.get("split"), str) or not isinstance(e.get("metrics"), dict):
+            raise SystemExit(f"error: {evaluation}: not a `molden evaluate --out` file (no split or metrics)")
         run = evaluation.name.removesuffix(f".{e['split']}.json")
         for metric, value in e["metrics"].items():
             if reported(metric) and value is not None:
@@ -82,30 +87,17 @@ def record(folders: list[Path]) -> dict:
         seed = str(_read(configs[0])["run"]["seed"])
         by_seed[seed] = observed(folder)
     keys = sorted(set.intersection(*(set(v) for v in by_seed.values())))
+    from molden.bench.model_step import machine
+
+    described = machine()
     return {
         "what": "metrics of examples/configs/reproduce_cpu.sh, one value per seed",
         "recorded": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {"cpu": _cpu(), "python": platform.python_version(), "torch": _torch_version(),
-                    "molden": _commit(), "threads": 1},
+        "machine": {**{k: described[k] for k in ("cpu", "cores", "python", "torch")}, "molden": _commit(),
+                    "threads": 1},
         "command": "bash examples/configs/reproduce_cpu.sh data RUNS SEED",
         "metrics": {key: {seed: by_seed[seed][key] for seed in by_seed} for key in keys},
     }
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
 
 
 def _commit() -> str | None:
@@ -136,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", type=Path, nargs="+", help="reproduce_cpu.sh run folder(s)")
     parser.add_argument("--record", action="store_true", help=f"write {EXPECTED.name} from these folders (one per seed)")
     parser.add_argument("--expected", type=Path, default=EXPECTED)
+    parser.add_argument("--overwrite", action="store_true", help="with --record: replace an existing file")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help="fraction each end of the seeds' range is widened by")
     args = parser.parse_args(argv)
@@ -144,7 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {', '.join(missing)}: no such run folder", file=sys.stderr)
         return 2
     if args.record:
-        args.expected.write_text(json.dumps(record(args.runs), indent=2) + "\n")
+        if args.expected.exists() and not args.overwrite:
+            print(f"error: {args.expected} exists: pass --overwrite to replace it", file=sys.stderr)
+            return 2
+        tmp = args.expected.with_name(args.expected.name + ".tmp")
+        tmp.write_text(json.dumps(record(args.runs), indent=2) + "\n")
+        os.replace(tmp, args.expected)
         print(f"wrote {args.expected}")
         return 0
     if len(args.runs) != 1:
@@ -153,7 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.expected.is_file():
         print(f"error: {args.expected}: no such file of expected metrics", file=sys.stderr)
         return 2
-    rows = compare(observed(args.runs[0]), _read(args.expected), args.tolerance)
+    expected = _read(args.expected)
+    if not isinstance(expected.get("metrics"), dict) or not all(
+            isinstance(seeds, dict) and seeds for seeds in expected["metrics"].values()):
+        print(f"error: {args.expected}: no \"metrics\" of run/split/metric → {{seed: value}}", file=sys.stderr)
+        return 2
+    rows = compare(observed(args.runs[0]), expected, args.tolerance)
     _print(rows, args.tolerance)
     off = [r for r in rows if r["status"] != "ok"]
     print(f"{len(rows) - len(off)} of {len(rows)} metrics in range" + (f"; off: {', '.join(r['metric'] for r in off)}"

@@ -31,7 +31,9 @@ train() {  # train NAME COMMAND CONFIG CACHE [OPTIONS...]: skipped when finished
     local name=$1 command=$2 config=$3 data=$4; shift 4
     local out="$RUNS/$name" again=()
     [ -f "$out/summary.json" ] && { echo "$name: finished before, kept"; return; }
-    [ -f "$out/last.pt" ] && again=(--resume)
+    if [ -f "$out/last.pt" ]; then again=(--resume)
+    # Stopped before its first checkpoint: nothing to keep (molden refuses a folder of anything else).
+    elif [ -d "$out" ]; then again=(--overwrite); fi
     $MOLDEN "$command" --config "$HERE/$config" --data "$data" --out "$out" --seed "$SEED" --threads "$THREADS" \
         "${again[@]}" "$@"
 }
