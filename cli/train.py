@@ -25,7 +25,7 @@ OPTION_NAMES = {
     "dens.coefficient_schedule": "--dens-schedule",
     "run.eval_every": "--eval-every", "run.log_every": "--log-every", "run.checkpoint_every": "--checkpoint-every",
     "model.preset": "--model", "optim.warmup_steps": "--warmup-steps", "optim.ema_decay": "--ema-decay",
-    "run.time_limit_minutes": "--time-limit",
+    "run.time_limit_minutes": "--time-limit", "data.frames": "--frames", "data.val_frames": "--val-frames",
 }
 
 
@@ -168,6 +168,8 @@ def finetune(
     model: Optional[str] = _MODEL, change: Optional[List[str]] = _CHANGE,
     init: Optional[Path] = typer.Option(None, help="start the backbone from this (pre-training) checkpoint (none: from scratch, whatever --config says)"),
     freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="train the heads only (with --init)"),
+    frames: Optional[str] = typer.Option(None, help="all | initial | relaxed: the frames trained on (each trajectory's first or last)  [default: all]"),
+    val_frames: Optional[str] = typer.Option(None, help="all | initial | relaxed: the frames validated on  [default: as --frames; is2re, is2rs: initial]"),
     train_size: Optional[int] = typer.Option(None, help="train on a seeded subset of this many train structures"),
     noisy_nodes_sigma: Optional[float] = typer.Option(None, help="Noisy Nodes on, with this σ in Å"),
     noisy_nodes_weight: Optional[float] = typer.Option(None, help="weight of the Noisy Nodes node loss  [default: 0.1; is2re: 1]"),
@@ -200,6 +202,7 @@ def finetune(
     overrides.update({
         "task": task, "targets": list(target) if target else None, "init": init,
         "freeze_backbone": freeze_backbone or None, "data.train_size": train_size,
+        "data.frames": frames, "data.val_frames": val_frames,
         "decode_every_block": decode_every_block or None,
         "model.conservative_forces": conservative_forces or None,
     })
@@ -223,7 +226,7 @@ def evaluate(
     checkpoint: Path = typer.Argument(..., help="a checkpoint (best.pt or last.pt of a run)"),
     data: Path = typer.Option(..., "--data", help="the .h5 cache to evaluate on"),
     split: str = typer.Option("test", help="the split evaluated"),
-    frames: str = typer.Option("all", help="all | initial | relaxed: every frame, or each trajectory's first (IS2RE) or last"),
+    frames: Optional[str] = typer.Option(None, help="all | initial | relaxed: every frame, or each trajectory's first or last  [default: the frames the run validated on; is2re, is2rs: initial]"),
     max_graphs: int = typer.Option(64, help="structures per batch"),
     device: str = typer.Option("auto", help="cpu | cuda | auto"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads", min=1),

@@ -160,6 +160,7 @@ def test_none_on_the_command_line_clears_a_config_files_init_and_val_split(s2ef_
     (("--task", "qm9", "--dens"), "DeNS (--dens) is an s2ef option"),
     (("--freeze-backbone",), "--freeze-backbone needs --init"),
     (("--steps", "0"), "invalid --steps"),
+    (("--task", "is2re", "--val-frames", "first"), "invalid --val-frames first: input should be 'all', 'initial' or 'relaxed'"),
     (("--bf16", "--device", "cpu", "--task", "s2ef"), "--bf16 needs --device cuda"),
     (("--task", "s2ef", "--model", "nope"), "unknown model preset 'nope'"),
     (("--task", "s2ef", "--change", "latent_dims=3"), "has no field(s) ['latent_dims']"),
@@ -296,7 +297,8 @@ def test_the_defaults_shown_in_help_are_the_configs_defaults():
     import inspect
     import re
 
-    from molden.train.config import DataConfig, FinetuneConfig, OptimConfig, PretrainConfig, RunConfig, default_denoising
+    from molden.train.config import (STARTS_FROM_INITIAL, DataConfig, FinetuneConfig, OptimConfig, PretrainConfig, RunConfig,
+                                     default_denoising)
     from molden.objectives.dens import DeNSConfig
     from molden.objectives.noisy_nodes import NOISE_LOSS_WEIGHT, RELAXED_POSITIONS_LOSS_WEIGHT, NoisyNodesConfig
     from molden.objectives.supervised import S2EFConfig
@@ -311,7 +313,7 @@ def test_the_defaults_shown_in_help_are_the_configs_defaults():
         "eval_every": default(RunConfig, "eval_every"), "checkpoint_every": default(RunConfig, "checkpoint_every"),
         "warmup_steps": default(OptimConfig, "warmup_steps"), "ema_decay": default(OptimConfig, "ema_decay"),
         "accumulate": default(OptimConfig, "accumulate"), "val_split": default(DataConfig, "val_split"),
-        "frames": default(DataConfig, "frames"),
+        "frames": default(DataConfig, "frames"), "val_frames": f"as --frames; {', '.join(STARTS_FROM_INITIAL)}: initial",
         "noisy_nodes_target": f"{default(NoisyNodesConfig, 'node_target')}; is2re: relaxed_positions",
         "sigma": default_denoising(5.0).sigma_angstrom, "mask_prob": default_denoising(5.0).mask_probability,
         "atom_type_weight": default_denoising(5.0).atom_type_loss_weight, "task": default(FinetuneConfig, "task"),
@@ -457,6 +459,32 @@ def test_is2re_noisy_nodes_takes_the_oc20_node_loss_weight_unless_given(emt_cach
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "config.json").read_text())["noisy_nodes"]
     assert (saved["node_target"], saved["node_loss_weight"]) == ("relaxed_positions", weight)
+
+
+def test_is2re_validates_and_evaluates_from_the_initial_structures(emt_cache, tmp_path):
+    """IS2RE trains on every trajectory frame but is the prediction from the initial structure:
+    best.pt must be chosen, and `molden evaluate` score, on the initial frames unless told otherwise."""
+    from molden.train.evaluate import evaluate_checkpoint
+
+    out = tmp_path / "run"
+    result = _invoke("finetune", "--data", emt_cache, "--out", out, "--task", "is2re", "--val-split", "train", *FAST)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["data"]["val_frames"] == "initial"
+    logged = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("split") == "val"][-1]
+    assert logged["step"] == 6
+    default = evaluate_checkpoint(out / "last.pt", emt_cache, split="train")
+    initial = evaluate_checkpoint(out / "last.pt", emt_cache, split="train", frames="initial")
+    every = evaluate_checkpoint(out / "last.pt", emt_cache, split="train", frames="all")
+    assert default["frames"] == "initial" and default["metrics"] == initial["metrics"]
+    assert initial["structures"] < every["structures"]
+    assert logged["energy_mae_mev"] == pytest.approx(initial["metrics"]["energy_mae_mev"], rel=1e-5)
+    assert logged["energy_mae_mev"] != pytest.approx(every["metrics"]["energy_mae_mev"], rel=1e-3)
+    # S2EF validates on what it trains on; an explicit --val-frames wins for IS2RE.
+    for task, extra, expected in (("s2ef", (), None), ("is2re", ("--val-frames", "all"), "all")):
+        again = _invoke("finetune", "--data", emt_cache, "--out", tmp_path / task, "--task", task, *extra, *FAST[:2],
+                        "--val-split", "none", "--model", "painn_cpu", "--max-graphs", "4")
+        assert again.exit_code == 0, again.output
+        assert json.loads((tmp_path / task / "config.json").read_text())["data"]["val_frames"] == expected
 
 
 def test_the_loop_tells_the_objective_how_far_the_run_is(s2ef_cache, tmp_path, monkeypatch):

@@ -42,7 +42,7 @@ are returned with the envelope as `Latents.edge_weights`, which `EdgeVectorHead`
 Noisy Nodes' GNS has no envelope, so the paper presets keep "none"; the CPU presets use it.
 
 DeNS force encoding on this non-equivariant backbone (`force_encoding`): the input force
-F (`batch.force_inputs`, eV/Å) enters as the 3 numbers of F in the graph's frame (Cartesian
+F (`batch.force_inputs`, dimensionless: `molden.objectives.dens.encoded_forces`) enters as the 3 numbers of F in the graph's frame (Cartesian
 for molecules, F A⁻¹ for periodic graphs) and its Cartesian norm |F|, concatenated to the node
 features: the non-equivariant analogue of DeNS §3.2.2, which projects F to spherical harmonics
 times |F| on an equivariant network. A batch without force inputs encodes zeros.
@@ -109,7 +109,7 @@ class GNSConfig(BaseModel):
     envelope: Literal["none", "polynomial"] = Field(
         "none", description="smooth cutoff: 'polynomial' weighs each message by DimeNet's envelope of |d|/R (p = 6) "
         "so the energy is continuous as an edge crosses R; 'none' as in the paper")
-    force_encoding: bool = Field(False, description="DeNS §3.2.2: encode batch.force_inputs (eV/Å) in the nodes")
+    force_encoding: bool = Field(False, description="DeNS §3.2.2: encode batch.force_inputs (DeNS's bounded, dimensionless force inputs) in the nodes")
     tat: bool = Field(False, description="GNS-TAT (Pre-training via Denoising App. B.2)")
     tat_eta: float = Field(0.8, gt=0, lt=1, description="TAT's C_f(0) target for the edge network")
     tat_shortcut_weight: float = Field(0.9, gt=0, description="TAT weight of the shortcut branch")

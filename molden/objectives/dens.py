@@ -17,8 +17,10 @@ and are divided by its (weighted) atom count: the same for structures of equal s
 noise and force sums skip the atoms the other term covers but divide by every atom (lines
 25–26), so with p_DeNS = 0 the loss is exactly the S2EF loss.
 
-The model receives forces in eV/Å; Algorithm 2 line 19 encodes the normalised forces f/σ_F,
-which the model's force encoder does with its own scale.
+The model receives `encoded_forces`: dimensionless, m/(1 + m) times the force's direction with
+m = |f|/σ_F. Algorithm 2 line 19 and Eq. 5 encode f/σ_F linearly; the bound departs from that
+because PaiNN's multiplicative vector updates overflowed on the far larger forces of
+non-equilibrium frames (see `encoded_forces`).
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ from molden.objectives.noisy_nodes import NoisyNodesConfig
 from molden.objectives.supervised import S2EFConfig
 
 Task = Literal["qm9", "is2re", "is2rs", "s2ef"]
+STARTS_FROM_INITIAL = ("is2re", "is2rs")
+"""Tasks whose input is a trajectory's initial structure (OC20's IS2RE and IS2RS)."""
 
 
 class _Strict(BaseModel):
@@ -36,6 +38,9 @@ class DataConfig(_Strict):
     val_split: str | None = Field("val", description="split validated on (None: no validation)")
     train_size: int | None = Field(None, ge=1, description="train on a seeded random subset of this many structures of the train split")
     frames: Literal["all", "initial", "relaxed"] = Field("all", description="all structures, or only the first (initial) or last (relaxed, equilibrium) frame of each system's trajectory")
+    val_frames: Literal["all", "initial", "relaxed"] | None = Field(
+        None, description="the frames of val_split validated on (None: as frames; finetune sets 'initial' for is2re and "
+        "is2rs, whose input is the initial structure)")
     max_graphs: int | None = Field(32, ge=1, description="structures per batch at most (per process; the global batch is this × processes × accumulation)")
     max_atoms: int | None = Field(None, ge=1, description="atoms per batch at most")
     max_edges: int | None = Field(None, ge=1, description="edges of the cached graphs per batch at most")
@@ -46,6 +51,10 @@ class DataConfig(_Strict):
         if self.max_graphs is None and self.max_atoms is None and self.max_edges is None:
             raise ValueError("set at least one of max_graphs, max_atoms, max_edges")
         return self
+
+    @property
+    def validation_frames(self) -> str:
+        return self.val_frames or self.frames
 
 
 class OptimConfig(_Strict):
@@ -142,6 +151,10 @@ class FinetuneConfig(_Strict):
             raise ValueError(f"Noisy Nodes (--noisy-nodes-*) is for --task qm9 and is2re, not {self.task} (s2ef: --dens)")
         if self.freeze_backbone and self.init is None:
             raise ValueError("--freeze-backbone needs --init (a pre-trained checkpoint)")
+        if self.data.val_frames is None and self.task in STARTS_FROM_INITIAL:
+            # The metric of IS2RE / IS2RS is the prediction from the initial structure: validating
+            # on every trajectory frame (all that is trained on) would pick best.pt by another task.
+            self.data.val_frames = "initial"
         return self
 
 

@@ -32,12 +32,14 @@ from molden.graph.verlet import batch_edge_lengths
 from molden.train.config import DataConfig
 
 
-def open_split(config: DataConfig, split: str, *, subset: int | None = None, seed: int = 0) -> H5Dataset:
+def open_split(config: DataConfig, split: str, *, subset: int | None = None, seed: int = 0,
+               frames: str | None = None) -> H5Dataset:
     """The cache's `split` (only each trajectory's first or last frame with `frames="initial"`
-    or `"relaxed"`), or a seeded random subset of `subset` of its structures."""
+    or `"relaxed"`; default `config.frames`), or a seeded random subset of `subset` of its structures."""
     dataset = H5Dataset(config.path, split)
-    if config.frames != "all":
-        dataset.indices = dataset.indices[trajectory_frames(config.path, dataset.indices, config.frames)]
+    frames = frames or config.frames
+    if frames != "all":
+        dataset.indices = dataset.indices[trajectory_frames(config.path, dataset.indices, frames)]
     if len(dataset) == 0:
         raise MoldenConfigError(f"{config.path}: split {split!r} is empty")
     if subset is not None:

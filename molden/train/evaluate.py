@@ -28,12 +28,15 @@ def saved_config(payload: dict[str, Any], path: Path) -> PretrainConfig | Finetu
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str = "test", max_graphs: int = 64,
-                        device: str = "auto", out: str | Path | None = None, frames: str = "all") -> dict[str, Any]:
+                        device: str = "auto", out: str | Path | None = None, frames: str | None = None) -> dict[str, Any]:
     """{"metrics": {name: value}, "structures": n, ...} of the checkpoint's EMA model on `split`
-    of `data` (each batch's terms weighted by its structures); written as JSON to `out`."""
+    of `data` (each batch's terms weighted by its structures); written as JSON to `out`.
+    `frames` defaults to those the run validated on: each trajectory's initial structure for
+    IS2RE and IS2RS."""
     checkpoint = Path(checkpoint)
     payload = read_checkpoint(checkpoint)
     config = saved_config(payload, checkpoint)
+    frames = frames or config.data.validation_frames
     torch_device = resolve_device(device, 0)
     loaded = load_model(checkpoint, device=torch_device)
     objective = validation_objective(config, loaded.task)

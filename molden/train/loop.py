@@ -411,7 +411,8 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
     device = dist.device
 
     train_set = open_split(config.data, config.data.train_split, subset=config.data.train_size, seed=run.seed)
-    val_set = open_split(config.data, config.data.val_split) if config.data.val_split else None
+    val_set = (open_split(config.data, config.data.val_split, frames=config.data.validation_frames)
+               if config.data.val_split else None)
     task = build_task(config, train_set)
 
     torch.manual_seed(run.seed)  # the same initial weights on every process
