@@ -165,6 +165,7 @@ def finetune(
     data: Optional[Path] = _DATA, out: Optional[Path] = _OUT, config_file: Optional[Path] = _CONFIG,
     task: Optional[str] = typer.Option(None, help="qm9 | is2re | is2rs | s2ef  [default: qm9]"),
     target: Optional[List[str]] = typer.Option(None, help="qm9 target (repeatable)  [default: homo]"),
+    is2re_target: Optional[str] = typer.Option(None, help="is2re: a target column of the cache instead of relaxed_energy (emt: adsorption_energy, OC20's IS2RE target)"),
     model: Optional[str] = _MODEL, change: Optional[List[str]] = _CHANGE,
     init: Optional[Path] = typer.Option(None, help="start the backbone from this (pre-training) checkpoint (none: from scratch, whatever --config says)"),
     freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="train the heads only (with --init)"),
@@ -200,7 +201,7 @@ def finetune(
                         seed, device, dtype, bf16, log_every, eval_every, checkpoint_every, early_stopping,
                         warmup_steps, ema_decay, accumulate, threads, val_split, time_limit, deterministic)
     overrides.update({
-        "task": task, "targets": list(target) if target else None, "init": init,
+        "task": task, "targets": list(target) if target else None, "is2re_target": is2re_target, "init": init,
         "freeze_backbone": freeze_backbone or None, "data.train_size": train_size,
         "data.frames": frames, "data.val_frames": val_frames,
         "decode_every_block": decode_every_block or None,

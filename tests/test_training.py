@@ -160,6 +160,8 @@ def test_none_on_the_command_line_clears_a_config_files_init_and_val_split(s2ef_
     (("--task", "qm9", "--dens"), "DeNS (--dens) is an s2ef option"),
     (("--freeze-backbone",), "--freeze-backbone needs --init"),
     (("--steps", "0"), "invalid --steps"),
+    (("--task", "s2ef", "--is2re-target", "adsorption_energy"), "--is2re-target is an is2re option (the task is s2ef)"),
+    (("--task", "is2re", "--is2re-target", "gap", "--change", "cutoff_angstrom=4"), "the cache has no structures/targets, which this task trains on"),
     (("--task", "is2re", "--val-frames", "first"), "invalid --val-frames first: input should be 'all', 'initial' or 'relaxed'"),
     (("--bf16", "--device", "cpu", "--task", "s2ef"), "--bf16 needs --device cuda"),
     (("--task", "s2ef", "--model", "nope"), "unknown model preset 'nope'"),
@@ -485,6 +487,17 @@ def test_is2re_validates_and_evaluates_from_the_initial_structures(emt_cache, tm
                         "--val-split", "none", "--model", "painn_cpu", "--max-graphs", "4")
         assert again.exit_code == 0, again.output
         assert json.loads((tmp_path / task / "config.json").read_text())["data"]["val_frames"] == expected
+
+
+def test_is2re_trains_on_the_adsorption_energy_when_asked(emt_cache, tmp_path):
+    from molden.models.checkpoint import load_model
+
+    out = tmp_path / "run"
+    result = _invoke("finetune", "--data", emt_cache, "--out", out, "--task", "is2re", "--is2re-target", "adsorption_energy",
+                     *FAST[:2], "--val-split", "none", "--model", "painn_cpu", "--max-graphs", "4")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["is2re_target"] == "adsorption_energy"
+    assert load_model(out / "last.pt").task["target"] == "adsorption_energy"
 
 
 def test_the_loop_tells_the_objective_how_far_the_run_is(s2ef_cache, tmp_path, monkeypatch):

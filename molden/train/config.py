@@ -149,6 +149,8 @@ class FinetuneConfig(_Strict):
             raise ValueError("use Noisy Nodes (--noisy-nodes-*) or DeNS (--dens), not both")
         if self.noisy_nodes is not None and self.task in ("s2ef", "is2rs"):
             raise ValueError(f"Noisy Nodes (--noisy-nodes-*) is for --task qm9 and is2re, not {self.task} (s2ef: --dens)")
+        if self.is2re_target is not None and self.task != "is2re":
+            raise ValueError(f"--is2re-target is an is2re option (the task is {self.task})")
         if self.freeze_backbone and self.init is None:
             raise ValueError("--freeze-backbone needs --init (a pre-trained checkpoint)")
         if self.data.val_frames is None and self.task in STARTS_FROM_INITIAL:
