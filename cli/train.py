@@ -250,7 +250,8 @@ def evaluate(
             raise MoldenConfigError(f"--out {out} exists: pass --overwrite to replace it")
         result = evaluate_checkpoint(checkpoint, data, split=split, max_graphs=max_graphs, device=device, out=out,
                                      frames=frames)
-    table = Table(title=f"{checkpoint} on {data} [{split}], {result['structures']:,} structures")
+    which = "" if result["frames"] == "all" else f" ({result['frames']} frames)"
+    table = Table(title=f"{checkpoint} on {data} [{split}], {result['structures']:,} structures{which}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in result["metrics"].items():
