@@ -76,6 +76,9 @@ def _run(kind: str, config_file: Optional[Path], overrides: dict[str, Any], resu
             base = read_config_file(config_file)
         elif resume and out is not None and (Path(out) / CONFIG_FILE).is_file():
             base = read_config_file(Path(out) / CONFIG_FILE)  # the run's own options; the command line may change some
+            # A run saved before `val_frames` existed validated on its training frames: keep it so,
+            # or best.pt would compare validations of two different frame sets.
+            base.get("data", {}).setdefault("val_frames", base.get("data", {}).get("frames", "all"))
         data = _cleared(merge(base, dotted(overrides)), overrides)
         for section in sections:
             data.setdefault(section, {})

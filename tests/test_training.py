@@ -489,6 +489,19 @@ def test_is2re_validates_and_evaluates_from_the_initial_structures(emt_cache, tm
         assert json.loads((tmp_path / task / "config.json").read_text())["data"]["val_frames"] == expected
 
 
+def test_a_run_saved_before_val_frames_resumes_validating_as_it_did(emt_cache, tmp_path):
+    out = tmp_path / "run"
+    common = ("finetune", "--data", emt_cache, "--out", out, "--task", "is2re", "--val-split", "train", "--model", "painn_cpu",
+              "--max-graphs", "4", "--eval-every", "2", "--checkpoint-every", "2")
+    assert _invoke(*common, "--steps", "2").exit_code == 0
+    saved = json.loads((out / "config.json").read_text())
+    del saved["data"]["val_frames"]  # as molden wrote it before the field existed
+    (out / "config.json").write_text(json.dumps(saved))
+    result = _invoke(*common, "--steps", "4", "--resume")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["data"]["val_frames"] == "all"
+
+
 def test_is2re_trains_on_the_adsorption_energy_when_asked(emt_cache, tmp_path):
     from molden.models.checkpoint import load_model
 
