@@ -56,6 +56,8 @@ def invalid_option_message(error: ValidationError, option_names: Mapping[str, st
     first = error.errors()[0]
     field = ".".join(str(part) for part in first["loc"])
     name = (option_names or {}).get(field) or (f"--{field.replace('_', '-')}" if field else "options")
+    if first.get("type") == "missing":
+        return f"{name} is required" if name != "options" else "an option is missing"
     message = first["msg"].removeprefix("Value error, ")
     if not any(c.isupper() for c in message.split(' ', 1)[0][1:]):  # keep acronyms (DeNS, QM9) as they are
         message = message[:1].lower() + message[1:]

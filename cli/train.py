@@ -14,18 +14,32 @@ import typer
 
 from molden.cli.console import console, err_console, note_line, user_errors
 
-# Config fields as the command line names them, for one-line messages about bad values.
+# Config fields as the command line names them, for one-line messages about bad values
+# (tests/test_training_cli.py checks that every option a command fills is here).
 OPTION_NAMES = {
-    "data.path": "--data", "run.out": "--out", "run.steps": "--steps", "optim.lr": "--lr",
+    "data": "--data", "run": "--out",  # a whole section missing: its one required option was not given
+    "data.path": "--data", "data.val_split": "--val-split", "data.train_size": "--train-size",
+    "data.frames": "--frames", "data.val_frames": "--val-frames", "data.workers": "--workers",
     "data.max_graphs": "--max-graphs", "data.max_atoms": "--max-atoms", "data.max_edges": "--max-edges",
-    "data.train_size": "--train-size", "data.workers": "--workers", "optim.accumulate": "--accumulate",
+    "optim.lr": "--lr", "optim.warmup_steps": "--warmup-steps", "optim.ema_decay": "--ema-decay",
+    "optim.accumulate": "--accumulate",
+    "run.out": "--out", "run.steps": "--steps", "run.seed": "--seed", "run.device": "--device", "run.dtype": "--dtype",
+    "run.bf16": "--bf16", "run.log_every": "--log-every", "run.eval_every": "--eval-every",
+    "run.checkpoint_every": "--checkpoint-every", "run.early_stopping": "--early-stopping", "run.threads": "--threads",
+    "run.time_limit_minutes": "--time-limit", "run.deterministic": "--deterministic",
+    "run.max_bad_steps": "--max-bad-steps",
+    "model.preset": "--model", "model.changes": "--change", "model.conservative_forces": "--conservative-forces",
     "denoising.sigma_angstrom": "--sigma", "denoising.mask_probability": "--mask-prob",
+    "denoising.atom_type_loss_weight": "--atom-type-weight",
+    "task": "--task", "targets": "--target", "is2re_target": "--is2re-target", "init": "--init",
+    "freeze_backbone": "--freeze-backbone", "decode_every_block": "--decode-every-block",
     "noisy_nodes.sigma_angstrom": "--noisy-nodes-sigma", "noisy_nodes.node_loss_weight": "--noisy-nodes-weight",
+    "noisy_nodes.node_target": "--noisy-nodes-target",
     "dens.probability": "--dens-probability", "dens.sigma_angstrom": "--dens-sigma",
+    "dens.corruption_ratio": "--dens-ratio", "dens.coefficient": "--dens-coefficient",
     "dens.coefficient_schedule": "--dens-schedule",
-    "run.eval_every": "--eval-every", "run.log_every": "--log-every", "run.checkpoint_every": "--checkpoint-every",
-    "model.preset": "--model", "optim.warmup_steps": "--warmup-steps", "optim.ema_decay": "--ema-decay",
-    "run.time_limit_minutes": "--time-limit", "data.frames": "--frames", "data.val_frames": "--val-frames",
+    "s2ef.energy_coefficient": "--energy-coefficient", "s2ef.force_coefficient": "--force-coefficient",
+    "dens.s2ef.energy_coefficient": "--energy-coefficient", "dens.s2ef.force_coefficient": "--force-coefficient",
 }
 
 
@@ -48,7 +62,7 @@ def _changes(items: Optional[List[str]]) -> dict[str, Any] | None:
 
 def _common(data, out, config_file, model, change, steps, lr, max_graphs, max_atoms, max_edges, workers, seed,
             device, dtype, bf16, log_every, eval_every, checkpoint_every, early_stopping, warmup_steps, ema_decay,
-            accumulate, threads, val_split, time_limit, deterministic) -> dict[str, Any]:
+            accumulate, threads, val_split, time_limit, deterministic, max_bad_steps) -> dict[str, Any]:
     return {
         "data.path": data, "data.max_graphs": max_graphs, "data.max_atoms": max_atoms, "data.max_edges": max_edges,
         "data.workers": workers, "data.val_split": val_split,
@@ -56,8 +70,9 @@ def _common(data, out, config_file, model, change, steps, lr, max_graphs, max_at
         "run.bf16": bf16 or None, "run.log_every": log_every, "run.eval_every": eval_every,
         "run.checkpoint_every": checkpoint_every, "run.early_stopping": early_stopping, "run.threads": threads,
         "run.time_limit_minutes": time_limit, "run.deterministic": deterministic or None,
+        "run.max_bad_steps": max_bad_steps,
         "optim.lr": lr, "optim.warmup_steps": warmup_steps, "optim.ema_decay": ema_decay, "optim.accumulate": accumulate,
-        "model.preset": model, "model.changes": _changes(change),
+        "model.preset": model, "model.changes": change or None,  # parsed in _run, where errors become one line
     }
 
 
@@ -70,6 +85,7 @@ def _run(kind: str, config_file: Optional[Path], overrides: dict[str, Any], resu
 
     cls = PretrainConfig if kind == "pretrain" else FinetuneConfig
     with user_errors(OPTION_NAMES):
+        overrides = {**overrides, "model.changes": _changes(overrides.get("model.changes"))}
         base: dict[str, Any] = {}
         out = overrides.get("run.out")
         if config_file is not None:
@@ -79,14 +95,32 @@ def _run(kind: str, config_file: Optional[Path], overrides: dict[str, Any], resu
             # A run saved before `val_frames` existed validated on its training frames: keep it so,
             # or best.pt would compare validations of two different frame sets.
             base.get("data", {}).setdefault("val_frames", base.get("data", {}).get("frames", "all"))
+        coefficients = {k: overrides.pop(f"s2ef.{k}", None) for k in S2EF_COEFFICIENTS}
         data = _cleared(merge(base, dotted(overrides)), overrides)
         for section in sections:
             data.setdefault(section, {})
+        data = _route_s2ef(data, coefficients)
         data = fill_cutoffs(data, ("denoising",) if kind == "pretrain" else ("noisy_nodes", "dens"))
         config = load_config(cls, None, data)
         with LiveReporter(console, err_console) as reporter:
             summary = train(config, resume=resume, overwrite=overwrite, reporter=reporter)
     print_summary(console, summary)
+
+
+S2EF_COEFFICIENTS = ("energy_coefficient", "force_coefficient")
+
+
+def _route_s2ef(data: dict[str, Any], coefficients: dict[str, Any]) -> dict[str, Any]:
+    """--energy-coefficient / --force-coefficient into DeNS's own S2EF terms when DeNS is on,
+    however it was switched on (--dens, a config file, a resumed run's config), else into
+    the plain S2EF terms."""
+    from molden.train.config import dotted, merge
+
+    given = {k: v for k, v in coefficients.items() if v is not None}
+    if not given:
+        return data
+    section = ("dens", "s2ef") if data.get("dens") is not None else ("s2ef",)
+    return merge(data, dotted({".".join((*section, k)): v for k, v in given.items()}))
 
 
 CLEARABLE = ("init", "data.val_split")
@@ -132,6 +166,7 @@ _ACCUMULATE = typer.Option(None, help="batches accumulated per optimiser step  [
 _THREADS = typer.Option(None, help="torch CPU threads")
 _VAL_SPLIT = typer.Option(None, help="split validated on (none: no validation)  [default: val]")
 _TIME_LIMIT = typer.Option(None, "--time-limit", help="minutes this invocation may run: last.pt is written and the run stops cleanly before (--resume continues; 0: no limit)")
+_MAX_BAD = typer.Option(None, help="stop after this many consecutive steps with a non-finite loss (each is skipped)  [default: 10]")
 _DETERMINISTIC = typer.Option(False, "--deterministic", help="torch deterministic algorithms (bit-reproducible on CUDA, slower)")
 _RESUME = typer.Option(False, "--resume", help="continue the run in OUT from its last.pt")
 _OVERWRITE = typer.Option(False, "--overwrite", help="replace a run already in OUT")
@@ -152,13 +187,14 @@ def pretrain(
     warmup_steps: Optional[int] = _WARMUP, ema_decay: Optional[float] = _EMA, accumulate: Optional[int] = _ACCUMULATE,
     threads: Optional[int] = _THREADS, val_split: Optional[str] = _VAL_SPLIT,
     time_limit: Optional[float] = _TIME_LIMIT, deterministic: bool = _DETERMINISTIC,
-    resume: bool = _RESUME, overwrite: bool = _OVERWRITE,
+    max_bad_steps: Optional[int] = _MAX_BAD, resume: bool = _RESUME, overwrite: bool = _OVERWRITE,
 ) -> None:
     """Denoising pre-training on (equilibrium) structures: predict the noise added to positions
     (and masked atom types)."""
     overrides = _common(data, out, config_file, model, change, steps, lr, max_graphs, max_atoms, max_edges, workers,
                         seed, device, dtype, bf16, log_every, eval_every, checkpoint_every, early_stopping,
-                        warmup_steps, ema_decay, accumulate, threads, val_split, time_limit, deterministic)
+                        warmup_steps, ema_decay, accumulate, threads, val_split, time_limit, deterministic,
+                        max_bad_steps)
     overrides.update({"data.frames": frames, "denoising.sigma_angstrom": sigma, "denoising.mask_probability": mask_prob,
                       "denoising.atom_type_loss_weight": atom_type_weight})
     _run("pretrain", config_file, overrides, resume, overwrite)
@@ -196,13 +232,14 @@ def finetune(
     warmup_steps: Optional[int] = _WARMUP, ema_decay: Optional[float] = _EMA, accumulate: Optional[int] = _ACCUMULATE,
     threads: Optional[int] = _THREADS, val_split: Optional[str] = _VAL_SPLIT,
     time_limit: Optional[float] = _TIME_LIMIT, deterministic: bool = _DETERMINISTIC,
-    resume: bool = _RESUME, overwrite: bool = _OVERWRITE,
+    max_bad_steps: Optional[int] = _MAX_BAD, resume: bool = _RESUME, overwrite: bool = _OVERWRITE,
 ) -> None:
     """Supervised training (QM9 targets, IS2RE, IS2RS, S2EF) with Noisy Nodes or DeNS, from
     scratch or from a pre-trained backbone."""
     overrides = _common(data, out, config_file, model, change, steps, lr, max_graphs, max_atoms, max_edges, workers,
                         seed, device, dtype, bf16, log_every, eval_every, checkpoint_every, early_stopping,
-                        warmup_steps, ema_decay, accumulate, threads, val_split, time_limit, deterministic)
+                        warmup_steps, ema_decay, accumulate, threads, val_split, time_limit, deterministic,
+                        max_bad_steps)
     overrides.update({
         "task": task, "targets": list(target) if target else None, "is2re_target": is2re_target, "init": init,
         "freeze_backbone": freeze_backbone or None, "data.train_size": train_size,
@@ -211,18 +248,14 @@ def finetune(
         "model.conservative_forces": conservative_forces or None,
     })
     if noisy_nodes_sigma is not None or noisy_nodes_weight is not None or noisy_nodes_target is not None:
-        node_target = noisy_nodes_target or ("relaxed_positions" if task == "is2re" else None)
+        # no node target given: FinetuneConfig picks the task's (is2re: relaxed_positions)
         overrides.update({"noisy_nodes.sigma_angstrom": noisy_nodes_sigma, "noisy_nodes.node_loss_weight": noisy_nodes_weight,
-                          "noisy_nodes.node_target": node_target})
+                          "noisy_nodes.node_target": noisy_nodes_target})
     if dens or any(v is not None for v in (dens_probability, dens_sigma, dens_ratio, dens_coefficient, dens_schedule)):
         overrides.update({"dens.probability": dens_probability, "dens.sigma_angstrom": dens_sigma,
                           "dens.corruption_ratio": dens_ratio, "dens.coefficient": dens_coefficient,
                           "dens.coefficient_schedule": dens_schedule})
-        s2ef_prefix = "dens.s2ef"
-    else:
-        s2ef_prefix = "s2ef"
-    overrides.update({f"{s2ef_prefix}.energy_coefficient": energy_coefficient,
-                      f"{s2ef_prefix}.force_coefficient": force_coefficient})
+    overrides.update({"s2ef.energy_coefficient": energy_coefficient, "s2ef.force_coefficient": force_coefficient})
     _run("finetune", config_file, overrides, resume, overwrite, sections=("dens",) if dens else ())
 
 
@@ -247,12 +280,8 @@ def evaluate(
 
         torch.set_num_threads(threads)
     with user_errors(OPTION_NAMES):
-        if out is not None and out.exists() and not overwrite:
-            from molden.errors import MoldenConfigError
-
-            raise MoldenConfigError(f"--out {out} exists: pass --overwrite to replace it")
         result = evaluate_checkpoint(checkpoint, data, split=split, max_graphs=max_graphs, device=device, out=out,
-                                     frames=frames)
+                                     frames=frames, overwrite=overwrite)
     which = "" if result["frames"] == "all" else f" ({result['frames']} frames)"
     table = Table(title=f"{checkpoint} on {data} [{split}], {result['structures']:,} structures{which}")
     table.add_column("metric")

@@ -245,15 +245,18 @@ def test_the_expected_cpu_metrics_cover_every_cpu_twin():
 
 def test_reproduce_cpu_keeps_finished_runs_resumes_interrupted_ones_and_restarts_unstarted_ones(tmp_path):
     """reproduce_cpu.sh's rerun after a stop (the molden commands echoed, not run): a run with
-    its summary is kept, one with last.pt resumed, one stopped before its first checkpoint
+    a finished summary is kept, one with last.pt resumed (summary.json too, when a stop wrote
+    it), one stopped before its first checkpoint
     started over (molden refuses its folder otherwise), and the pre-training the fine-tuning
     starts from is the one in the same run folder."""
     runs = tmp_path / "runs"
-    for name, files in (("qm9_homo_noisy_nodes", ("summary.json", "last.pt")), ("pcqm4mv2_pretrain", ("last.pt",)),
-                        ("qm9_homo_from_pretrained", ("config.json",))):
+    finished, interrupted = json.dumps({"stopped": "completed"}, indent=2), json.dumps({"stopped": "interrupted"}, indent=2)
+    for name, files in (("qm9_homo_noisy_nodes", {"summary.json": finished, "last.pt": "{}"}),
+                        ("pcqm4mv2_pretrain", {"last.pt": "{}"}), ("qm9_homo_from_pretrained", {"config.json": "{}"}),
+                        ("forcenet_s2ef", {"summary.json": interrupted, "last.pt": "{}"})):
         (runs / name).mkdir(parents=True)
-        for file in files:
-            (runs / name / file).write_text("{}")
+        for file, text in files.items():
+            (runs / name / file).write_text(text)
     result = subprocess.run(["bash", str(CONFIGS / "reproduce_cpu.sh"), str(tmp_path / "data"), str(runs), "3"],
                             capture_output=True, text=True, env={**os.environ, "MOLDEN": "echo molden"}, timeout=120)
     lines = result.stdout.splitlines()
@@ -267,7 +270,8 @@ def test_reproduce_cpu_keeps_finished_runs_resumes_interrupted_ones_and_restarts
     assert "--resume" in command("pcqm4mv2_pretrain") and "--overwrite" not in command("pcqm4mv2_pretrain")
     assert "--overwrite" in command("qm9_homo_from_pretrained")
     assert f"--init {runs / 'pcqm4mv2_pretrain' / 'best.pt'}" in command("qm9_homo_from_pretrained")
-    for fresh in ("oc20_is2re_noisy_nodes", "s2ef_dens", "forcenet_s2ef"):
+    assert "--resume" in command("forcenet_s2ef")
+    for fresh in ("oc20_is2re_noisy_nodes", "s2ef_dens"):
         assert "--resume" not in command(fresh) and "--overwrite" not in command(fresh)
     assert sum("molden preprocess" in line for line in lines) == 3
     assert sum("molden evaluate" in line for line in lines) == 2 + 3 * 4

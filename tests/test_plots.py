@@ -63,6 +63,22 @@ def test_out_option_picks_the_file(run_dir, tmp_path):
     assert not (run_dir / "learning_curves.png").exists()
 
 
+def test_an_existing_file_is_replaced_only_with_overwrite(run_dir, tmp_path):
+    from molden.errors import MoldenConfigError
+
+    precious = tmp_path / "figure.png"
+    precious.write_bytes(b"the user's figure")
+    with pytest.raises(MoldenConfigError, match="exists: pass --overwrite"):
+        plot_learning_curves(run_dir, precious)
+    assert precious.read_bytes() == b"the user's figure"
+    with pytest.raises(MoldenConfigError, match="name a .png file"):
+        plot_learning_curves(run_dir, run_dir / "metrics.jsonl", overwrite=True)
+    assert plot_learning_curves(run_dir, precious, overwrite=True) == [precious]
+    _assert_png(precious)
+    plot_learning_curves(run_dir)
+    assert plot_learning_curves(run_dir) == [run_dir / "learning_curves.png"]  # the run's own figure, redrawn at will
+
+
 def test_missing_or_empty_metrics_file_is_a_user_error(tmp_path):
     with pytest.raises(MoldenInputError, match="metrics.jsonl"):
         plot_learning_curves(tmp_path)

@@ -185,6 +185,118 @@ def test_an_existing_run_is_never_overwritten_without_overwrite(s2ef_run, s2ef_c
     assert (s2ef_run / "last.pt").read_bytes() == before
 
 
+@pytest.mark.parametrize("args, message", [
+    (("--task", "s2ef"), "the cache has no forces, which --task s2ef trains on"),
+    (("--task", "is2rs"), "the cache has no relaxed_positions, which --task is2rs trains on"),
+    (("--noisy-nodes-target", "relaxed_positions"), "the cache has no relaxed_positions, which --noisy-nodes-target"),
+    (("--change", "block_iterations"), "invalid --change 'block_iterations': write FIELD=VALUE"),
+    (("--dtype", "float16"), "invalid --dtype float16"),
+    (("--dens-ratio", "2", "--task", "s2ef"), "invalid --dens-ratio 2.0"),
+    (("--max-bad-steps", "0",), "invalid --max-bad-steps 0"),
+])
+def test_a_task_the_cache_cannot_train_is_refused_before_anything_is_written(qm9_cache, tmp_path, args, message):
+    out = tmp_path / "run"
+    result = _invoke("finetune", "--data", qm9_cache, "--out", out, "--steps", "2", *args)
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("missing, message", [("--out", "--out is required"), ("--data", "--data is required")])
+def test_a_missing_required_option_is_named(qm9_cache, tmp_path, missing, message):
+    given = {"--out": tmp_path / "run", "--data": qm9_cache}
+    del given[missing]
+    result = _invoke("finetune", *[str(a) for kv in given.items() for a in kv])
+    assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_every_option_a_training_command_fills_has_its_name_for_messages(monkeypatch):
+    """A bad value of any option is reported under the option's own name (`--dens-ratio`, not
+    `dens.corruption_ratio`)."""
+    import inspect
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(train_cli, "_run", lambda kind, config_file, overrides, *a, **k: seen.update(overrides))
+    for command in (train_cli.pretrain, train_cli.finetune):
+        kwargs = {name: p.default.default if hasattr(p.default, "default") else p.default
+                  for name, p in inspect.signature(command).parameters.items()}
+        if command is train_cli.finetune:  # the Noisy Nodes and DeNS sections fill their fields only when on
+            kwargs.update(noisy_nodes_sigma=0.1, dens=True)
+        command(**kwargs)
+    options = {o for command in (train_cli.pretrain, train_cli.finetune)
+               for p in inspect.signature(command).parameters.values() for o in getattr(p.default, "param_decls", ())}
+    assert set(seen) <= set(train_cli.OPTION_NAMES), sorted(set(seen) - set(train_cli.OPTION_NAMES))
+    flags = {name for name in train_cli.OPTION_NAMES.values()}
+    named = {f"--{name.replace('_', '-')}" for command in (train_cli.pretrain, train_cli.finetune)
+             for name in inspect.signature(command).parameters} | options
+    assert flags <= named, sorted(flags - named)
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_is_refused(s2ef_run, s2ef_cache, tmp_path):
+    copy = tmp_path / "run"
+    copy.mkdir()
+    from molden.train.loop import RUN_FILES
+
+    for path in s2ef_run.iterdir():
+        if path.name in RUN_FILES:  # other tests add their files (eval.json) to the shared run
+            (copy / path.name).write_bytes(path.read_bytes())
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    result = _invoke("finetune", "--data", s2ef_cache, "--out", copy, "--overwrite", "--task", "s2ef", "--model", "nope")
+    assert result.exit_code == 1 and "unknown model preset 'nope'" in result.output, result.output
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+
+
+def test_s2ef_coefficients_go_to_dens_when_a_config_file_turns_it_on(s2ef_cache, tmp_path):
+    config = tmp_path / "dens.yaml"
+    config.write_text(yaml.safe_dump({"task": "s2ef", "dens": {"probability": 0.5}}))
+    out = tmp_path / "run"
+    result = _invoke("finetune", "--config", config, "--data", s2ef_cache, "--out", out, *FAST[:2], *FAST[8:],
+                     "--val-split", "none", "--energy-coefficient", "7", "--force-coefficient", "50")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["dens"]["s2ef"]["energy_coefficient"], saved["dens"]["s2ef"]["force_coefficient"]) == (7.0, 50.0)
+    assert saved["s2ef"]["energy_coefficient"] == 1.0  # the plain terms, unused with DeNS, keep their defaults
+
+
+def test_is2re_noisy_nodes_defaults_are_the_same_from_a_config_file(emt_cache, tmp_path):
+    config = tmp_path / "is2re.yaml"
+    config.write_text(yaml.safe_dump({"task": "is2re", "noisy_nodes": {"sigma_angstrom": 0.3, "cutoff_angstrom": 6.0}}))
+    from molden.train.config import FinetuneConfig, load_config
+
+    loaded = load_config(FinetuneConfig, config, {"data": {"path": str(emt_cache)}, "run": {"out": str(tmp_path / "r")}})
+    assert (loaded.noisy_nodes.node_target, loaded.noisy_nodes.node_loss_weight) == ("relaxed_positions", 1.0)
+
+
+def test_pretraining_keeps_its_preset_when_only_changes_are_given(tmp_path):
+    from molden.train.config import PRETRAIN_PRESET, PretrainConfig
+
+    config = PretrainConfig.model_validate({"data": {"path": "x.h5"}, "run": {"out": str(tmp_path)},
+                                            "model": {"changes": {"block_iterations": 2}}})
+    assert config.model.preset == PRETRAIN_PRESET == "gns_tat_cpu"
+    assert config.model.changes == {"block_iterations": 2}
+
+
+def test_resume_refuses_an_option_the_saved_state_would_override(s2ef_cache, tmp_path):
+    out = tmp_path / "run"
+    common = ("finetune", "--data", s2ef_cache, "--out", out, "--task", "s2ef", *FAST)
+    assert _invoke(*common).exit_code == 0
+    last = (out / "last.pt").read_bytes()
+    changed = _invoke(*common, "--resume", "--steps", "8", "--lr", "0.05")
+    assert changed.exit_code == 1 and "optim.lr is 0.001 there and 0.05 now" in changed.output, changed.output
+    finished = _invoke(*common, "--resume")
+    assert finished.exit_code == 1 and "has finished (6 of 6 steps)" in finished.output, finished.output
+    assert (out / "last.pt").read_bytes() == last
+    longer = _invoke(*common, "--resume", "--steps", "8", "--time-limit", "30", "--log-every", "1")
+    assert longer.exit_code == 0, longer.output  # how long and how often may change
+    assert read_checkpoint(out / "last.pt")["progress"]["step"] == 8
+
+
+def test_evaluate_refuses_an_out_it_cannot_or_must_not_write_before_evaluating(s2ef_run, s2ef_cache, tmp_path):
+    for out, message in ((tmp_path / "no" / "such" / "m.json", "no folder"), (s2ef_run / "best.pt", "an input")):
+        result = _invoke("evaluate", s2ef_run / "best.pt", "--data", s2ef_cache, "--out", out, "--overwrite")
+        assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
+    assert load_model(s2ef_run / "best.pt")
+
+
 def test_a_missing_cache_is_one_line(tmp_path):
     result = _invoke("finetune", "--data", tmp_path / "none.h5", "--out", tmp_path / "r", "--task", "s2ef")
     assert result.exit_code == 1 and "none.h5" in result.output and "Traceback" not in result.output
@@ -324,6 +436,7 @@ def test_the_defaults_shown_in_help_are_the_configs_defaults():
         "dens_ratio": default(DeNSConfig, "corruption_ratio"), "dens_coefficient": default(DeNSConfig, "coefficient"),
         "dens_schedule": default(DeNSConfig, "coefficient_schedule"),
         "energy_coefficient": default(S2EFConfig, "energy_coefficient"), "force_coefficient": default(S2EFConfig, "force_coefficient"),
+        "max_bad_steps": default(RunConfig, "max_bad_steps"),
     }
     assert default(PretrainConfig, "model").preset == "gns_tat_cpu"
     seen = 0
@@ -361,10 +474,11 @@ def test_overwrite_replaces_a_run_but_never_a_folder_of_other_files(s2ef_cache, 
     out = tmp_path / "run"
     first = _invoke("finetune", "--data", s2ef_cache, "--out", out, "--task", "s2ef", *FAST)
     assert first.exit_code == 0, first.output
-    (out / ".last.pt.abc.tmp").write_bytes(b"left by a kill")  # molden's own leftover: fine
+    (out / ".last.pt.abc.tmp").write_bytes(b"left by a kill")  # molden's own leftovers: fine
+    (out / "metrics.jsonl.partial").write_text("left by a kill")
     again = _invoke("finetune", "--data", s2ef_cache, "--out", out, "--task", "s2ef", "--overwrite", *FAST)
     assert again.exit_code == 0, again.output
-    assert not (out / ".last.pt.abc.tmp").exists()
+    assert not (out / ".last.pt.abc.tmp").exists() and not (out / "metrics.jsonl.partial").exists()
     (out / "thesis.tex").write_text("the user's work")
     refused = _invoke("finetune", "--data", s2ef_cache, "--out", out, "--task", "s2ef", "--overwrite", *FAST)
     assert refused.exit_code == 1 and "thesis.tex" in refused.output
@@ -494,9 +608,13 @@ def test_a_run_saved_before_val_frames_resumes_validating_as_it_did(emt_cache, t
     common = ("finetune", "--data", emt_cache, "--out", out, "--task", "is2re", "--val-split", "train", "--model", "painn_cpu",
               "--max-graphs", "4", "--eval-every", "2", "--checkpoint-every", "2")
     assert _invoke(*common, "--steps", "2").exit_code == 0
+    from molden.models.checkpoint import read_checkpoint, write_checkpoint
+
     saved = json.loads((out / "config.json").read_text())
-    del saved["data"]["val_frames"]  # as molden wrote it before the field existed
+    del saved["data"]["val_frames"]  # as molden wrote it, and its checkpoint, before the field existed
     (out / "config.json").write_text(json.dumps(saved))
+    payload = read_checkpoint(out / "last.pt")
+    write_checkpoint(out / "last.pt", {**payload, "config": json.dumps(saved)})
     result = _invoke(*common, "--steps", "4", "--resume")
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text())["data"]["val_frames"] == "all"

@@ -30,7 +30,8 @@ cache "$DATA/emt.h5"         emt --workers 2
 train() {  # train NAME COMMAND CONFIG CACHE [OPTIONS...]: skipped when finished, resumed when interrupted
     local name=$1 command=$2 config=$3 data=$4; shift 4
     local out="$RUNS/$name" again=()
-    [ -f "$out/summary.json" ] && { echo "$name: finished before, kept"; return; }
+    # summary.json is written at every stop: a run interrupted or out of time continues
+    grep -qE '"stopped": "(completed|early stopping)' "$out/summary.json" 2>/dev/null && { echo "$name: finished before, kept"; return; }
     if [ -f "$out/last.pt" ]; then again=(--resume)
     # Stopped before its first checkpoint: nothing to keep (molden refuses a folder of anything else).
     elif [ -d "$out" ]; then again=(--overwrite); fi

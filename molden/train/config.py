@@ -110,6 +110,10 @@ def default_denoising(cutoff_angstrom: float) -> DenoisingConfig:
                            atom_type_loss_weight=4.0, cutoff_angstrom=cutoff_angstrom)
 
 
+PRETRAIN_PRESET = "gns_tat_cpu"
+"""Pre-training's backbone when none is named (GNS-TAT, Pre-training via Denoising §4)."""
+
+
 class PretrainConfig(_Strict):
     """`molden pretrain`: denoising pre-training on equilibrium structures (Pre-training via
     Denoising §3.2)."""
@@ -117,8 +121,18 @@ class PretrainConfig(_Strict):
     data: DataConfig
     optim: OptimConfig = Field(default_factory=OptimConfig)
     run: RunConfig
-    model: ModelChoice = Field(default_factory=lambda: ModelChoice(preset="gns_tat_cpu"))
+    model: ModelChoice = Field(default_factory=lambda: ModelChoice(preset=PRETRAIN_PRESET))
     denoising: DenoisingConfig = Field(default_factory=lambda: default_denoising(5.0))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pretraining_preset(cls, data: Any) -> Any:
+        """A `model` given without a preset (only `changes`) changes pre-training's preset, not
+        ModelChoice's generic default."""
+        model = data.get("model") if isinstance(data, dict) else None
+        if isinstance(model, dict) and model.get("preset") is None:
+            data = {**data, "model": {**model, "preset": PRETRAIN_PRESET}}
+        return data
 
 
 class FinetuneConfig(_Strict):
@@ -140,6 +154,17 @@ class FinetuneConfig(_Strict):
     s2ef: S2EFConfig = Field(default_factory=S2EFConfig, description="s2ef: energy and force terms (DeNS carries its own)")
     init: Path | None = Field(None, description="initialise the backbone from this checkpoint (pre-training)")
     freeze_backbone: bool = Field(False, description="train the heads only (with init)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _node_target_of_the_task(cls, data: Any) -> Any:
+        """Noisy Nodes without a node target predicts, on IS2RE trajectories, the relaxed
+        structure (Noisy Nodes §3.3, OC20), elsewhere the noise; from a config file as from
+        the command line."""
+        nn = data.get("noisy_nodes") if isinstance(data, dict) else None
+        if isinstance(nn, dict) and nn.get("node_target") is None and data.get("task") == "is2re":
+            data = {**data, "noisy_nodes": {**nn, "node_target": "relaxed_positions"}}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> FinetuneConfig:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from molden.errors import MoldenInputError
+from molden.errors import MoldenConfigError, MoldenInputError
 from molden.models.checkpoint import load_model, read_checkpoint
 from molden.train.config import DataConfig, FinetuneConfig, PretrainConfig
 from molden.train.data import open_split, validation_batches
@@ -28,12 +28,21 @@ def saved_config(payload: dict[str, Any], path: Path) -> PretrainConfig | Finetu
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str = "test", max_graphs: int = 64,
-                        device: str = "auto", out: str | Path | None = None, frames: str | None = None) -> dict[str, Any]:
+                        device: str = "auto", out: str | Path | None = None, frames: str | None = None,
+                        overwrite: bool = False) -> dict[str, Any]:
     """{"metrics": {name: value}, "structures": n, ...} of the checkpoint's EMA model on `split`
     of `data` (each batch's terms weighted by its structures); written as JSON to `out`.
     `frames` defaults to those the run validated on: each trajectory's initial structure for
-    IS2RE and IS2RS."""
+    IS2RE and IS2RS. An existing `out` is replaced only with `overwrite`; an input never."""
     checkpoint = Path(checkpoint)
+    if out is not None:  # before the evaluation, not after it
+        out = Path(out)
+        if any(out.resolve() == Path(p).resolve() for p in (checkpoint, data)):
+            raise MoldenConfigError(f"--out {out} is an input of the evaluation: pick another file")
+        if out.exists() and not out.is_dir() and not overwrite:
+            raise MoldenConfigError(f"--out {out} exists: pass --overwrite to replace it")
+        if out.is_dir() or not out.parent.is_dir():
+            raise MoldenConfigError(f"--out {out}: " + ("a folder, not a file" if out.is_dir() else f"no folder {out.parent}"))
     payload = read_checkpoint(checkpoint)
     config = saved_config(payload, checkpoint)
     frames = frames or config.data.validation_frames
@@ -53,7 +62,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str 
     result = {"checkpoint": str(checkpoint), "data": str(data), "split": split, "frames": frames, "structures": len(dataset),
               "task": loaded.task.get("kind"), "metrics": metrics}
     if out is not None:
-        out = Path(out)
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         os.replace(tmp, out)

@@ -175,13 +175,18 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- run folder
 def _leftover(name: str) -> bool:
-    """A temporary file of molden's atomic writes that a killed run left behind."""
-    return name.startswith(".") and name.endswith(".tmp") or name.endswith((".jsonl.tmp", ".csv.tmp", ".png.tmp"))
+    """A temporary file of molden's atomic writes that a killed run left behind: a checkpoint's
+    `.NAME.XXXX.tmp`, or `NAME.partial` of the metrics and plots."""
+    if name.endswith(".partial"):
+        return name.removesuffix(".partial") in RUN_FILES
+    return name.startswith(".") and name.endswith(".tmp")
 
 
-def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool, inputs: list[Path]) -> bool:
-    """True when the run resumes from `out/last.pt`. Refuses to touch a folder holding a run
-    unless `resume` (continue it) or `overwrite` (start over), and an `out` that is an input."""
+def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool, inputs: list[Path]) -> list[Path]:
+    """Checks `out` before a run and returns the files an `overwrite` will replace (delete them
+    with `clear_run_dir` once the new run is set up: a run refused for its data or options
+    leaves the old one whole). Refuses a folder holding a run unless `resume` (continue it, from
+    `out/last.pt`) or `overwrite` (start over), and an `out` that is an input."""
     out = Path(out)
     for path in inputs:
         if path is not None and Path(path).exists() and out.exists() and Path(path).resolve().is_relative_to(out.resolve()):
@@ -192,7 +197,7 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool, inputs: list[Pa
     if resume:
         if not (out / LAST).is_file():
             raise MoldenConfigError(f"--resume: {out} has no {LAST} to resume from")
-        return True
+        return []
     if present:
         if not overwrite:
             raise MoldenConfigError(f"{out} already holds a run: pass --resume to continue it or --overwrite to start over")
@@ -200,9 +205,13 @@ def prepare_run_dir(out: Path, *, resume: bool, overwrite: bool, inputs: list[Pa
         if foreign:  # --overwrite replaces a run, never a folder of the user's other files
             raise MoldenConfigError(f"--overwrite: {out} holds files molden did not write ({', '.join(foreign[:3])}): "
                                     "pick an empty or new run folder")
-        for path in present:
-            path.unlink()
-    return False
+    return present
+
+
+def clear_run_dir(replaced: list[Path]) -> None:
+    """Delete the old run's files that `prepare_run_dir` listed (--overwrite)."""
+    for path in replaced:
+        path.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- model
@@ -399,8 +408,7 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
     if run.bf16 and dist.device.type != "cuda":
         raise MoldenConfigError("--bf16 needs --device cuda")
     init = getattr(config, "init", None)
-    if dist.is_main:
-        prepare_run_dir(out, resume=resume, overwrite=overwrite, inputs=[config.data.path, init])
+    replaced = prepare_run_dir(out, resume=resume, overwrite=overwrite, inputs=[config.data.path, init]) if dist.is_main else []
     D.barrier(dist)
     resuming = resume
     if run.threads is not None:
@@ -443,6 +451,7 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
     if resuming:
         payload = read_checkpoint(out / LAST)
         _check_resumable(payload, task.spec, out / LAST)
+        _check_resume_config(json.loads(payload.get("config") or "{}"), config.model_dump(mode="json"), out / LAST)
         model.load_state_dict(payload["model"], strict=True)
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
@@ -450,6 +459,9 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
             ema.load_state_dict(payload["ema_state"], payload["ema"])
         progress = Progress(**payload["progress"])
         set_rng_state(payload["rng"])
+        if progress.step >= run.steps:
+            raise MoldenConfigError(f"--resume: the run in {out} has finished ({progress.step} of {run.steps} steps): "
+                                    "give a larger --steps to train on")
         if progress.virtual_ranks != virtual:
             reporter.note(f"resuming {progress.virtual_ranks} processes × accumulation on {virtual}: "
                           "the interrupted epoch's remaining batches are skipped, the next epoch starts")
@@ -459,6 +471,7 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
             progress.virtual_ranks = virtual
 
     if dist.is_main:
+        clear_run_dir(replaced)  # only now: every check of the data, task, model and checkpoint has passed
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
     log = MetricsLog(out, resume_step=progress.step if resuming else None, enabled=dist.is_main)
@@ -623,6 +636,60 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
         raise TrainingStopped(f"stopped at step {progress.step} after {stopped}: lower --lr, check the data "
                               f"(molden inspect --verify), or raise --max-bad-steps; {out / LAST} holds the last good state")
     return summary
+
+
+RESUME_MAY_CHANGE = frozenset({
+    "data.path", "data.workers", "optim.accumulate", "run.out", "run.steps", "run.log_every", "run.eval_every",
+    "run.checkpoint_every", "run.early_stopping", "run.time_limit_minutes", "run.max_bad_steps", "run.threads",
+    "run.device", "run.deterministic",
+})
+"""Config fields a resumed run may change: where the data and run live, how long it runs, how
+often it logs, and where it computes (a checkpoint of N processes resumes on M). Every other
+field shaped the saved state (weights, optimiser, schedule, EMA, sampler, noise), so a new
+value would be overwritten by it or make the run a different one."""
+
+
+def _flat(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _lookup(mapping: Mapping[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        mapping = mapping.get(part) if isinstance(mapping, Mapping) else None
+    return mapping
+
+
+def _check_resume_config(saved: Mapping[str, Any], now: Mapping[str, Any], path: Path) -> None:
+    """Refuse a resume whose options differ from the saved run's where the saved state decides
+    (a new --lr would be silently replaced by the optimiser's saved one). A field the saved
+    config lacks (written by an older molden) is not compared; a section switched on or off
+    (Noisy Nodes, a model change) is."""
+    old, new = _flat(saved), _flat(now)
+    changed: list[str] = []
+    for key in dict.fromkeys([*old, *new]):
+        parts = key.split(".")
+        # the shortest leading part of `key` that is a value on either side
+        leaf = next(p for p in (".".join(parts[:i]) for i in range(1, len(parts) + 1)) if p in old or p in new)
+        if leaf in old and leaf in new:
+            differs = old[leaf] != new[leaf]
+        else:  # a value on one side, a section (or nothing: a field added since) on the other
+            other = new if leaf in old else old
+            differs = any(k.startswith(leaf + ".") for k in other)
+        if differs and leaf not in RESUME_MAY_CHANGE and leaf not in changed:
+            changed.append(leaf)
+    if changed:
+        key = changed[0]
+        before, after = (_lookup(side, key) for side in (saved, now))
+        more = f" (and {len(changed) - 1} more: {', '.join(changed[1:4])})" if len(changed) > 1 else ""
+        raise MoldenConfigError(
+            f"--resume continues {path} as it was saved, but {key} is {before!r} there and {after!r} now{more}: "
+            "drop the option, or start a new run (another --out, or --overwrite)")
 
 
 def _check_resumable(payload: Mapping[str, Any], spec: ModelSpec, path: Path) -> None:

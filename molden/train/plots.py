@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
-from molden.errors import MoldenInputError
+from molden.errors import MoldenConfigError, MoldenInputError
 from molden.train.metrics_log import JSONL_NAME, RECORD_KEYS, read_metrics
 
 if TYPE_CHECKING:
@@ -29,9 +29,10 @@ SPLIT_STYLE = {  # colour-blind-safe tab10 pair; the test split is a few points,
 MAX_COLUMNS = 3
 
 
-def plot_learning_curves(run_dir: Path, out: Path | None = None) -> list[Path]:
-    """Draw `run_dir`'s metrics as one PNG (default `run_dir/learning_curves.png`; `out` may be
-    a file or a directory) and return the path(s) written."""
+def plot_learning_curves(run_dir: Path, out: Path | None = None, *, overwrite: bool = False) -> list[Path]:
+    """Draw `run_dir`'s metrics as one PNG (default `run_dir/learning_curves.png`, redrawn at
+    will; `out` may be a file or a directory) and return the path(s) written. Any other
+    existing file is replaced only with `overwrite`, and never by anything but a PNG name."""
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     source = run_dir / JSONL_NAME if run_dir.is_dir() else run_dir
@@ -43,6 +44,10 @@ def plot_learning_curves(run_dir: Path, out: Path | None = None) -> list[Path]:
     target = base / CURVES_NAME if out is None else Path(out)
     if target.is_dir():
         target = target / CURVES_NAME
+    if target.suffix.lower() != ".png":
+        raise MoldenConfigError(f"--out {target}: name a .png file (or a folder)")
+    if target.exists() and target.resolve() != (base / CURVES_NAME).resolve() and not overwrite:
+        raise MoldenConfigError(f"--out {target} exists: pass --overwrite to replace it")
     save_png(figure, target)
     return [target]
 

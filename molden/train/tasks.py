@@ -30,7 +30,7 @@ from molden.objectives.noisy_nodes import EveryBlock, NoisyNodes, position_delta
 from molden.objectives.objective import LOSS, Objective
 from molden.objectives.supervised import GraphTargetLoss, IS2RELoss, IS2RSLoss, S2EFLoss, TargetNormalizer, target_columns
 from molden.objectives.units import QM9_ENERGY_TARGETS, report_unit
-from molden.train.config import FinetuneConfig, ModelChoice, PretrainConfig, default_denoising
+from molden.train.config import PRETRAIN_PRESET, FinetuneConfig, ModelChoice, PretrainConfig, default_denoising
 
 EXTENSIVE_TARGETS = (*QM9_ENERGY_TARGETS, "zpve", "Cv", "alpha", "r2")
 """QM9 targets that grow with molecule size: decoded by a sum over atoms, the others by a mean."""
@@ -154,8 +154,20 @@ def _delta_statistics(dataset: H5Dataset, sigma: float) -> tuple[tuple[float, fl
     return position_delta_statistics(batches, sigma)
 
 
+def _require_fields(config: FinetuneConfig, dataset: H5Dataset) -> None:
+    """Refuse, before anything is written, a task whose labels the cache does not hold (QM9
+    molecules have no forces or relaxed structures)."""
+    needed = {"is2rs": ("relaxed_positions", "--task is2rs"), "s2ef": ("forces", "--task s2ef")}.get(config.task)
+    if config.noisy_nodes is not None and config.noisy_nodes.node_target == "relaxed_positions":
+        needed = ("relaxed_positions", "--noisy-nodes-target relaxed_positions")
+    if needed is not None and needed[0] not in dataset.optional_fields:
+        raise MoldenInputError(dataset.path, f"the cache has no {needed[0]}, which {needed[1]} trains on "
+                               "(a cache of trajectories: molden preprocess emt / oc20 / ase)")
+
+
 def finetune_task(config: FinetuneConfig, dataset: H5Dataset) -> TrainingTask:
     """Supervised task (qm9, is2re, is2rs, s2ef) with Noisy Nodes or DeNS when configured."""
+    _require_fields(config, dataset)
     nn_config = config.noisy_nodes
     forced = {"force_encoding": True} if config.dens is not None else {}
     backbone = _backbone(config.model, dataset, **forced)
@@ -241,7 +253,7 @@ def fill_cutoffs(data: dict[str, Any], sections: tuple[str, ...]) -> dict[str, A
         cutoff = float(f.attrs["cutoff_angstrom"])
     model = data.get("model") or {}
     try:
-        default = PretrainConfig.model_fields["model"].default_factory().preset if "denoising" in sections else ModelChoice().preset
+        default = PRETRAIN_PRESET if "denoising" in sections else ModelChoice().preset
         backbone = backbone_from_preset(model.get("preset") or default, **(model.get("changes") or {}))
         cutoff = min(cutoff, float(getattr(backbone, "cutoff_angstrom", cutoff)))
     except (MoldenConfigError, ValueError, TypeError):
