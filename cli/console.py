@@ -6,6 +6,7 @@ stderr with exit code 1; Ctrl-C exits 130 and leaves resumable work in place.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Iterator, Mapping
 
@@ -36,8 +37,11 @@ class _WideWhenPiped(Console):
         Console.size.fset(self, new_size)
 
 
-console = _WideWhenPiped()
-err_console = Console(stderr=True)
+# Under torchrun every process runs the same command: rank 0 speaks for the run (one display,
+# one summary, one error line), the others print nothing.
+SECONDARY_PROCESS = os.environ.get("RANK", "0") != "0"
+console = _WideWhenPiped(quiet=SECONDARY_PROCESS)
+err_console = Console(stderr=True, quiet=SECONDARY_PROCESS)
 
 
 def error_line(message: str) -> None:

@@ -62,14 +62,21 @@ def run_training_stages(cache: Path, out_dir: Path, steps: int, stages: int, ove
 
     from molden.cli.train_display import LiveReporter
     from molden.train.demo import demo_configs, run_or_reuse
+    from molden.train.loop import TrainingStopped
     from molden.train.evaluate import evaluate_checkpoint
 
     configs, tests = demo_configs(cache, out_dir, steps)
     rows = []
     for k, (name, config) in enumerate(configs.items(), start=3):
         console.rule(f"{k}/{stages}  {STAGE_TITLES[name]}")
-        with LiveReporter(console, err_console) as reporter:
-            summary, reused = run_or_reuse(config, reporter, redo=overwrite)
+        try:
+            with LiveReporter(console, err_console) as reporter:
+                summary, reused = run_or_reuse(config, reporter, redo=overwrite)
+        except TrainingStopped as error:
+            if not error.interrupted:
+                raise
+            raise TrainingStopped(f"interrupted: {config.run.out}/last.pt written; run the same molden demo command "
+                                  "again to continue where it stopped", interrupted=True) from None
         summary = summary if isinstance(summary, dict) else summary.to_json()
         if reused:
             note_line(f"{config.run.out} already holds this finished run: reused (--train-steps or --overwrite to redo)")

@@ -107,9 +107,10 @@ def test_batches_depend_only_on_seed_and_epoch():
 
 
 def test_a_structure_over_a_budget_is_refused_with_the_budget_it_needs():
-    atoms = np.array([5, 40, 7])
-    with pytest.raises(MoldenConfigError, match="structure 1 .* 40 atoms.* at least 40"):
-        DynamicBatchSampler(range(3), atoms, max_atoms=32)
+    atoms = np.array([5, 40, 7, 33])
+    with pytest.raises(MoldenConfigError, match=r"2 of 4 structures have more atoms than max_atoms=32 \(--max-atoms\), "
+                                                r"the largest 40: raise it to at least 40"):
+        DynamicBatchSampler(range(4), atoms, max_atoms=32)
 
 
 def test_a_sharded_inner_sampler_or_no_budget_is_refused():

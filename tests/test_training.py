@@ -297,6 +297,52 @@ def test_evaluate_refuses_an_out_it_cannot_or_must_not_write_before_evaluating(s
     assert load_model(s2ef_run / "best.pt")
 
 
+def test_the_demo_continues_a_stopped_stage_instead_of_reusing_it(qm9_cache, tmp_path, keep_torch_threads):
+    from molden.train.config import DataConfig, FinetuneConfig, RunConfig
+    from molden.train.demo import run_or_reuse
+    from molden.train.loop import train
+
+    run = RunConfig(out=tmp_path / "run", steps=4, time_limit_minutes=1e-9, threads=1)
+    config = FinetuneConfig(data=DataConfig(path=qm9_cache, max_graphs=8), run=run, optim={"warmup_steps": 1})
+    first = train(config)
+    assert (first.stopped, first.steps) == ("time limit", 1)  # every stop writes summary.json
+    summary, reused = run_or_reuse(config)
+    assert not reused and (summary.stopped, summary.steps) == ("time limit", 2)  # continued from last.pt
+
+
+def test_a_resume_logs_the_same_records_as_the_run_without_the_stop(qm9_cache, tmp_path, keep_torch_threads):
+    """The training terms since the last record travel in last.pt: a stop between two records
+    (here at step 1 of a 3-step window) does not shorten the next one."""
+    from molden.train.config import DataConfig, FinetuneConfig, RunConfig
+    from molden.train.loop import train
+    from molden.train.metrics_log import read_metrics
+
+    def config(out, **run):
+        return FinetuneConfig(data=DataConfig(path=qm9_cache, max_graphs=8), optim={"warmup_steps": 1},
+                              run=RunConfig(out=tmp_path / out, **{"steps": 6, "log_every": 3, "eval_every": 6, "threads": 1, **run}))
+
+    train(config("whole"))
+    assert train(config("stopped", time_limit_minutes=1e-9)).steps == 1
+    train(config("stopped"), resume=True)
+    records = {out: [(r["step"], r["loss"]) for r in read_metrics(tmp_path / out) if r["split"] == "train"]
+               for out in ("whole", "stopped")}
+    assert [step for step, _ in records["stopped"]] == [3, 6]
+    assert records["stopped"] == pytest.approx(records["whole"], rel=1e-6)
+
+
+def test_resume_refuses_a_run_that_stopped_early_and_says_when_the_schedule_changes(s2ef_cache, tmp_path):
+    out = tmp_path / "run"
+    common = ("finetune", "--data", s2ef_cache, "--out", out, "--task", "s2ef", *FAST)
+    assert _invoke(*common).exit_code == 0
+    payload = read_checkpoint(out / "last.pt")
+    payload["progress"] = {**payload["progress"], "step": 3, "validations_since_best": 2}
+    write_checkpoint(out / "last.pt", payload)
+    early = _invoke(*common, "--resume", "--early-stopping", "2")
+    assert early.exit_code == 1 and "stopped early at step 3" in early.output, early.output
+    longer = _invoke(*common, "--resume", "--steps", "8")
+    assert longer.exit_code == 0 and "--steps 6 → 8: from step 3 the learning rate follows the 8-step schedule" in longer.output
+
+
 def test_a_missing_cache_is_one_line(tmp_path):
     result = _invoke("finetune", "--data", tmp_path / "none.h5", "--out", tmp_path / "r", "--task", "s2ef")
     assert result.exit_code == 1 and "none.h5" in result.output and "Traceback" not in result.output

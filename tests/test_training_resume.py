@@ -140,6 +140,15 @@ def test_two_processes_take_the_same_steps_as_one_process_accumulating_two_batch
     result = subprocess.run(launcher, capture_output=True, text=True, timeout=300,
                             env={**ENV, "OMP_NUM_THREADS": "1", **backend})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.stdout + result.stderr).count("molden training on") == 1  # rank 0 speaks for the run
+    # A refusal seen by rank 0 alone (its run folder exists) stops every rank: one line, no traceback, no hang.
+    refused = subprocess.run(launcher, capture_output=True, text=True, timeout=300,
+                             env={**ENV, "OMP_NUM_THREADS": "1", **backend})
+    output = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and output.count("already holds a run") == 1, output[-3000:]
+    # (torchrun itself prints a traceback of its own when a process fails; none comes from molden's processes)
+    assert not [line for line in output.splitlines() if 'File "' in line and ("molden" in line or "gloo" in line)]
+    assert "Connection reset" not in output
     one, two = read_checkpoint(tmp_path / "one" / "last.pt"), read_checkpoint(tmp_path / "two" / "last.pt")
     assert one["progress"]["structures_seen"] == two["progress"]["structures_seen"]
     # Same batches, same noise; only the order of the gradient sum differs (all-reduce against

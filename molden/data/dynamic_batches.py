@@ -116,10 +116,10 @@ class DynamicBatchSampler(Sampler[list[int]]):
                 continue
             counts = np.asarray(counts, dtype=np.int64).reshape(-1)
             if len(counts) and counts.max() > cap:
-                k = int(np.argmax(counts))
+                over = int((counts > cap).sum())
                 raise MoldenConfigError(
-                    f"structure {k} of the dataset has {int(counts[k])} {name}, more than max_{name}={cap}: "
-                    f"raise max_{name} to at least {int(counts[k])}"
+                    f"{over} of {len(counts)} structures have more {name} than max_{name}={cap} (--max-{name}), "
+                    f"the largest {int(counts.max())}: raise it to at least {int(counts.max())}"
                 )
             self.budgets.append((name, counts, int(cap)))
         self.rank, self.world_size = resolve_rank(rank, world_size)

@@ -12,7 +12,7 @@ from molden.data.h5_dataset import H5Dataset
 from molden.train.config import (
     DataConfig, FinetuneConfig, ModelChoice, OptimConfig, PretrainConfig, RunConfig, default_denoising,
 )
-from molden.train.loop import CONFIG_FILE, SUMMARY_FILE, Reporter, RunSummary, train
+from molden.train.loop import BEST, CONFIG_FILE, LAST, SUMMARY_FILE, Reporter, RunSummary, train
 from molden.objectives.dens import DeNSConfig
 from molden.objectives.noisy_nodes import noisy_nodes_emt_cpu
 from molden.objectives.supervised import s2ef_cpu
@@ -64,14 +64,38 @@ def demo_configs(cache: Path, out_dir: Path, steps: int = DEMO_STEPS, seed: int 
 def run_or_reuse(config: PretrainConfig | FinetuneConfig, reporter: Reporter | None = None, *,
                  redo: bool = False) -> tuple[RunSummary | dict, bool]:
     """Train `config`, or return the saved summary when its folder already holds a finished
-    run of exactly this config (the demo's rerun). A demo folder of other settings is
-    replaced: the demo owns it."""
+    run of exactly this config (the demo's rerun), or continue it from last.pt when it was
+    stopped (Ctrl-C, a kill) before its end. A demo folder of other settings is replaced:
+    the demo owns it."""
     out = Path(config.run.out)
     saved_config, saved_summary = out / CONFIG_FILE, out / SUMMARY_FILE
-    if not redo and saved_config.is_file() and saved_summary.is_file():
-        if json.loads(saved_config.read_text()) == config.model_dump(mode="json") and _loads(out / "best.pt"):
-            return json.loads(saved_summary.read_text()), True
+    same = not redo and saved_config.is_file() and json.loads(saved_config.read_text()) == config.model_dump(mode="json")
+    if same and saved_summary.is_file() and _loads(out / BEST):
+        summary = json.loads(saved_summary.read_text())
+        if finished(summary):
+            return summary, True
+    if same and _resumable(out / LAST, config.run.steps):
+        return train(config, resume=True, reporter=reporter), False
     return train(config, overwrite=True, reporter=reporter), False
+
+
+def finished(summary: dict) -> bool:
+    """Whether a run's summary.json says it ran to its end (every stop writes one)."""
+    stopped = str(summary.get("stopped", ""))
+    return stopped == "completed" or stopped.startswith("early stopping")
+
+
+def _resumable(checkpoint: Path, steps: int) -> bool:
+    """Whether `checkpoint` is a last.pt this molden can continue, short of `steps`."""
+    from molden.errors import MoldenError
+    from molden.models.checkpoint import read_checkpoint
+
+    if not checkpoint.is_file():
+        return False
+    try:
+        return read_checkpoint(checkpoint)["progress"]["step"] < steps
+    except (MoldenError, KeyError, TypeError):
+        return False
 
 
 def _loads(checkpoint: Path) -> bool:

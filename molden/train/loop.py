@@ -44,7 +44,7 @@ from molden.train.config import FinetuneConfig, PretrainConfig
 from molden.train.data import (StepPlan, batch_sampler, epoch_plan, for_model, loader, move, open_split,
                                validation_batches)
 from molden.train.metrics_log import MetricsLog
-from molden.train.optim import EMA, build_optimizer, build_scheduler
+from molden.train.optim import EMA, build_optimizer, build_scheduler, lr_factor
 from molden.train.tasks import TrainingTask, finetune_task, graph_search_note, pretrain_task
 
 TrainConfig = PretrainConfig | FinetuneConfig
@@ -61,6 +61,10 @@ RUN_FILES = frozenset({LAST, BEST, CONFIG_FILE, SUMMARY_FILE, "metrics.jsonl", "
 
 class TrainingStopped(MoldenError):
     """The run stopped early on purpose (a signal, repeated non-finite losses)."""
+
+    def __init__(self, message: str, *, interrupted: bool = False):
+        super().__init__(message)
+        self.interrupted = interrupted  # by a signal: last.pt holds the run, to be resumed
 
 
 class Reporter(Protocol):
@@ -408,8 +412,15 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
     if run.bf16 and dist.device.type != "cuda":
         raise MoldenConfigError("--bf16 needs --device cuda")
     init = getattr(config, "init", None)
-    replaced = prepare_run_dir(out, resume=resume, overwrite=overwrite, inputs=[config.data.path, init]) if dist.is_main else []
-    D.barrier(dist)
+    replaced, refusal = [], None
+    if dist.is_main:
+        try:
+            replaced = prepare_run_dir(out, resume=resume, overwrite=overwrite, inputs=[config.data.path, init])
+        except MoldenError as error:
+            refusal = error
+    (refused,) = D.any_rank(dist, refusal is not None)  # every process learns rank 0's verdict, none is left waiting
+    if refused:
+        raise refusal if refusal is not None else MoldenConfigError(f"process 0 refused the run folder {out}")
     resuming = resume
     if run.threads is not None:
         torch.set_num_threads(run.threads)
@@ -448,6 +459,8 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
 
     virtual = dist.world_size * optim_config.accumulate
     progress = Progress(virtual_ranks=virtual)
+    window: list[dict[str, Tensor]] = []  # the training terms since the last logged record
+    window_structures = 0
     if resuming:
         payload = read_checkpoint(out / LAST)
         _check_resumable(payload, task.spec, out / LAST)
@@ -462,6 +475,18 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
         if progress.step >= run.steps:
             raise MoldenConfigError(f"--resume: the run in {out} has finished ({progress.step} of {run.steps} steps): "
                                     "give a larger --steps to train on")
+        if run.early_stopping is not None and progress.validations_since_best >= run.early_stopping:
+            raise MoldenConfigError(f"--resume: the run in {out} stopped early at step {progress.step} (no better "
+                                    f"{task.best_metric} in {run.early_stopping} validations): give a larger "
+                                    "--early-stopping to train on")
+        saved_steps = json.loads(payload.get("config") or "{}").get("run", {}).get("steps", run.steps)
+        if saved_steps != run.steps:
+            before, after = (optim_config.lr * lr_factor(progress.step, n, optim_config) for n in (saved_steps, run.steps))
+            reporter.note(f"--steps {saved_steps} → {run.steps}: from step {progress.step} the learning rate follows the "
+                          f"{run.steps}-step schedule ({before:.3g} → {after:.3g})")
+        saved_window = payload.get("log_window") or {}
+        window = [{k: v.to(device) for k, v in terms.items()} for terms in saved_window.get("terms", [])]
+        window_structures = int(saved_window.get("structures", 0))
         if progress.virtual_ranks != virtual:
             reporter.note(f"resuming {progress.virtual_ranks} processes × accumulation on {virtual}: "
                           "the interrupted epoch's remaining batches are skipped, the next epoch starts")
@@ -470,13 +495,13 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
                 progress.step_in_epoch = 0
             progress.virtual_ranks = virtual
 
+    sampler = batch_sampler(train_set, config.data, seed=run.seed, virtual_ranks=virtual)
+    val_batches = validation_batches(val_set, config.data, rank=dist.rank, world_size=dist.world_size) if val_set else []
     if dist.is_main:
-        clear_run_dir(replaced)  # only now: every check of the data, task, model and checkpoint has passed
+        clear_run_dir(replaced)  # only now: every check of the data, budgets, task, model and checkpoint has passed
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text(json.dumps(config.model_dump(mode="json"), indent=2) + "\n")
     log = MetricsLog(out, resume_step=progress.step if resuming else None, enabled=dist.is_main)
-    sampler = batch_sampler(train_set, config.data, seed=run.seed, virtual_ranks=virtual)
-    val_batches = validation_batches(val_set, config.data, rank=dist.rank, world_size=dist.world_size) if val_set else []
     n_parameters = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     reporter.start({
@@ -502,6 +527,10 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
             "scheduler": scheduler.state_dict(),
             "ema_state": ema.state_dict() if ema is not None else None,
             "rng": rng_state(),
+            # so that the first record after a resume averages the same steps as without the stop
+            # (with several processes, rank 0's terms stand for every rank's)
+            "log_window": {"terms": [{k: v.detach().cpu() for k, v in terms.items()} for terms in history],
+                           "structures": window_structures},
         }
 
     def save(name: str) -> None:
@@ -518,8 +547,8 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
         model.train()
         return values
 
-    history: list[dict[str, Tensor]] = []
-    window_start, window_structures = time.perf_counter(), 0
+    history: list[dict[str, Tensor]] = window
+    window_start = time.perf_counter()
     segment_start = time.perf_counter() - progress.wall_s
     last_values: dict[str, float] = {}
     last_validation: dict[str, float] = {}
@@ -631,7 +660,8 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
         reporter.note(f"time limit of {run.time_limit_minutes:g} min reached at step {progress.step} of {run.steps}: "
                       f"{out / LAST} written; rerun with --resume to continue")
     if stopped == "interrupted":
-        raise TrainingStopped(f"interrupted at step {progress.step}: {out / LAST} written; rerun with --resume to continue")
+        raise TrainingStopped(f"interrupted at step {progress.step}: {out / LAST} written; rerun with --resume to continue",
+                              interrupted=True)
     if stopped.startswith(f"{progress.bad_steps} consecutive"):
         raise TrainingStopped(f"stopped at step {progress.step} after {stopped}: lower --lr, check the data "
                               f"(molden inspect --verify), or raise --max-bad-steps; {out / LAST} holds the last good state")
