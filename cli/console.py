@@ -16,7 +16,7 @@ from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from molden.errors import MoldenError
+from molden.errors import MoldenError, ReportedElsewhere
 
 PIPED_WIDTH = 160
 
@@ -38,15 +38,17 @@ class _WideWhenPiped(Console):
 
 
 # Under torchrun every process runs the same command: rank 0 speaks for the run (one display,
-# one summary, one error line), the others print nothing.
-SECONDARY_PROCESS = os.environ.get("RANK", "0") != "0"
-console = _WideWhenPiped(quiet=SECONDARY_PROCESS)
-err_console = Console(stderr=True, quiet=SECONDARY_PROCESS)
+# one summary), the others print only their own errors, as "process N: ...".
+PROCESS = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+console = _WideWhenPiped(quiet=PROCESS != 0)
+err_console = Console(stderr=True, quiet=PROCESS != 0)
+_error_console = Console(stderr=True)
 
 
 def error_line(message: str) -> None:
-    """Print one `error:` line on stderr."""
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    """Print one `error:` line on stderr (from every process of a torchrun job: nothing fails silently)."""
+    where = f"process {PROCESS}: " if PROCESS else ""
+    _error_console.print(f"[bold red]error:[/] {where}{escape(message)}", highlight=False, soft_wrap=True)
 
 
 def note_line(message: str) -> None:
@@ -76,6 +78,8 @@ def user_errors(option_names: Mapping[str, str] | None = None, *,
     """Turn molden's own errors and invalid options into one line and exit code 1."""
     try:
         yield
+    except ReportedElsewhere:
+        raise typer.Exit(1) from None
     except MoldenError as error:
         error_line(str(error))
         raise typer.Exit(1) from None

@@ -67,7 +67,7 @@ def _common(data, out, config_file, model, change, steps, lr, max_graphs, max_at
         "data.path": data, "data.max_graphs": max_graphs, "data.max_atoms": max_atoms, "data.max_edges": max_edges,
         "data.workers": workers, "data.val_split": val_split,
         "run.out": out, "run.steps": steps, "run.seed": seed, "run.device": device, "run.dtype": dtype,
-        "run.bf16": bf16 or None, "run.log_every": log_every, "run.eval_every": eval_every,
+        "run.bf16": bf16, "run.log_every": log_every, "run.eval_every": eval_every,
         "run.checkpoint_every": checkpoint_every, "run.early_stopping": early_stopping, "run.threads": threads,
         "run.time_limit_minutes": time_limit, "run.deterministic": deterministic or None,
         "run.max_bad_steps": max_bad_steps,
@@ -155,7 +155,7 @@ _WORKERS = typer.Option(None, help="DataLoader worker processes  [default: 0]")
 _SEED = typer.Option(None, help="seed of initialisation, data order and noise  [default: 0]")
 _DEVICE = typer.Option(None, help="cpu | cuda | auto  [default: auto]")
 _DTYPE = typer.Option(None, help="float32 | float64  [default: float32]")
-_BF16 = typer.Option(False, "--bf16", help="bfloat16 autocast (CUDA)")
+_BF16 = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 autocast (CUDA; --no-bf16 resumes a bf16 run without it)")
 _LOG_EVERY = typer.Option(None, help="steps between training metrics  [default: 20]")
 _EVAL_EVERY = typer.Option(None, help="steps between validations  [default: 200]")
 _CKPT_EVERY = typer.Option(None, help="steps between checkpoints  [default: 200]")
@@ -181,7 +181,7 @@ def pretrain(
     atom_type_weight: Optional[float] = typer.Option(None, help="weight of the masked-type loss  [default: 4]"),
     steps: Optional[int] = _STEPS, lr: Optional[float] = _LR, max_graphs: Optional[int] = _MAX_GRAPHS,
     max_atoms: Optional[int] = _MAX_ATOMS, max_edges: Optional[int] = _MAX_EDGES, workers: Optional[int] = _WORKERS,
-    seed: Optional[int] = _SEED, device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, bf16: bool = _BF16,
+    seed: Optional[int] = _SEED, device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, bf16: Optional[bool] = _BF16,
     log_every: Optional[int] = _LOG_EVERY, eval_every: Optional[int] = _EVAL_EVERY,
     checkpoint_every: Optional[int] = _CKPT_EVERY, early_stopping: Optional[int] = _EARLY,
     warmup_steps: Optional[int] = _WARMUP, ema_decay: Optional[float] = _EMA, accumulate: Optional[int] = _ACCUMULATE,
@@ -226,7 +226,7 @@ def finetune(
     force_coefficient: Optional[float] = typer.Option(None, help="s2ef: λ_F  [default: 100]"),
     steps: Optional[int] = _STEPS, lr: Optional[float] = _LR, max_graphs: Optional[int] = _MAX_GRAPHS,
     max_atoms: Optional[int] = _MAX_ATOMS, max_edges: Optional[int] = _MAX_EDGES, workers: Optional[int] = _WORKERS,
-    seed: Optional[int] = _SEED, device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, bf16: bool = _BF16,
+    seed: Optional[int] = _SEED, device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, bf16: Optional[bool] = _BF16,
     log_every: Optional[int] = _LOG_EVERY, eval_every: Optional[int] = _EVAL_EVERY,
     checkpoint_every: Optional[int] = _CKPT_EVERY, early_stopping: Optional[int] = _EARLY,
     warmup_steps: Optional[int] = _WARMUP, ema_decay: Optional[float] = _EMA, accumulate: Optional[int] = _ACCUMULATE,

@@ -38,3 +38,8 @@ class MoldenInputError(MoldenError):
 
 class MoldenConfigError(MoldenError):
     """An option or configuration that cannot work (bad cutoff, unknown source, ...)."""
+
+
+class ReportedElsewhere(MoldenError):
+    """An error another process of the same torchrun job has already reported (rank 0's
+    refusal of the run folder): this process exits without repeating it."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -207,3 +208,17 @@ def test_bad_option_names_the_command_line_option(args, expected, mixed_extxyz, 
     message = result.stderr.strip()
     assert len(message.splitlines()) == 1 and message.startswith("error: " + expected), message
     assert list(tmp_path.glob("x.h5*")) == []
+
+
+@pytest.mark.parametrize(("env", "prefix"), [({"RANK": "1", "WORLD_SIZE": "2"}, "error: process 1: "),
+                                             ({"RANK": "1"}, "error: ")])
+def test_a_torchrun_process_other_than_rank_0_still_reports_its_own_error(tmp_path, env, prefix):
+    """Under torchrun only rank 0 draws the display, but no process fails silently; RANK alone
+    (a scheduler's variable, no torchrun job) changes nothing."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "molden.cli.app", "inspect", str(tmp_path / "none.h5")],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert result.returncode == 1
+    assert result.stderr.startswith(prefix) and "none.h5" in result.stderr and "process 1" not in result.stderr[len(prefix):]

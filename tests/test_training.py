@@ -291,7 +291,8 @@ def test_resume_refuses_an_option_the_saved_state_would_override(s2ef_cache, tmp
 
 
 def test_evaluate_refuses_an_out_it_cannot_or_must_not_write_before_evaluating(s2ef_run, s2ef_cache, tmp_path):
-    for out, message in ((tmp_path / "no" / "such" / "m.json", "no folder"), (s2ef_run / "best.pt", "an input")):
+    for out, message in ((tmp_path / "no" / "such" / "m.json", "no folder"), (s2ef_run / "best.pt", "an input"),
+                         (s2ef_run / "last.pt", "name a .json file"), (s2ef_run / "summary.json", "name a .json file")):
         result = _invoke("evaluate", s2ef_run / "best.pt", "--data", s2ef_cache, "--out", out, "--overwrite")
         assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output, result.output
     assert load_model(s2ef_run / "best.pt")
@@ -333,14 +334,63 @@ def test_a_resume_logs_the_same_records_as_the_run_without_the_stop(qm9_cache, t
 def test_resume_refuses_a_run_that_stopped_early_and_says_when_the_schedule_changes(s2ef_cache, tmp_path):
     out = tmp_path / "run"
     common = ("finetune", "--data", s2ef_cache, "--out", out, "--task", "s2ef", *FAST)
-    assert _invoke(*common).exit_code == 0
-    payload = read_checkpoint(out / "last.pt")
-    payload["progress"] = {**payload["progress"], "step": 3, "validations_since_best": 2}
-    write_checkpoint(out / "last.pt", payload)
-    early = _invoke(*common, "--resume", "--early-stopping", "2")
+    assert _invoke(*common, "--early-stopping", "5").exit_code == 0
+    saved = read_checkpoint(out / "last.pt")
+
+    def stopped_at(step: int, validations_since_best: int) -> None:
+        write_checkpoint(out / "last.pt", {**saved, "progress": {**saved["progress"], "step": step,
+                                                                 "validations_since_best": validations_since_best}})
+
+    stopped_at(3, 5)  # as early stopping leaves a run with patience 5
+    early = _invoke(*common, "--resume", "--early-stopping", "5")
     assert early.exit_code == 1 and "stopped early at step 3" in early.output, early.output
-    longer = _invoke(*common, "--resume", "--steps", "8")
+    more_patience = _invoke(*common, "--resume", "--early-stopping", "50", "--steps", "4")
+    assert more_patience.exit_code == 0, more_patience.output
+    stopped_at(3, 1)
+    longer = _invoke(*common, "--resume", "--early-stopping", "5", "--steps", "8")
     assert longer.exit_code == 0 and "--steps 6 → 8: from step 3 the learning rate follows the 8-step schedule" in longer.output
+
+
+def test_adding_early_stopping_on_resume_is_not_called_an_early_stop(s2ef_cache, tmp_path):
+    out = tmp_path / "run"
+    common = ("finetune", "--data", s2ef_cache, "--out", out, "--task", "s2ef", *FAST)
+    assert _invoke(*common).exit_code == 0  # no early stopping: its counter still counts
+    saved = read_checkpoint(out / "last.pt")
+    write_checkpoint(out / "last.pt", {**saved, "progress": {**saved["progress"], "step": 3, "validations_since_best": 2}})
+    result = _invoke(*common, "--resume", "--early-stopping", "2")
+    assert result.exit_code == 0, result.output
+
+
+def test_a_fine_tuning_resumes_when_its_pre_training_moved_or_is_named_otherwise(qm9_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = ("--data", qm9_cache, "--max-graphs", "8", "--model", "gns_qm9_cpu", "--change", "latent_dim=16",
+           "--change", "mlp_hidden_dim=16", "--warmup-steps", "1", "--val-split", "none")
+    assert _invoke("pretrain", *run, "--out", "pre", "--steps", "2").exit_code == 0
+    fine = ("finetune", *run, "--out", "ft", "--steps", "6", "--checkpoint-every", "2")
+    first = _invoke(*fine, "--init", "pre/best.pt", "--time-limit", "1e-9")
+    assert first.exit_code == 0 and read_checkpoint(tmp_path / "ft" / "last.pt")["progress"]["step"] == 1, first.output
+    absolute = _invoke(*fine, "--init", tmp_path / "pre" / "best.pt", "--resume", "--time-limit", "1e-9")
+    assert absolute.exit_code == 0, absolute.output
+    (tmp_path / "pre").rename(tmp_path / "moved")
+    result = _invoke(*fine, "--resume", "--time-limit", "0")  # the pre-trained weights are in last.pt: init is not read again
+    assert result.exit_code == 0, result.output
+    assert read_checkpoint(tmp_path / "ft" / "last.pt")["progress"]["step"] == 6
+
+
+def test_an_older_run_resumed_from_a_config_file_keeps_its_validation_frames(emt_cache, tmp_path):
+    out = tmp_path / "run"
+    config = tmp_path / "is2re.yaml"
+    config.write_text(yaml.safe_dump({"task": "is2re", "data": {"val_split": "train", "max_graphs": 4},
+                                      "model": {"preset": "painn_cpu"}, "run": {"eval_every": 2, "checkpoint_every": 2}}))
+    common = ("finetune", "--config", config, "--data", emt_cache, "--out", out)
+    assert _invoke(*common, "--steps", "2").exit_code == 0
+    payload = read_checkpoint(out / "last.pt")
+    saved = json.loads(payload["config"])
+    del saved["data"]["val_frames"]  # as molden saved it before the field existed: it validated on every frame
+    write_checkpoint(out / "last.pt", {**payload, "config": json.dumps(saved)})
+    refused = _invoke(*common, "--steps", "4", "--resume")
+    assert refused.exit_code == 1 and "data.val_frames is 'all' there and 'initial' now" in refused.output, refused.output
+    assert _invoke(*common, "--steps", "4", "--resume", "--val-frames", "all").exit_code == 0
 
 
 def test_a_missing_cache_is_one_line(tmp_path):

@@ -14,7 +14,7 @@ from molden.models.checkpoint import load_model, read_checkpoint
 from molden.train.config import DataConfig, FinetuneConfig, PretrainConfig
 from molden.train.data import open_split, validation_batches
 from molden.train.distributed import resolve_device
-from molden.train.loop import evaluate
+from molden.train.loop import RUN_FILES, evaluate
 from molden.train.tasks import trim_cutoff, validation_objective
 
 
@@ -39,6 +39,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str 
         out = Path(out)
         if any(out.resolve() == Path(p).resolve() for p in (checkpoint, data)):
             raise MoldenConfigError(f"--out {out} is an input of the evaluation: pick another file")
+        if out.suffix != ".json" or out.name in RUN_FILES:
+            raise MoldenConfigError(f"--out {out}: name a .json file of your own (not one of a run folder's files)")
         if out.exists() and not out.is_dir() and not overwrite:
             raise MoldenConfigError(f"--out {out} exists: pass --overwrite to replace it")
         if out.is_dir() or not out.parent.is_dir():

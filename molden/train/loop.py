@@ -33,7 +33,7 @@ from torch import Tensor
 from molden import __version__
 from molden.data.batch import Batch
 from molden.data.h5_dataset import H5Dataset
-from molden.errors import MoldenConfigError, MoldenError, MoldenInputError
+from molden.errors import MoldenConfigError, MoldenError, MoldenInputError, ReportedElsewhere
 from molden.models.checkpoint import read_checkpoint, write_checkpoint
 from molden.models.freezing import freeze_backbone
 from molden.models.model import Model
@@ -420,7 +420,7 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
             refusal = error
     (refused,) = D.any_rank(dist, refusal is not None)  # every process learns rank 0's verdict, none is left waiting
     if refused:
-        raise refusal if refusal is not None else MoldenConfigError(f"process 0 refused the run folder {out}")
+        raise refusal if refusal is not None else ReportedElsewhere(f"process 0 refused the run folder {out}")
     resuming = resume
     if run.threads is not None:
         torch.set_num_threads(run.threads)
@@ -436,7 +436,7 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
 
     torch.manual_seed(run.seed)  # the same initial weights on every process
     model = build_model(task.spec)
-    if init is not None:
+    if init is not None and not resuming:  # a resumed run's weights, pre-trained ones included, come from last.pt
         initialise_backbone(model, task.spec, Path(init))
     if getattr(config, "freeze_backbone", False):
         trainable = freeze_backbone(model)
@@ -460,7 +460,7 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
     virtual = dist.world_size * optim_config.accumulate
     progress = Progress(virtual_ranks=virtual)
     window: list[dict[str, Tensor]] = []  # the training terms since the last logged record
-    window_structures = 0
+    window_structures, window_elapsed = 0, 0.0
     if resuming:
         payload = read_checkpoint(out / LAST)
         _check_resumable(payload, task.spec, out / LAST)
@@ -475,11 +475,14 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
         if progress.step >= run.steps:
             raise MoldenConfigError(f"--resume: the run in {out} has finished ({progress.step} of {run.steps} steps): "
                                     "give a larger --steps to train on")
-        if run.early_stopping is not None and progress.validations_since_best >= run.early_stopping:
+        saved_config = json.loads(payload.get("config") or "{}")
+        saved_patience = saved_config.get("run", {}).get("early_stopping")
+        if (saved_patience is not None and progress.validations_since_best >= saved_patience
+                and run.early_stopping is not None and progress.validations_since_best >= run.early_stopping):
             raise MoldenConfigError(f"--resume: the run in {out} stopped early at step {progress.step} (no better "
                                     f"{task.best_metric} in {run.early_stopping} validations): give a larger "
                                     "--early-stopping to train on")
-        saved_steps = json.loads(payload.get("config") or "{}").get("run", {}).get("steps", run.steps)
+        saved_steps = saved_config.get("run", {}).get("steps", run.steps)
         if saved_steps != run.steps:
             before, after = (optim_config.lr * lr_factor(progress.step, n, optim_config) for n in (saved_steps, run.steps))
             reporter.note(f"--steps {saved_steps} → {run.steps}: from step {progress.step} the learning rate follows the "
@@ -487,6 +490,7 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
         saved_window = payload.get("log_window") or {}
         window = [{k: v.to(device) for k, v in terms.items()} for terms in saved_window.get("terms", [])]
         window_structures = int(saved_window.get("structures", 0))
+        window_elapsed = float(saved_window.get("elapsed_s", 0.0))
         if progress.virtual_ranks != virtual:
             reporter.note(f"resuming {progress.virtual_ranks} processes × accumulation on {virtual}: "
                           "the interrupted epoch's remaining batches are skipped, the next epoch starts")
@@ -530,7 +534,7 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
             # so that the first record after a resume averages the same steps as without the stop
             # (with several processes, rank 0's terms stand for every rank's)
             "log_window": {"terms": [{k: v.detach().cpu() for k, v in terms.items()} for terms in history],
-                           "structures": window_structures},
+                           "structures": window_structures, "elapsed_s": time.perf_counter() - window_start},
         }
 
     def save(name: str) -> None:
@@ -548,7 +552,7 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
         return values
 
     history: list[dict[str, Tensor]] = window
-    window_start = time.perf_counter()
+    window_start = time.perf_counter() - window_elapsed
     segment_start = time.perf_counter() - progress.wall_s
     last_values: dict[str, float] = {}
     last_validation: dict[str, float] = {}
@@ -669,12 +673,13 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
 
 
 RESUME_MAY_CHANGE = frozenset({
-    "data.path", "data.workers", "optim.accumulate", "run.out", "run.steps", "run.log_every", "run.eval_every",
+    "data.path", "data.workers", "optim.accumulate", "run.out", "init", "run.steps", "run.log_every", "run.eval_every",
     "run.checkpoint_every", "run.early_stopping", "run.time_limit_minutes", "run.max_bad_steps", "run.threads",
-    "run.device", "run.deterministic",
+    "run.device", "run.bf16", "run.deterministic",
 })
-"""Config fields a resumed run may change: where the data and run live, how long it runs, how
-often it logs, and where it computes (a checkpoint of N processes resumes on M). Every other
+"""Config fields a resumed run may change: where the data, the run and its (already loaded)
+initial backbone live, how long it runs, how often it logs, and where and in what precision
+it computes (a checkpoint of N processes resumes on M, of a GPU on the CPU). Every other
 field shaped the saved state (weights, optimiser, schedule, EMA, sampler, noise), so a new
 value would be overwritten by it or make the run a different one."""
 
@@ -689,6 +694,16 @@ def _flat(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _in_current_fields(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A config saved by an older molden, in today's fields: a run saved before `val_frames`
+    existed validated on its training frames."""
+    saved = json.loads(json.dumps(saved))
+    data = saved.get("data")
+    if isinstance(data, dict) and "val_frames" not in data:
+        data["val_frames"] = data.get("frames", "all")
+    return saved
+
+
 def _lookup(mapping: Mapping[str, Any], key: str) -> Any:
     for part in key.split("."):
         mapping = mapping.get(part) if isinstance(mapping, Mapping) else None
@@ -700,6 +715,7 @@ def _check_resume_config(saved: Mapping[str, Any], now: Mapping[str, Any], path:
     (a new --lr would be silently replaced by the optimiser's saved one). A field the saved
     config lacks (written by an older molden) is not compared; a section switched on or off
     (Noisy Nodes, a model change) is."""
+    saved = _in_current_fields(saved)
     old, new = _flat(saved), _flat(now)
     changed: list[str] = []
     for key in dict.fromkeys([*old, *new]):
@@ -719,7 +735,7 @@ def _check_resume_config(saved: Mapping[str, Any], now: Mapping[str, Any], path:
         more = f" (and {len(changed) - 1} more: {', '.join(changed[1:4])})" if len(changed) > 1 else ""
         raise MoldenConfigError(
             f"--resume continues {path} as it was saved, but {key} is {before!r} there and {after!r} now{more}: "
-            "drop the option, or start a new run (another --out, or --overwrite)")
+            "resume with the saved value, or start a new run (another --out, or --overwrite)")
 
 
 def _check_resumable(payload: Mapping[str, Any], spec: ModelSpec, path: Path) -> None:
