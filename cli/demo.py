@@ -28,6 +28,7 @@ def demo(
     A rerun with the same options reuses the cache and the finished runs instead of redoing them."""
     from molden.data.cache_summary import summarize_cache
     from molden.data.emt import EMTConfig
+    from molden.errors import MoldenConfigError
     from molden.pipeline.preprocess import PreprocessConfig
 
     n_systems = emt_systems if emt_systems is not None else systems
@@ -39,7 +40,11 @@ def demo(
         )
         stages = 2 + (5 if train_steps else 0)
         console.rule(f"1/{stages}  molden preprocess emt")
-        summary = run_with_progress(config)
+        try:
+            summary = run_with_progress(config)
+        except MoldenConfigError as error:  # preprocess names its own --out; the demo's option is --out-dir
+            raise MoldenConfigError(str(error).replace(f"--out {cache}", f"--out-dir {out_dir}: {cache}")
+                                    .replace("another --out", "another --out-dir")) from None
         print_preprocess_summary(summary)
         console.rule(f"2/{stages}  molden inspect")
         print_cache_summary(summarize_cache(cache))

@@ -120,6 +120,7 @@ def test_demo_runs_end_to_end_then_reuses_its_cache_and_says_what_next(tmp_path)
     other = _run("demo", "--out-dir", tmp_path, "--emt-systems", 2, "--train-steps", 0)
     assert other.exit_code == 1 and "--overwrite" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
+    assert f"--out-dir {tmp_path}" in " ".join(other.stderr.split()) and "--out " not in other.stderr  # the demo's own option
 
 
 @pytest.mark.slow
