@@ -12,7 +12,7 @@ from molden.data.h5_dataset import H5Dataset
 from molden.train.config import (
     DataConfig, FinetuneConfig, ModelChoice, OptimConfig, PretrainConfig, RunConfig, default_denoising,
 )
-from molden.train.loop import BEST, CONFIG_FILE, LAST, SUMMARY_FILE, Reporter, RunSummary, train
+from molden.train.loop import BEST, CONFIG_FILE, LAST, SUMMARY_FILE, Reporter, RunSummary, finished, train
 from molden.objectives.dens import DeNSConfig
 from molden.objectives.noisy_nodes import noisy_nodes_emt_cpu
 from molden.objectives.supervised import s2ef_cpu
@@ -77,12 +77,6 @@ def run_or_reuse(config: PretrainConfig | FinetuneConfig, reporter: Reporter | N
     if same and _resumable(out / LAST, config.run.steps):
         return train(config, resume=True, reporter=reporter), False
     return train(config, overwrite=True, reporter=reporter), False
-
-
-def finished(summary: dict) -> bool:
-    """Whether a run's summary.json says it ran to its end (every stop writes one)."""
-    stopped = str(summary.get("stopped", ""))
-    return stopped == "completed" or stopped.startswith("early stopping")
 
 
 def _resumable(checkpoint: Path, steps: int) -> bool:

@@ -54,6 +54,14 @@ BEST = "best.pt"
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 TIME_LIMIT = "time limit"
+EARLY_STOPPING = "early stopping"
+
+
+def finished(summary: Mapping[str, Any]) -> bool:
+    """Whether a run's summary.json says it ran to its end, by its steps or its patience
+    (every stop writes one: an interrupted or timed-out run is not finished)."""
+    stopped = str(summary.get("stopped", ""))
+    return stopped == "completed" or stopped.startswith(EARLY_STOPPING)
 """`RunSummary.stopped` of a run that spent its `--time-limit` (last.pt written, resumable)."""
 RUN_FILES = frozenset({LAST, BEST, CONFIG_FILE, SUMMARY_FILE, "metrics.jsonl", "metrics.csv", "learning_curves.png"})
 """What a run folder holds: all `--overwrite` removes."""
@@ -626,7 +634,7 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
                     if better:
                         save(BEST)
                     if run.early_stopping is not None and progress.validations_since_best >= run.early_stopping:
-                        stopped = f"early stopping: no better {task.best_metric} in {run.early_stopping} validations"
+                        stopped = f"{EARLY_STOPPING}: no better {task.best_metric} in {run.early_stopping} validations"
                 step_seconds = time.monotonic() - step_start
                 out_of_time = deadline is not None and time.monotonic() + step_seconds >= deadline
                 signalled, out_of_time = D.any_rank(dist, stop.signal is not None, out_of_time)
