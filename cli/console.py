@@ -40,13 +40,20 @@ class _WideWhenPiped(Console):
 # Under torchrun every process runs the same command: rank 0 speaks for the run (one display,
 # one summary), the others print only their own errors, as "process N: ...".
 PROCESS = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+# The process's place on its own machine: the first one there speaks for errors that every
+# process of that machine meets alike (the same command on the same files), so a bad option
+# gives one line per machine, not one per process, and no machine fails silently.
+NODE_PROCESS = int(os.environ.get("LOCAL_RANK", "0")) if PROCESS else 0
 console = _WideWhenPiped(quiet=PROCESS != 0)
 err_console = Console(stderr=True, quiet=PROCESS != 0)
 _error_console = Console(stderr=True)
 
 
-def error_line(message: str) -> None:
-    """Print one `error:` line on stderr (from every process of a torchrun job: nothing fails silently)."""
+def error_line(message: str, *, same_on_every_process: bool = False) -> None:
+    """Print one `error:` line on stderr (from every process of a torchrun job: nothing fails
+    silently), or, for an error every process of a machine meets alike, from its first process."""
+    if same_on_every_process and NODE_PROCESS != 0:
+        return
     where = f"process {PROCESS}: " if PROCESS else ""
     _error_console.print(f"[bold red]error:[/] {where}{escape(message)}", highlight=False, soft_wrap=True)
 
@@ -65,7 +72,9 @@ def invalid_option_message(error: ValidationError, option_names: Mapping[str, st
     if first.get("type") == "missing":
         return f"{name} is required" if name != "options" else "an option is missing"
     message = first["msg"].removeprefix("Value error, ")
-    if not any(c.isupper() for c in message.split(' ', 1)[0][1:]):  # keep acronyms (DeNS, QM9) as they are
+    words = message.split(" ", 2)
+    # keep acronyms (DeNS, QM9) and names (Noisy Nodes) as they are
+    if not any(c.isupper() for c in words[0][1:]) and not (len(words) > 1 and words[1][:1].isupper()):
         message = message[:1].lower() + message[1:]
     value = first.get("input")
     shown = f" {value}" if field and isinstance(value, (int, float, str)) else ""
@@ -74,17 +83,21 @@ def invalid_option_message(error: ValidationError, option_names: Mapping[str, st
 
 @contextmanager
 def user_errors(option_names: Mapping[str, str] | None = None, *,
-                interrupted: str = "interrupted: run the same command again to resume") -> Iterator[None]:
-    """Turn molden's own errors and invalid options into one line and exit code 1."""
+                interrupted: str = "interrupted: run the same command again to resume",
+                same_on_every_process: bool = False) -> Iterator[None]:
+    """Turn molden's own errors and invalid options into one line and exit code 1.
+
+    `same_on_every_process`: the work inside reads only the command line and its files (options
+    into a config), so under torchrun each machine's first process alone reports its errors."""
     try:
         yield
     except ReportedElsewhere:
         raise typer.Exit(1) from None
     except MoldenError as error:
-        error_line(str(error))
+        error_line(str(error), same_on_every_process=same_on_every_process or error.alike_on_every_process)
         raise typer.Exit(1) from None
     except ValidationError as error:
-        error_line(invalid_option_message(error, option_names))
+        error_line(invalid_option_message(error, option_names), same_on_every_process=same_on_every_process)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err_console.print(interrupted, highlight=False)

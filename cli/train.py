@@ -84,7 +84,7 @@ def _run(kind: str, config_file: Optional[Path], overrides: dict[str, Any], resu
     from molden.train.tasks import fill_cutoffs
 
     cls = PretrainConfig if kind == "pretrain" else FinetuneConfig
-    with user_errors(OPTION_NAMES):
+    with user_errors(OPTION_NAMES, same_on_every_process=True):
         overrides = {**overrides, "model.changes": _changes(overrides.get("model.changes"))}
         base: dict[str, Any] = {}
         out = overrides.get("run.out")
@@ -102,6 +102,7 @@ def _run(kind: str, config_file: Optional[Path], overrides: dict[str, Any], resu
         data = _route_s2ef(data, coefficients)
         data = fill_cutoffs(data, ("denoising",) if kind == "pretrain" else ("noisy_nodes", "dens"))
         config = load_config(cls, None, data)
+    with user_errors(OPTION_NAMES):
         with LiveReporter(console, err_console) as reporter:
             summary = train(config, resume=resume, overwrite=overwrite, reporter=reporter)
     print_summary(console, summary)

@@ -6,11 +6,17 @@ must stand alone without a traceback.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 class MoldenError(Exception):
     """Base of every error molden raises on purpose."""
+
+    # True when the error follows from the command and its files alone, so that every process
+    # of a torchrun job on one machine meets it alike (see `alike_on_every_process`).
+    alike_on_every_process: bool = False
 
 
 class MoldenInputError(MoldenError):
@@ -43,3 +49,15 @@ class MoldenConfigError(MoldenError):
 class ReportedElsewhere(MoldenError):
     """An error another process of the same torchrun job has already reported (rank 0's
     refusal of the run folder): this process exits without repeating it."""
+
+
+@contextmanager
+def alike_on_every_process() -> Iterator[None]:
+    """Mark molden's errors raised inside as following from the command and its files alone
+    (checking options, data, model and checkpoint before training), so that under torchrun
+    one process per machine reports them rather than every process."""
+    try:
+        yield
+    except MoldenError as error:
+        error.alike_on_every_process = True
+        raise

@@ -211,7 +211,7 @@ def test_bad_option_names_the_command_line_option(args, expected, mixed_extxyz, 
     assert list(tmp_path.glob("x.h5*")) == []
 
 
-@pytest.mark.parametrize(("env", "prefix"), [({"RANK": "1", "WORLD_SIZE": "2"}, "error: process 1: "),
+@pytest.mark.parametrize(("env", "prefix"), [({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "error: process 1: "),
                                              ({"RANK": "1"}, "error: ")])
 def test_a_torchrun_process_other_than_rank_0_still_reports_its_own_error(tmp_path, env, prefix):
     """Under torchrun only rank 0 draws the display, but no process fails silently; RANK alone
@@ -223,3 +223,22 @@ def test_a_torchrun_process_other_than_rank_0_still_reports_its_own_error(tmp_pa
                             capture_output=True, text=True, timeout=120, env={**os.environ, **env})
     assert result.returncode == 1
     assert result.stderr.startswith(prefix) and "none.h5" in result.stderr and "process 1" not in result.stderr[len(prefix):]
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, ""),  # its machine's first process reports it
+    ({"RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}, "error: process 2: invalid --lr -1.0"),  # another machine's first
+    ({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}, "error: invalid --lr -1.0"),
+])
+def test_a_bad_option_under_torchrun_is_reported_once_per_machine(tmp_path, env, expected):
+    """Every process of a torchrun job meets a bad option alike: one line per machine, from its
+    first process (the others exit 1 silently), so no machine fails without a word."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "molden.cli.app", "finetune", "--data", str(tmp_path / "none.h5"),
+                             "--out", str(tmp_path / "run"), "--lr", "-1"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith(expected) and (expected or not result.stderr.strip()), result.stderr
+    assert not (tmp_path / "run").exists()

@@ -190,9 +190,14 @@ def test_an_existing_run_is_never_overwritten_without_overwrite(s2ef_run, s2ef_c
     (("--task", "is2rs"), "the cache has no relaxed_positions, which --task is2rs trains on"),
     (("--noisy-nodes-target", "relaxed_positions"), "the cache has no relaxed_positions, which --noisy-nodes-target"),
     (("--change", "block_iterations"), "invalid --change 'block_iterations': write FIELD=VALUE"),
+    # The bad value of a --change is named as it was written, not as a backbone field with no option.
+    (("--change", "block_iterations=-1"), "invalid change block_iterations=-1 to preset 'gns_qm9_cpu': input should be greater than 0"),
+    (("--change", "block_iterations=x"), "invalid change block_iterations='x' to preset"),
     (("--dtype", "float16"), "invalid --dtype float16"),
     (("--dens-ratio", "2", "--task", "s2ef"), "invalid --dens-ratio 2.0"),
     (("--max-bad-steps", "0",), "invalid --max-bad-steps 0"),
+    # a name that opens a message keeps its capitals
+    (("--noisy-nodes-sigma", "0.02", "--task", "is2rs"), "Noisy Nodes (--noisy-nodes-*) is for --task qm9 and is2re"),
 ])
 def test_a_task_the_cache_cannot_train_is_refused_before_anything_is_written(qm9_cache, tmp_path, args, message):
     out = tmp_path / "run"

@@ -149,6 +149,13 @@ def test_two_processes_take_the_same_steps_as_one_process_accumulating_two_batch
     # (torchrun itself prints a traceback of its own when a process fails; none comes from molden's processes)
     assert not [line for line in output.splitlines() if 'File "' in line and ("molden" in line or "gloo" in line)]
     assert "Connection reset" not in output
+    # An error every process meets alike (a training subset larger than the split, found after
+    # the process group is up) is one line from the machine, not one per process.
+    bad = [a if a != str(tmp_path / "two") else str(tmp_path / "bad") for a in launcher] + ["--train-size", "1000000"]
+    alike = subprocess.run(bad, capture_output=True, text=True, timeout=300, env={**ENV, "OMP_NUM_THREADS": "1", **backend})
+    output = alike.stdout + alike.stderr
+    assert alike.returncode != 0 and output.count("--train-size 1000000 is more than") == 1, output[-3000:]
+    assert "process 1" not in output and not (tmp_path / "bad").exists()
     one, two = read_checkpoint(tmp_path / "one" / "last.pt"), read_checkpoint(tmp_path / "two" / "last.pt")
     assert one["progress"]["structures_seen"] == two["progress"]["structures_seen"]
     # Same batches, same noise; only the order of the gradient sum differs (all-reduce against

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from molden.errors import MoldenConfigError
 from molden.models import forcenet, gns, painn
@@ -77,7 +77,16 @@ def backbone_from_preset(name: str, **changes) -> BackboneConfig:
     unknown = sorted(set(changes) - set(type(config).model_fields))
     if unknown:
         raise MoldenConfigError(f"preset {name!r} ({type(config).__name__}) has no field(s) {unknown}")
-    return type(config).model_validate({**config.model_dump(), **changes})
+    try:
+        return type(config).model_validate({**config.model_dump(), **changes})
+    except ValidationError as error:
+        # The preset itself is valid, so the change is what is wrong: name it as the user wrote
+        # it (the CLI's --change FIELD=VALUE), not as a backbone field with no option of its own.
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        what = f"{field}={changes[field]!r}" if field in changes else ", ".join(f"{k}={v!r}" for k, v in changes.items())
+        message = first["msg"].removeprefix("Value error, ")
+        raise MoldenConfigError(f"invalid change {what} to preset {name!r}: {message[:1].lower()}{message[1:]}") from None
 
 
 def vector_head(config: BackboneConfig) -> HeadSpec:

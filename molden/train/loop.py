@@ -33,7 +33,7 @@ from torch import Tensor
 from molden import __version__
 from molden.data.batch import Batch
 from molden.data.h5_dataset import H5Dataset
-from molden.errors import MoldenConfigError, MoldenError, MoldenInputError, ReportedElsewhere
+from molden.errors import MoldenConfigError, MoldenError, MoldenInputError, ReportedElsewhere, alike_on_every_process
 from molden.models.checkpoint import read_checkpoint, write_checkpoint
 from molden.models.freezing import freeze_backbone
 from molden.models.model import Model
@@ -418,7 +418,8 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
     run, optim_config = config.run, config.optim
     out = Path(run.out)
     if run.bf16 and dist.device.type != "cuda":
-        raise MoldenConfigError("--bf16 needs --device cuda")
+        with alike_on_every_process():
+            raise MoldenConfigError("--bf16 needs --device cuda")
     init = getattr(config, "init", None)
     replaced, refusal = [], None
     if dist.is_main:
@@ -437,78 +438,80 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
     dtype = getattr(torch, run.dtype)
     device = dist.device
 
-    train_set = open_split(config.data, config.data.train_split, subset=config.data.train_size, seed=run.seed)
-    val_set = (open_split(config.data, config.data.val_split, frames=config.data.validation_frames)
-               if config.data.val_split else None)
-    task = build_task(config, train_set)
+    # Every check of the data, budgets, task, model and checkpoint: each process meets their errors alike.
+    with alike_on_every_process():
+        train_set = open_split(config.data, config.data.train_split, subset=config.data.train_size, seed=run.seed)
+        val_set = (open_split(config.data, config.data.val_split, frames=config.data.validation_frames)
+                   if config.data.val_split else None)
+        task = build_task(config, train_set)
 
-    torch.manual_seed(run.seed)  # the same initial weights on every process
-    model = build_model(task.spec)
-    if init is not None and not resuming:  # a resumed run's weights, pre-trained ones included, come from last.pt
-        initialise_backbone(model, task.spec, Path(init))
-    if getattr(config, "freeze_backbone", False):
-        trainable = freeze_backbone(model)
-    else:
-        trainable = list(model.parameters())
-    model = model.to(device=device, dtype=dtype)
-    for module in task.modules:
-        module.to(device)
-    ema = EMA(model, optim_config.ema_decay) if optim_config.ema_decay is not None else None
-    eval_model = copy.deepcopy(model) if ema is not None else model
+        torch.manual_seed(run.seed)  # the same initial weights on every process
+        model = build_model(task.spec)
+        if init is not None and not resuming:  # a resumed run's weights, pre-trained ones included, come from last.pt
+            initialise_backbone(model, task.spec, Path(init))
+        if getattr(config, "freeze_backbone", False):
+            trainable = freeze_backbone(model)
+        else:
+            trainable = list(model.parameters())
+        model = model.to(device=device, dtype=dtype)
+        for module in task.modules:
+            module.to(device)
+        ema = EMA(model, optim_config.ema_decay) if optim_config.ema_decay is not None else None
+        eval_model = copy.deepcopy(model) if ema is not None else model
 
-    train_model: torch.nn.Module = model
-    if dist.active:
-        # Parts of a model can sit out a whole run (the tag embedding on molecules without tags)
-        # or a step (an atom-type head on a batch without masked atoms): let DDP find them.
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    optimizer = build_optimizer([p for p in trainable if p.requires_grad], optim_config)
-    scheduler = build_scheduler(optimizer, run.steps, optim_config)
+        train_model: torch.nn.Module = model
+        if dist.active:
+            # Parts of a model can sit out a whole run (the tag embedding on molecules without tags)
+            # or a step (an atom-type head on a batch without masked atoms): let DDP find them.
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+        optimizer = build_optimizer([p for p in trainable if p.requires_grad], optim_config)
+        scheduler = build_scheduler(optimizer, run.steps, optim_config)
 
-    virtual = dist.world_size * optim_config.accumulate
-    progress = Progress(virtual_ranks=virtual)
-    window: list[dict[str, Tensor]] = []  # the training terms since the last logged record
-    window_structures, window_elapsed = 0, 0.0
-    if resuming:
-        payload = read_checkpoint(out / LAST)
-        _check_resumable(payload, task.spec, out / LAST)
-        _check_resume_config(json.loads(payload.get("config") or "{}"), config.model_dump(mode="json"), out / LAST)
-        model.load_state_dict(payload["model"], strict=True)
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        if ema is not None and payload.get("ema_state") is not None:
-            ema.load_state_dict(payload["ema_state"], payload["ema"])
-        progress = Progress(**payload["progress"])
-        set_rng_state(payload["rng"])
-        if progress.step >= run.steps:
-            raise MoldenConfigError(f"--resume: the run in {out} has finished ({progress.step} of {run.steps} steps): "
-                                    "give a larger --steps to train on")
-        saved_config = json.loads(payload.get("config") or "{}")
-        saved_patience = saved_config.get("run", {}).get("early_stopping")
-        if (saved_patience is not None and progress.validations_since_best >= saved_patience
-                and run.early_stopping is not None and progress.validations_since_best >= run.early_stopping):
-            raise MoldenConfigError(f"--resume: the run in {out} stopped early at step {progress.step} (no better "
-                                    f"{task.best_metric} in {run.early_stopping} validations): give a larger "
-                                    "--early-stopping to train on")
-        saved_steps = saved_config.get("run", {}).get("steps", run.steps)
-        if saved_steps != run.steps:
-            before, after = (optim_config.lr * lr_factor(progress.step, n, optim_config) for n in (saved_steps, run.steps))
-            reporter.note(f"--steps {saved_steps} → {run.steps}: from step {progress.step} the learning rate follows the "
-                          f"{run.steps}-step schedule ({before:.3g} → {after:.3g})")
-        saved_window = payload.get("log_window") or {}
-        window = [{k: v.to(device) for k, v in terms.items()} for terms in saved_window.get("terms", [])]
-        window_structures = int(saved_window.get("structures", 0))
-        window_elapsed = float(saved_window.get("elapsed_s", 0.0))
-        if progress.virtual_ranks != virtual:
-            reporter.note(f"resuming {progress.virtual_ranks} processes × accumulation on {virtual}: "
-                          "the interrupted epoch's remaining batches are skipped, the next epoch starts")
-            if progress.step_in_epoch:
-                progress.epoch += 1
-                progress.step_in_epoch = 0
-            progress.virtual_ranks = virtual
+        virtual = dist.world_size * optim_config.accumulate
+        progress = Progress(virtual_ranks=virtual)
+        window: list[dict[str, Tensor]] = []  # the training terms since the last logged record
+        window_structures, window_elapsed = 0, 0.0
+        if resuming:
+            payload = read_checkpoint(out / LAST)
+            _check_resumable(payload, task.spec, out / LAST)
+            _check_resume_config(json.loads(payload.get("config") or "{}"), config.model_dump(mode="json"), out / LAST)
+            model.load_state_dict(payload["model"], strict=True)
+            optimizer.load_state_dict(payload["optimizer"])
+            scheduler.load_state_dict(payload["scheduler"])
+            if ema is not None and payload.get("ema_state") is not None:
+                ema.load_state_dict(payload["ema_state"], payload["ema"])
+            progress = Progress(**payload["progress"])
+            set_rng_state(payload["rng"])
+            if progress.step >= run.steps:
+                raise MoldenConfigError(f"--resume: the run in {out} has finished ({progress.step} of {run.steps} steps): "
+                                        "give a larger --steps to train on")
+            saved_config = json.loads(payload.get("config") or "{}")
+            saved_patience = saved_config.get("run", {}).get("early_stopping")
+            if (saved_patience is not None and progress.validations_since_best >= saved_patience
+                    and run.early_stopping is not None and progress.validations_since_best >= run.early_stopping):
+                raise MoldenConfigError(f"--resume: the run in {out} stopped early at step {progress.step} (no better "
+                                        f"{task.best_metric} in {run.early_stopping} validations): give a larger "
+                                        "--early-stopping to train on")
+            saved_steps = saved_config.get("run", {}).get("steps", run.steps)
+            if saved_steps != run.steps:
+                before, after = (optim_config.lr * lr_factor(progress.step, n, optim_config) for n in (saved_steps, run.steps))
+                reporter.note(f"--steps {saved_steps} → {run.steps}: from step {progress.step} the learning rate follows the "
+                              f"{run.steps}-step schedule ({before:.3g} → {after:.3g})")
+            saved_window = payload.get("log_window") or {}
+            window = [{k: v.to(device) for k, v in terms.items()} for terms in saved_window.get("terms", [])]
+            window_structures = int(saved_window.get("structures", 0))
+            window_elapsed = float(saved_window.get("elapsed_s", 0.0))
+            if progress.virtual_ranks != virtual:
+                reporter.note(f"resuming {progress.virtual_ranks} processes × accumulation on {virtual}: "
+                              "the interrupted epoch's remaining batches are skipped, the next epoch starts")
+                if progress.step_in_epoch:
+                    progress.epoch += 1
+                    progress.step_in_epoch = 0
+                progress.virtual_ranks = virtual
 
-    sampler = batch_sampler(train_set, config.data, seed=run.seed, virtual_ranks=virtual)
-    val_batches = validation_batches(val_set, config.data, rank=dist.rank, world_size=dist.world_size) if val_set else []
+        sampler = batch_sampler(train_set, config.data, seed=run.seed, virtual_ranks=virtual)
+        val_batches = validation_batches(val_set, config.data, rank=dist.rank, world_size=dist.world_size) if val_set else []
     if dist.is_main:
         clear_run_dir(replaced)  # only now: every check of the data, budgets, task, model and checkpoint has passed
         out.mkdir(parents=True, exist_ok=True)
