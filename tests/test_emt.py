@@ -279,3 +279,27 @@ def test_converged_is_a_per_system_flag_in_the_cache_not_a_target(frames, tmp_pa
         assert f["stats/targets_mean"].shape == (1,)
     dataset = H5Dataset(path, in_memory_bytes=0)
     assert [dataset[i].converged for i in range(len(dataset))] == [s.converged for s in frames]
+
+
+def test_the_cache_is_the_same_file_whatever_the_thread_count(tmp_path):
+    """BLAS and OpenMP thread counts, set before numpy loads, change neither the relaxations nor
+    the fitted statistics (least squares included): one machine, one file (FORMAT: checksums)."""
+    import os
+    import subprocess
+    import sys
+
+    import h5py
+
+    script = ("import sys; from molden.data.emt import EMTConfig; from molden.pipeline import preprocess as pp; "
+              f"emt = EMTConfig.model_validate_json({TINY.model_copy(update={'n_systems': 4}).model_dump_json()!r}); "
+              "pp.run_preprocess(pp.PreprocessConfig(out=sys.argv[1], source='emt', emt=emt))")
+    for threads in ("1", "3"):
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"t{threads}.h5")], check=True, env=env,
+                       timeout=300, capture_output=True)
+    with h5py.File(tmp_path / "t1.h5") as f, h5py.File(tmp_path / "t3.h5") as g:
+        names: list[str] = []
+        f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        assert "stats/element_reference_energy_ev" in names
+        for name in names:
+            np.testing.assert_array_equal(f[name][()], g[name][()], err_msg=name)  # NaNs of absent elements equal
