@@ -11,6 +11,7 @@ import pytest
 import torch
 import typer
 import yaml
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from molden.cli import train as train_cli
@@ -47,6 +48,48 @@ def test_warmup_is_linear_and_cosine_decays_to_the_final_fraction():
     assert lr_factor(60, 110, config) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(110, 110, config) == pytest.approx(0.1)
     assert lr_factor(50, 110, OptimConfig(warmup_steps=10, schedule="constant")) == 1.0
+
+
+def test_warmup_starts_from_the_papers_start_rate():
+    """Noisy Nodes Table 10: warm-up from 3e-7 to 1e-4, i.e. from 3e-3 of the peak."""
+    config = OptimConfig(warmup_steps=10, warmup_start_fraction=0.003)
+    assert [lr_factor(s, 110, config) for s in (0, 4, 9, 10)] == pytest.approx(
+        [0.003 + 0.997 * 0.1, 0.003 + 0.997 * 0.5, 1.0, 1.0])
+
+
+def test_a_cosine_cycle_longer_than_the_run_stops_part_way_down():
+    """Pre-training via Denoising Table 3: a 5e5-step cycle (warm-up included) in a 3e5-step run
+    ends at 0.5 (1 + cos(π · 2.9e5 / 4.9e5)) ≈ 36 % of the peak (floor 1e-3)."""
+    config = OptimConfig(warmup_steps=10_000, final_lr_fraction=1e-3, cosine_cycle_steps=500_000)
+    expected = 1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * 290_000 / 490_000))
+    assert lr_factor(300_000, 300_000, config) == pytest.approx(expected)
+    assert 0.35 < expected < 0.37
+    assert lr_factor(500_000, 300_000, config) == pytest.approx(1e-3)  # past the cycle: its floor
+    assert lr_factor(600_000, 300_000, config) == pytest.approx(1e-3)
+    # A cycle equal to the run is the default.
+    default = OptimConfig(warmup_steps=10, final_lr_fraction=0.1)
+    assert lr_factor(60, 110, config.model_copy(update={"warmup_steps": 10, "final_lr_fraction": 0.1,
+                                                        "cosine_cycle_steps": 110})) == lr_factor(60, 110, default)
+
+
+def test_multistep_halves_at_each_milestone():
+    """ForceNet App. D: constant for the first 250K iterations, then halved every 50K."""
+    config = OptimConfig(warmup_steps=0, schedule="multistep", lr_milestones=[250_000, 300_000, 350_000], lr_gamma=0.5)
+    assert [lr_factor(s, 500_000, config) for s in (0, 249_999, 250_000, 299_999, 300_000, 350_000, 499_999)] == \
+        pytest.approx([1.0, 1.0, 0.5, 0.5, 0.25, 0.125, 0.125])
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"schedule": "multistep"}, "schedule multistep needs lr_milestones"),
+    ({"lr_milestones": [10]}, "lr_milestones are for schedule multistep"),
+    ({"schedule": "multistep", "lr_milestones": [20, 10]}, "increasing positive steps"),
+    ({"schedule": "constant", "cosine_cycle_steps": 100}, "cosine_cycle_steps is for schedule cosine"),
+    ({"warmup_steps": 100, "cosine_cycle_steps": 100}, "must be longer than warmup_steps"),
+    ({"warmup_start_fraction": 2}, "less than or equal to 1"),
+])
+def test_inconsistent_schedule_fields_are_refused(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        OptimConfig(**fields)
 
 
 def test_ema_follows_the_noisy_nodes_decay_rule():

@@ -65,9 +65,33 @@ class OptimConfig(_Strict):
     beta1: float = Field(0.9, ge=0, lt=1, description="Adam β1")
     beta2: float = Field(0.95, ge=0, lt=1, description="Adam β2 (0.95 in Noisy Nodes and Pre-training via Denoising)")
     weight_decay: float = Field(0.0, ge=0, description="weight decay")
-    warmup_steps: int = Field(100, ge=0, description="linear warm-up from 0 to lr over these steps")
-    schedule: Literal["cosine", "constant"] = Field("cosine", description="after warm-up: cosine decay to final_lr_fraction × lr, or constant")
-    final_lr_fraction: float = Field(0.0, ge=0, le=1, description="learning rate at the last step, as a fraction of lr")
+    warmup_steps: int = Field(100, ge=0, description="linear warm-up from warmup_start_fraction × lr to lr over these steps")
+    warmup_start_fraction: float = Field(
+        0.0, ge=0, le=1, description="learning rate at the first warm-up step, as a fraction of lr (Noisy Nodes Table 10: "
+        "start 3e-7 of peak 1e-4, i.e. 0.003; 0: from zero)")
+    schedule: Literal["cosine", "constant", "multistep"] = Field(
+        "cosine", description="after warm-up: cosine decay to final_lr_fraction × lr, constant, or multistep (× lr_gamma at "
+        "each of lr_milestones, as ForceNet's halving)")
+    final_lr_fraction: float = Field(0.0, ge=0, le=1, description="cosine: learning rate at the cosine's end, as a fraction of lr")
+    cosine_cycle_steps: int | None = Field(
+        None, ge=1, description="cosine: the step at which it reaches final_lr_fraction, warm-up included (Pre-training via "
+        "Denoising Table 3: a 5e5-step cycle in a 3e5-step run); later steps stay there (None: the run's steps)")
+    lr_milestones: list[int] = Field(default_factory=list, description="multistep: steps at which the learning rate is multiplied by lr_gamma")
+    lr_gamma: float = Field(0.5, gt=0, le=1, description="multistep: the factor at each milestone")
+
+    @model_validator(mode="after")
+    def _schedule_fields(self) -> OptimConfig:
+        if self.schedule == "multistep" and not self.lr_milestones:
+            raise ValueError("schedule multistep needs lr_milestones (steps at which the learning rate is multiplied by lr_gamma)")
+        if self.lr_milestones and self.schedule != "multistep":
+            raise ValueError(f"lr_milestones are for schedule multistep, not {self.schedule}")
+        if self.lr_milestones != sorted(set(self.lr_milestones)) or any(m < 1 for m in self.lr_milestones):
+            raise ValueError("lr_milestones must be increasing positive steps")
+        if self.cosine_cycle_steps is not None and self.schedule != "cosine":
+            raise ValueError(f"cosine_cycle_steps is for schedule cosine, not {self.schedule}")
+        if self.cosine_cycle_steps is not None and self.cosine_cycle_steps <= self.warmup_steps:
+            raise ValueError(f"cosine_cycle_steps {self.cosine_cycle_steps} must be longer than warmup_steps {self.warmup_steps}")
+        return self
     grad_clip_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm to this (None: no clipping)")
     ema_decay: float | None = Field(0.9999, gt=0, lt=1, description="EMA decay (None: no EMA); the step rule min(decay, (1+t)/(10+t)) of Noisy Nodes")
     accumulate: int = Field(1, ge=1, description="batches whose gradients are averaged per optimiser step (per process)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import torch
@@ -17,14 +18,22 @@ def build_optimizer(parameters, config: OptimConfig) -> torch.optim.Optimizer:
 
 
 def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:
-    """Multiplier of the peak learning rate at optimiser step `step` (0-based): linear warm-up
-    over `warmup_steps`, then cosine decay to `final_lr_fraction` at `total_steps` (Noisy
-    Nodes App. Tables 9-10: "linear warm-up, cosine decay"), or constant."""
+    """Multiplier of the peak learning rate at optimiser step `step` (0-based).
+
+    Linear warm-up over `warmup_steps` from `warmup_start_fraction` (Noisy Nodes App. Tables
+    9-10: "start learning rate"), then one of: cosine decay to `final_lr_fraction` at
+    `cosine_cycle_steps` (the run's steps by default; warm-up included, as optax's
+    `warmup_cosine_decay_schedule`, and flat after it), constant, or multistep (× `lr_gamma` at
+    each of `lr_milestones`: ForceNet App. D, "halved every 50K" after 250K constant)."""
     if config.warmup_steps and step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
+        start = config.warmup_start_fraction
+        return start + (1 - start) * (step + 1) / config.warmup_steps
     if config.schedule == "constant":
         return 1.0
-    span = max(1, total_steps - config.warmup_steps)
+    if config.schedule == "multistep":
+        return config.lr_gamma ** bisect.bisect_right(config.lr_milestones, step)
+    end = config.cosine_cycle_steps or total_steps
+    span = max(1, end - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
     floor = config.final_lr_fraction
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
