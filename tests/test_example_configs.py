@@ -277,3 +277,14 @@ def test_reproduce_cpu_keeps_finished_runs_resumes_interrupted_ones_and_restarts
     assert sum("molden evaluate" in line for line in lines) == 2 + 3 * 4
     # Nothing was trained, so the check finds every expected metric missing and fails the script.
     assert result.returncode == 1 and "missing" in result.stdout
+
+
+def test_the_forcenet_twin_runs_the_papers_first_iterations_at_a_constant_rate():
+    """The CPU twin keeps ForceNet's milestones (250K, ... 450K): its 2,000 steps are the
+    paper's first ones, all at 5e-4, as before multistep existed."""
+    from molden.train.optim import lr_factor
+
+    twin, paper = _load(CONFIGS / "forcenet_s2ef_cpu.yaml"), _load(CONFIGS / "forcenet_s2ef_paper.yaml")
+    assert twin.optim.lr_milestones == paper.optim.lr_milestones and twin.optim.lr_gamma == paper.optim.lr_gamma
+    assert {lr_factor(s, twin.run.steps, twin.optim) for s in range(twin.run.steps)} == {1.0}
+    assert lr_factor(paper.run.steps - 1, paper.run.steps, paper.optim) == 0.5 ** 5
