@@ -48,7 +48,7 @@ def _stats(f: h5py.File) -> dict:
 
 
 FITTED = ("targets_mean", "targets_std", "element_reference_energy_ev", "energy_per_atom_mean_ev",
-          "energy_per_atom_std_ev", "forces_rms_ev_per_angstrom")
+          "energy_per_atom_std_ev", "forces_rms_ev_per_angstrom", "energy_residual_std_ev")
 
 
 def test_statistics_do_not_move_when_the_val_split_is_shifted(tmp_path):
@@ -80,6 +80,10 @@ def test_statistics_are_those_of_the_train_structures_alone(tmp_path):
     assert stats["forces_rms_ev_per_angstrom"] == pytest.approx(np.sqrt(np.mean(forces**2)), rel=1e-12)
     reference = stats["element_reference_energy_ev"]
     np.testing.assert_allclose(reference[[1, 6, 8]], [REFERENCE_EV[z] for z in (1, 6, 8)], atol=0.1)
+    # DeNS's σ_E: the spread of the train energies less their fitted per-element references.
+    residual = np.array([s.energy - np.nan_to_num(reference)[s.numbers].sum() for s in train])
+    assert stats["energy_residual_std_ev"] == pytest.approx(residual.std(), rel=1e-9)
+    assert 0 < stats["energy_residual_std_ev"] < np.array([s.energy for s in train]).std()
     assert np.isnan(reference[7])  # present in the file, absent from train
     assert stats["element_counts"][7] > 0  # counts describe the whole file
 

@@ -3,6 +3,7 @@ normaliser: units, shapes, zero loss for a perfect predictor, fixed atoms, rotat
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields, replace
 
 import ase.units
@@ -211,3 +212,38 @@ def test_forcenet_rotation_is_about_the_surface_normal():
     torch.testing.assert_close(turned.positions[:, 2], batch.positions[:, 2], rtol=0, atol=1e-12)
     torch.testing.assert_close(turned.forces.norm(dim=1), batch.forces.norm(dim=1))
     assert not torch.allclose(turned.positions, batch.positions)
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_dens_energy_scale_is_the_spread_of_the_referenced_energies(s2ef_cache, tmp_path, stored):
+    """`energy_scale: energy_std` divides energy errors by the standard deviation of the training
+    energies less their per-element references (DeNS Eq. 1's σ_E), read from the cache or, for a
+    cache written before it was stored, computed from the file; σ_F stays the force RMS."""
+    import shutil
+
+    import h5py
+
+    from molden.data.h5_dataset import H5Dataset
+    from molden.train.config import DataConfig, FinetuneConfig, RunConfig
+    from molden.train.tasks import finetune_task
+
+    cache = tmp_path / "c.h5"
+    shutil.copy(s2ef_cache, cache)
+    with h5py.File(cache, "r") as f:
+        expected = float(f["stats"].attrs["energy_residual_std_ev"])
+        forces_rms = float(f["stats"].attrs["forces_rms_ev_per_angstrom"])
+        fit = f["structures/split"][:] == json.loads(f.attrs["split_names"]).index("train")
+        reference = np.nan_to_num(f["stats/element_reference_energy_ev"][:])
+        energy = f["structures/energy"][:]
+        offsets, numbers = f["structures/atom_offsets"][:], f["atoms/numbers"][:]
+    residual = np.array([energy[i] - reference[numbers[offsets[i]:offsets[i + 1]]].sum() for i in np.flatnonzero(fit)])
+    assert expected == pytest.approx(residual.std(), rel=1e-9) and expected != pytest.approx(forces_rms)
+    if not stored:
+        with h5py.File(cache, "r+") as f:
+            del f["stats"].attrs["energy_residual_std_ev"]
+    for scale, energy_scale in (("energy_std", expected), ("force_rms", forces_rms)):
+        config = FinetuneConfig(data=DataConfig(path=cache, max_graphs=8), run=RunConfig(out=tmp_path / "r"), task="s2ef",
+                                model={"preset": "painn_cpu", "changes": {"cutoff_angstrom": 4.0}}, s2ef={"energy_scale": scale})
+        task = finetune_task(config, H5Dataset(cache, split="train"))
+        assert task.description["energy_scale_ev"] == pytest.approx(energy_scale, rel=1e-9)
+        assert task.description["force_scale_ev_per_angstrom"] == pytest.approx(forces_rms)

@@ -79,6 +79,27 @@ def element_reference_energies(f: h5py.File, element_counts: np.ndarray, fit: np
     return reference
 
 
+def energy_residual_std(f: h5py.File, reference: np.ndarray, fit: np.ndarray) -> float:
+    """Standard deviation (eV) over the structures in `fit` of the energy left once the
+    per-element `reference` energies ([119] eV, NaN for absent elements) are subtracted: the
+    spread of the labels an energy head that adds those references learns (DeNS Eq. 1's σ_E,
+    with the references in the place of its mean μ_E)."""
+    reference = np.nan_to_num(np.asarray(reference, dtype=np.float64))
+    energy = f[S.ENERGY]
+    total, total_sq, count = 0.0, 0.0, 0
+    for block, comp in composition_blocks(f):
+        e = energy[block]
+        ok = np.isfinite(e) & fit[block]
+        residual = e[ok] - comp[ok] @ reference
+        total += float(residual.sum())
+        total_sq += float(np.square(residual).sum())
+        count += int(ok.sum())
+    if count == 0:
+        return float("nan")
+    mean = total / count
+    return float(np.sqrt(max(total_sq / count - mean * mean, 0.0)))
+
+
 def _forces_rms(f: h5py.File, fit: np.ndarray) -> float:
     """RMS of the force components of the atoms of the structures in `fit`, eV/Å."""
     offsets = f[S.ATOM_OFFSETS][:]
@@ -131,5 +152,6 @@ def write_statistics(f: h5py.File, extra: dict) -> None:
         g.attrs["energy_per_atom_std_ev"] = float(np.nanstd(per_atom))
         references = element_reference_energies(f, element_counts, fit)
         g.create_dataset("element_reference_energy_ev", data=references, fletcher32=True)
+        g.attrs["energy_residual_std_ev"] = energy_residual_std(f, references, fit)
     if S.FORCES in f:
         g.attrs["forces_rms_ev_per_angstrom"] = _forces_rms(f, fit)

@@ -10,6 +10,7 @@ and metrics, their units in their names).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
@@ -253,13 +254,21 @@ class S2EFConfig(BaseModel):
     fixed_atom_weight: float = Field(0.05, ge=0, description="loss weight of fixed atoms' forces relative to free ones (ForceNet: 0.05; 0 = free atoms only)")
     energy_scale_ev: float = Field(1.0, gt=0, description="σ_E: energy errors are divided by it, eV")
     force_scale_ev_per_angstrom: float = Field(1.0, gt=0, description="σ_F: force errors are divided by it, eV/Å")
+    energy_scale: Literal["force_rms", "energy_std"] = Field(
+        "force_rms", description="σ_E from the cache: the force RMS (in eV, one scale with σ_F, molden's CPU runs) or the "
+        "standard deviation of the training energies less their per-element references (DeNS Eq. 1: \"the standard "
+        "deviation of energy labels\"); σ_F is the force RMS either way")
     rotation: Rotation = Field("none", description="random-rotation augmentation of each structure: none, about the vertical z axis (ForceNet), or any rotation (changes nothing for GNS with periodic_basis on periodic graphs, whose inputs do not see a rotation of positions and cell together)")
 
     def with_statistics(self, statistics: Mapping) -> S2EFConfig:
-        """A copy scaled by the cache's force RMS (eV/Å) for both σ_F and σ_E, as the
-        EquiformerV2 OC20 configs share one scale (`grad_target_std: target_std`)."""
-        scale = float(statistics["forces_rms_ev_per_angstrom"])
-        return self.model_copy(update={"energy_scale_ev": scale, "force_scale_ev_per_angstrom": scale})
+        """A copy with σ_F the cache's force RMS (eV/Å) and σ_E as `energy_scale` says: that
+        same number (one scale for both) or the spread of the training energies left after the
+        per-element references (`energy_residual_std_ev`, eV)."""
+        force = float(statistics["forces_rms_ev_per_angstrom"])
+        energy = force if self.energy_scale == "force_rms" else float(statistics["energy_residual_std_ev"])
+        if not math.isfinite(energy) or energy <= 0:
+            energy = 1.0  # a cache of one structure, or energies the references fit exactly
+        return self.model_copy(update={"energy_scale_ev": energy, "force_scale_ev_per_angstrom": force})
 
 
 def s2ef_forcenet_paper() -> S2EFConfig:

@@ -147,6 +147,16 @@ def _train_array(dataset: H5Dataset, name: str) -> np.ndarray:
         return f[name][:][dataset.indices]
 
 
+def _energy_residual_std(path: Path) -> float:
+    """The cache's `energy_residual_std_ev`, computed from the file as preprocessing now
+    stores it (on the structures the references were fitted on)."""
+    from molden.data.statistics import energy_residual_std, fitted_structures
+
+    with open_cache(path) as f:
+        fit, _ = fitted_structures(f)
+        return energy_residual_std(f, f[S.STATS]["element_reference_energy_ev"][:], fit)
+
+
 def _delta_statistics(dataset: H5Dataset, sigma: float) -> tuple[tuple[float, float, float], float]:
     rng = np.random.default_rng(0)
     pick = np.sort(rng.permutation(len(dataset))[:DELTA_STATISTICS_STRUCTURES])
@@ -211,7 +221,10 @@ def finetune_task(config: FinetuneConfig, dataset: H5Dataset) -> TrainingTask:
             None if reference is None else np.nan_to_num(np.asarray(reference, dtype=np.float64)).tolist()))
         if not conservative:
             heads[keys.FORCES] = vector_head(backbone)
-        s2ef = (config.dens.s2ef if config.dens is not None else config.s2ef).with_statistics(statistics)
+        s2ef = config.dens.s2ef if config.dens is not None else config.s2ef
+        if s2ef.energy_scale == "energy_std" and "energy_residual_std_ev" not in statistics:
+            statistics["energy_residual_std_ev"] = _energy_residual_std(dataset.path)  # a cache from before it was stored
+        s2ef = s2ef.with_statistics(statistics)
         primary = S2EFLoss(s2ef)
         description.update(energy_scale_ev=s2ef.energy_scale_ev, force_scale_ev_per_angstrom=s2ef.force_scale_ev_per_angstrom,
                            energy_trained=s2ef.energy_coefficient > 0)
