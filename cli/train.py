@@ -40,6 +40,7 @@ OPTION_NAMES = {
     "dens.coefficient_schedule": "--dens-schedule",
     "s2ef.energy_coefficient": "--energy-coefficient", "s2ef.force_coefficient": "--force-coefficient",
     "dens.s2ef.energy_coefficient": "--energy-coefficient", "dens.s2ef.force_coefficient": "--force-coefficient",
+    "s2ef.energy_scale": "--energy-scale", "dens.s2ef.energy_scale": "--energy-scale",
 }
 
 
@@ -108,11 +109,11 @@ def _run(kind: str, config_file: Optional[Path], overrides: dict[str, Any], resu
     print_summary(console, summary)
 
 
-S2EF_COEFFICIENTS = ("energy_coefficient", "force_coefficient")
+S2EF_COEFFICIENTS = ("energy_coefficient", "force_coefficient", "energy_scale")
 
 
 def _route_s2ef(data: dict[str, Any], coefficients: dict[str, Any]) -> dict[str, Any]:
-    """--energy-coefficient / --force-coefficient into DeNS's own S2EF terms when DeNS is on,
+    """--energy-coefficient / --force-coefficient / --energy-scale into DeNS's own S2EF terms when DeNS is on,
     however it was switched on (--dens, a config file, a resumed run's config), else into
     the plain S2EF terms."""
     from molden.train.config import dotted, merge
@@ -225,6 +226,7 @@ def finetune(
     conservative_forces: bool = typer.Option(False, "--conservative-forces", help="s2ef: forces as −∂E/∂x"),
     energy_coefficient: Optional[float] = typer.Option(None, help="s2ef: λ_E  [default: 1]"),
     force_coefficient: Optional[float] = typer.Option(None, help="s2ef: λ_F  [default: 100]"),
+    energy_scale: Optional[str] = typer.Option(None, help="s2ef: σ_E, force_rms (one scale with the forces) | energy_std (DeNS Eq. 1: the spread of the energies less their per-element references)  [default: force_rms]"),
     steps: Optional[int] = _STEPS, lr: Optional[float] = _LR, max_graphs: Optional[int] = _MAX_GRAPHS,
     max_atoms: Optional[int] = _MAX_ATOMS, max_edges: Optional[int] = _MAX_EDGES, workers: Optional[int] = _WORKERS,
     seed: Optional[int] = _SEED, device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, bf16: Optional[bool] = _BF16,
@@ -256,7 +258,8 @@ def finetune(
         overrides.update({"dens.probability": dens_probability, "dens.sigma_angstrom": dens_sigma,
                           "dens.corruption_ratio": dens_ratio, "dens.coefficient": dens_coefficient,
                           "dens.coefficient_schedule": dens_schedule})
-    overrides.update({"s2ef.energy_coefficient": energy_coefficient, "s2ef.force_coefficient": force_coefficient})
+    overrides.update({"s2ef.energy_coefficient": energy_coefficient, "s2ef.force_coefficient": force_coefficient,
+                      "s2ef.energy_scale": energy_scale})
     _run("finetune", config_file, overrides, resume, overwrite, sections=("dens",) if dens else ())
 
 

@@ -212,6 +212,7 @@ def test_none_on_the_command_line_clears_a_config_files_init_and_val_split(s2ef_
     (("--task", "s2ef", "--resume"), "has no last.pt to resume from"),
     (("--task", "qm9", "--target", "homo", "--change", "cutoff_angstrom=4"), "targets ['homo'] are not in the data"),
     (("--task", "s2ef"), "model gns_qm9_cpu has a 5 Å cutoff but the cache's graphs stop at 4 Å"),
+    (("--task", "s2ef", "--energy-scale", "energy"), "invalid --energy-scale energy: input should be 'force_rms' or 'energy_std'"),
 ])
 def test_bad_options_give_one_line_and_exit_1(s2ef_cache, tmp_path, args, message):
     base = ["finetune", "--data", s2ef_cache, "--out", tmp_path / "run", "--steps", "2"]
@@ -298,11 +299,14 @@ def test_s2ef_coefficients_go_to_dens_when_a_config_file_turns_it_on(s2ef_cache,
     config.write_text(yaml.safe_dump({"task": "s2ef", "dens": {"probability": 0.5}}))
     out = tmp_path / "run"
     result = _invoke("finetune", "--config", config, "--data", s2ef_cache, "--out", out, *FAST[:2], *FAST[8:],
-                     "--val-split", "none", "--energy-coefficient", "7", "--force-coefficient", "50")
+                     "--val-split", "none", "--energy-coefficient", "7", "--force-coefficient", "50",
+                     "--energy-scale", "energy_std")
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "config.json").read_text())
     assert (saved["dens"]["s2ef"]["energy_coefficient"], saved["dens"]["s2ef"]["force_coefficient"]) == (7.0, 50.0)
+    assert saved["dens"]["s2ef"]["energy_scale"] == "energy_std"
     assert saved["s2ef"]["energy_coefficient"] == 1.0  # the plain terms, unused with DeNS, keep their defaults
+    assert saved["s2ef"]["energy_scale"] == "force_rms"
 
 
 def test_is2re_noisy_nodes_defaults_are_the_same_from_a_config_file(emt_cache, tmp_path):
@@ -580,6 +584,7 @@ def test_the_defaults_shown_in_help_are_the_configs_defaults():
         "dens_ratio": default(DeNSConfig, "corruption_ratio"), "dens_coefficient": default(DeNSConfig, "coefficient"),
         "dens_schedule": default(DeNSConfig, "coefficient_schedule"),
         "energy_coefficient": default(S2EFConfig, "energy_coefficient"), "force_coefficient": default(S2EFConfig, "force_coefficient"),
+        "energy_scale": default(S2EFConfig, "energy_scale"),
         "max_bad_steps": default(RunConfig, "max_bad_steps"),
     }
     assert default(PretrainConfig, "model").preset == "gns_tat_cpu"
