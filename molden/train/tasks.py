@@ -153,6 +153,8 @@ def _energy_residual_std(path: Path) -> float:
     from molden.data.statistics import energy_residual_std, fitted_structures
 
     with open_cache(path) as f:
+        if S.ENERGY not in f or "element_reference_energy_ev" not in f[S.STATS]:
+            return float("nan")  # no energies to scale: S2EFConfig.with_statistics falls back to 1 eV
         fit, _ = fitted_structures(f)
         return energy_residual_std(f, f[S.STATS]["element_reference_energy_ev"][:], fit)
 
