@@ -69,6 +69,8 @@ def invalid_option_message(error: ValidationError, option_names: Mapping[str, st
     first = error.errors()[0]
     field = ".".join(str(part) for part in first["loc"])
     name = (option_names or {}).get(field) or (f"--{field.replace('_', '-')}" if field else "options")
+    if field and isinstance(first.get("input"), Mapping) and first.get("type") != "missing":
+        name = f"{field} options"  # a section's own check of its fields together, which the message names
     if first.get("type") == "missing":
         return f"{name} is required" if name != "options" else "an option is missing"
     message = first["msg"].removeprefix("Value error, ")

@@ -58,6 +58,8 @@ def alike_on_every_process() -> Iterator[None]:
     one process per machine reports them rather than every process."""
     try:
         yield
-    except MoldenError as error:
+    except MoldenConfigError as error:
+        # Input errors stay each process's own: a read that fails on one process (a network
+        # file system's hiccup) must not go unreported because another process is first.
         error.alike_on_every_process = True
         raise

@@ -303,3 +303,4 @@ def test_the_cache_is_the_same_file_whatever_the_thread_count(tmp_path):
         assert "stats/element_reference_energy_ev" in names
         for name in names:
             np.testing.assert_array_equal(f[name][()], g[name][()], err_msg=name)  # NaNs of absent elements equal
+        assert dict(f["stats"].attrs) == dict(g["stats"].attrs)  # the fitted scales (energy_residual_std_ev, ...)

@@ -247,3 +247,14 @@ def test_dens_energy_scale_is_the_spread_of_the_referenced_energies(s2ef_cache, 
         task = finetune_task(config, H5Dataset(cache, split="train"))
         assert task.description["energy_scale_ev"] == pytest.approx(energy_scale, rel=1e-9)
         assert task.description["force_scale_ev_per_angstrom"] == pytest.approx(forces_rms)
+
+
+@pytest.mark.parametrize("residual_std, expected", [(3.6e-14, 1.0), (float("nan"), 1.0), (0.25, 0.25)])
+def test_an_energy_spread_of_rounding_alone_is_not_divided_by(residual_std, expected):
+    """As few training compositions as elements: the references fit the energies exactly and
+    leave a spread of ~1e-14 eV, which would multiply energy errors by 1e13."""
+    from molden.objectives.supervised import S2EFConfig
+
+    scaled = S2EFConfig(energy_scale="energy_std").with_statistics(
+        {"forces_rms_ev_per_angstrom": 0.5, "energy_residual_std_ev": residual_std})
+    assert scaled.energy_scale_ev == expected and scaled.force_scale_ev_per_angstrom == 0.5

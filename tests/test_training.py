@@ -445,6 +445,36 @@ def test_an_older_run_resumed_from_a_config_file_keeps_its_validation_frames(emt
     assert _invoke(*common, "--steps", "4", "--resume", "--val-frames", "all").exit_code == 0
 
 
+@pytest.mark.parametrize("section, field, value", [
+    ("optim", "cosine_cycle_steps", 500_000), ("optim", "warmup_start_fraction", 0.1),
+    ("optim", "lr_gamma", 0.25), ("s2ef", "energy_scale", "energy_std"), ("dens.s2ef", "energy_scale", "energy_std"),
+])
+def test_a_run_saved_before_a_field_existed_refuses_a_new_value_of_it(tmp_path, section, field, value):
+    """Fields added since (`FIELDS_ADDED`) compare as they behaved before: a run saved without
+    them resumes unchanged and refuses, in one line, a value that would change how it trains."""
+    from molden.errors import MoldenConfigError
+    from molden.train.config import FinetuneConfig
+    from molden.train.loop import _check_resume_config, _lookup
+
+    now = FinetuneConfig(data={"path": "x.h5"}, run={"out": tmp_path}, task="s2ef", dens={}).model_dump(mode="json")
+    saved = json.loads(json.dumps(now))
+    del _lookup(saved, section)[field]  # as an older molden wrote it
+    _check_resume_config(saved, now, tmp_path / "last.pt")  # the old behaviour: accepted
+    _lookup(now, section)[field] = value
+    with pytest.raises(MoldenConfigError, match=f"{section}.{field}"):
+        _check_resume_config(saved, now, tmp_path / "last.pt")
+
+
+def test_a_sections_own_check_is_reported_under_the_section_not_an_option(tmp_path):
+    from molden.cli.console import invalid_option_message
+    from molden.train.config import FinetuneConfig
+
+    with pytest.raises(ValidationError) as error:
+        FinetuneConfig(data={"path": "x.h5"}, run={"out": tmp_path}, optim={"warmup_steps": 600_000, "cosine_cycle_steps": 500_000})
+    assert invalid_option_message(error.value, train_cli.OPTION_NAMES) == (
+        "invalid optim options: cosine_cycle_steps 500000 must be longer than warmup_steps 600000")
+
+
 def test_a_missing_cache_is_one_line(tmp_path):
     result = _invoke("finetune", "--data", tmp_path / "none.h5", "--out", tmp_path / "r", "--task", "s2ef")
     assert result.exit_code == 1 and "none.h5" in result.output and "Traceback" not in result.output

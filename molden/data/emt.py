@@ -33,7 +33,7 @@ ForceNet, Hu et al. 2021, App. B):
   "test_ood_both" both held out. All frames of one system share its split.
 
 System i draws everything from its own stream seeded by (seed, i), so output depends only on
-the config, not on `workers` or thread counts (the same file, byte for byte, on one machine).
+the config, not on `workers` or thread counts (the same arrays, statistics included, on one machine).
 Across machines it can differ: LBFGS follows a relaxation's rounding, which depends on the CPU's
 vector instructions and numpy's build, so a few systems end on another step count or, near the
 line, dissociate (`--emt-systems 1000 --workers 2`, this module unchanged, ASE 3.29: 962 systems

@@ -242,6 +242,10 @@ class IS2RSLoss:
 
 
 # ----------------------------------------------------------------- S2EF
+MIN_ENERGY_SCALE_EV = 1e-6
+"""A spread of energies below a µeV is the rounding left by references that fit them exactly,
+not a scale to divide by."""
+
 class S2EFConfig(BaseModel):
     """Energy + forces of a structure (OC20 S2EF)."""
 
@@ -266,8 +270,8 @@ class S2EFConfig(BaseModel):
         per-element references (`energy_residual_std_ev`, eV)."""
         force = float(statistics["forces_rms_ev_per_angstrom"])
         energy = force if self.energy_scale == "force_rms" else float(statistics["energy_residual_std_ev"])
-        if not math.isfinite(energy) or energy <= 0:
-            energy = 1.0  # a cache of one structure, or energies the references fit exactly
+        if not math.isfinite(energy) or energy < MIN_ENERGY_SCALE_EV:
+            energy = 1.0  # no energies, or as few compositions as elements: the references fit them exactly
         return self.model_copy(update={"energy_scale_ev": energy, "force_scale_ev_per_angstrom": force})
 
 

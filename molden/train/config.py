@@ -67,8 +67,8 @@ class OptimConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="weight decay")
     warmup_steps: int = Field(100, ge=0, description="linear warm-up from warmup_start_fraction × lr to lr over these steps")
     warmup_start_fraction: float = Field(
-        0.0, ge=0, le=1, description="learning rate at the first warm-up step, as a fraction of lr (Noisy Nodes Table 10: "
-        "start 3e-7 of peak 1e-4, i.e. 0.003; 0: from zero)")
+        0.0, ge=0, le=1, description="where the warm-up's line starts, as a fraction of lr: step k of warmup_steps W takes "
+        "start + (1 − start)(k + 1)/W (Noisy Nodes Table 10: start 3e-7 of peak 1e-4, i.e. 0.003; 0: from zero)")
     schedule: Literal["cosine", "constant", "multistep"] = Field(
         "cosine", description="after warm-up: cosine decay to final_lr_fraction × lr, constant, or multistep (× lr_gamma at "
         "each of lr_milestones, as ForceNet's halving)")

@@ -494,7 +494,8 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
                                         f"{task.best_metric} in {run.early_stopping} validations): give a larger "
                                         "--early-stopping to train on")
             saved_steps = saved_config.get("run", {}).get("steps", run.steps)
-            if saved_steps != run.steps:
+            follows_steps = optim_config.schedule == "cosine" and optim_config.cosine_cycle_steps is None
+            if saved_steps != run.steps and follows_steps:  # multistep, constant or a set cosine cycle: nothing moves
                 before, after = (optim_config.lr * lr_factor(progress.step, n, optim_config) for n in (saved_steps, run.steps))
                 reporter.note(f"--steps {saved_steps} → {run.steps}: from step {progress.step} the learning rate follows the "
                               f"{run.steps}-step schedule ({before:.3g} → {after:.3g})")
@@ -705,13 +706,27 @@ def _flat(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+FIELDS_ADDED = {
+    "optim": {"warmup_start_fraction": 0.0, "cosine_cycle_steps": None, "lr_milestones": [], "lr_gamma": 0.5},
+    "s2ef": {"energy_scale": "force_rms"},
+    "dens.s2ef": {"energy_scale": "force_rms"},
+}
+"""Fields added since runs were first saved, with the value that reproduces how those runs
+trained, so that resuming one compares them too (a new value is refused, not applied)."""
+
+
 def _in_current_fields(saved: Mapping[str, Any]) -> dict[str, Any]:
     """A config saved by an older molden, in today's fields: a run saved before `val_frames`
-    existed validated on its training frames."""
+    existed validated on its training frames; `FIELDS_ADDED` as they behaved before."""
     saved = json.loads(json.dumps(saved))
     data = saved.get("data")
     if isinstance(data, dict) and "val_frames" not in data:
         data["val_frames"] = data.get("frames", "all")
+    for section, fields in FIELDS_ADDED.items():
+        node = _lookup(saved, section)
+        if isinstance(node, dict):
+            for name, value in fields.items():
+                node.setdefault(name, value)
     return saved
 
 
