@@ -29,6 +29,7 @@ OPTION_NAMES = {
     "run.time_limit_minutes": "--time-limit", "run.deterministic": "--deterministic",
     "run.max_bad_steps": "--max-bad-steps",
     "model.preset": "--model", "model.changes": "--change", "model.conservative_forces": "--conservative-forces",
+    "model.vector_decoder": "--vector-decoder",
     "denoising.sigma_angstrom": "--sigma", "denoising.mask_probability": "--mask-prob",
     "denoising.atom_type_loss_weight": "--atom-type-weight",
     "task": "--task", "targets": "--target", "is2re_target": "--is2re-target", "init": "--init",
@@ -148,6 +149,7 @@ _OUT = typer.Option(None, "--out", "-o", help="run folder (checkpoints, metrics,
 _CONFIG = typer.Option(None, "--config", help="YAML/TOML/JSON file with any options; the command line overrides it")
 _MODEL = typer.Option(None, "--model", help="backbone preset (`molden models`)")
 _CHANGE = typer.Option(None, "--change", help="backbone field changed from the preset, FIELD=VALUE (repeatable)")
+_VECTOR_DECODER = typer.Option(None, help="auto | edges | nodes: per-atom vectors decoded from GNS's edges or by an MLP of each atom's latents (Noisy Nodes §3.2)  [default: auto]")
 _STEPS = typer.Option(None, help="optimiser steps  [default: 1000]")
 _LR = typer.Option(None, help="peak learning rate  [default: 0.001]")
 _MAX_GRAPHS = typer.Option(None, help="structures per batch at most  [default: 32]")
@@ -176,7 +178,7 @@ _OVERWRITE = typer.Option(False, "--overwrite", help="replace a run already in O
 
 def pretrain(
     data: Optional[Path] = _DATA, out: Optional[Path] = _OUT, config_file: Optional[Path] = _CONFIG,
-    model: Optional[str] = _MODEL, change: Optional[List[str]] = _CHANGE,
+    model: Optional[str] = _MODEL, change: Optional[List[str]] = _CHANGE, vector_decoder: Optional[str] = _VECTOR_DECODER,
     sigma: Optional[float] = typer.Option(None, help="position noise σ, Å  [default: 0.02]"),
     frames: Optional[str] = typer.Option(None, help="all | initial | relaxed (each trajectory's first or last frame)  [default: all]"),
     mask_prob: Optional[float] = typer.Option(None, help="probability an atom's type is masked  [default: 0.75]"),
@@ -197,7 +199,7 @@ def pretrain(
                         seed, device, dtype, bf16, log_every, eval_every, checkpoint_every, early_stopping,
                         warmup_steps, ema_decay, accumulate, threads, val_split, time_limit, deterministic,
                         max_bad_steps)
-    overrides.update({"data.frames": frames, "denoising.sigma_angstrom": sigma, "denoising.mask_probability": mask_prob,
+    overrides.update({"model.vector_decoder": vector_decoder, "data.frames": frames, "denoising.sigma_angstrom": sigma, "denoising.mask_probability": mask_prob,
                       "denoising.atom_type_loss_weight": atom_type_weight})
     _run("pretrain", config_file, overrides, resume, overwrite)
 
@@ -207,7 +209,7 @@ def finetune(
     task: Optional[str] = typer.Option(None, help="qm9 | is2re | is2rs | s2ef  [default: qm9]"),
     target: Optional[List[str]] = typer.Option(None, help="qm9 target (repeatable)  [default: homo]"),
     is2re_target: Optional[str] = typer.Option(None, help="is2re: a target column of the cache instead of relaxed_energy (emt: adsorption_energy, OC20's IS2RE target)"),
-    model: Optional[str] = _MODEL, change: Optional[List[str]] = _CHANGE,
+    model: Optional[str] = _MODEL, change: Optional[List[str]] = _CHANGE, vector_decoder: Optional[str] = _VECTOR_DECODER,
     init: Optional[Path] = typer.Option(None, help="start the backbone from this (pre-training) checkpoint (none: from scratch, whatever --config says)"),
     freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="train the heads only (with --init)"),
     frames: Optional[str] = typer.Option(None, help="all | initial | relaxed: the frames trained on (each trajectory's first or last)  [default: all]"),
@@ -248,7 +250,7 @@ def finetune(
         "freeze_backbone": freeze_backbone or None, "data.train_size": train_size,
         "data.frames": frames, "data.val_frames": val_frames,
         "decode_every_block": decode_every_block or None,
-        "model.conservative_forces": conservative_forces or None,
+        "model.conservative_forces": conservative_forces or None, "model.vector_decoder": vector_decoder,
     })
     if noisy_nodes_sigma is not None or noisy_nodes_weight is not None or noisy_nodes_target is not None:
         # no node target given: FinetuneConfig picks the task's (is2re: relaxed_positions)

@@ -448,6 +448,7 @@ def test_an_older_run_resumed_from_a_config_file_keeps_its_validation_frames(emt
 @pytest.mark.parametrize("section, field, value", [
     ("optim", "cosine_cycle_steps", 500_000), ("optim", "warmup_start_fraction", 0.1),
     ("optim", "lr_gamma", 0.25), ("s2ef", "energy_scale", "energy_std"), ("dens.s2ef", "energy_scale", "energy_std"),
+    ("model", "vector_decoder", "nodes"),
 ])
 def test_a_run_saved_before_a_field_existed_refuses_a_new_value_of_it(tmp_path, section, field, value):
     """Fields added since (`FIELDS_ADDED`) compare as they behaved before: a run saved without
@@ -463,6 +464,23 @@ def test_a_run_saved_before_a_field_existed_refuses_a_new_value_of_it(tmp_path, 
     _lookup(now, section)[field] = value
     with pytest.raises(MoldenConfigError, match=f"{section}.{field}"):
         _check_resume_config(saved, now, tmp_path / "last.pt")
+
+
+def test_noisy_nodes_decodes_the_noise_from_each_atom_with_vector_decoder_nodes(qm9_cache, tmp_path):
+    """`--vector-decoder nodes`: Noisy Nodes §3.2's node decoder (an MLP of each atom's latents)
+    in place of GNS's edge readout; it trains, and its checkpoint loads with that head."""
+    out = tmp_path / "run"
+    result = _invoke("finetune", "--data", qm9_cache, "--out", out, "--noisy-nodes-sigma", "0.02", "--vector-decoder", "nodes",
+                     "--change", "latent_dim=16", "--change", "mlp_hidden_dim=16", "--steps", "3", "--max-graphs", "8",
+                     "--val-split", "none", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    spec = json.loads(read_checkpoint(out / "last.pt")["model_spec"])
+    assert spec["heads"]["noise"]["kind"] == "node_vector" and spec["family"] == "gns"
+    assert type(load_model(out / "last.pt").model.heads["noise"]).__name__ == "NodeVectorHead"
+    refused = _invoke("finetune", "--data", qm9_cache, "--out", tmp_path / "painn", "--model", "painn_cpu",
+                      "--noisy-nodes-sigma", "0.02", "--vector-decoder", "edges")
+    assert refused.exit_code == 1 and "vector_decoder 'edges' needs a GNS backbone" in refused.output, refused.output
+    assert not (tmp_path / "painn").exists()
 
 
 def test_a_sections_own_check_is_reported_under_the_section_not_an_option(tmp_path):
@@ -589,8 +607,8 @@ def test_the_defaults_shown_in_help_are_the_configs_defaults():
     import inspect
     import re
 
-    from molden.train.config import (STARTS_FROM_INITIAL, DataConfig, FinetuneConfig, OptimConfig, PretrainConfig, RunConfig,
-                                     default_denoising)
+    from molden.train.config import (STARTS_FROM_INITIAL, DataConfig, FinetuneConfig, ModelChoice, OptimConfig, PretrainConfig,
+                                     RunConfig, default_denoising)
     from molden.objectives.dens import DeNSConfig
     from molden.objectives.noisy_nodes import NOISE_LOSS_WEIGHT, RELAXED_POSITIONS_LOSS_WEIGHT, NoisyNodesConfig
     from molden.objectives.supervised import S2EFConfig
@@ -614,7 +632,7 @@ def test_the_defaults_shown_in_help_are_the_configs_defaults():
         "dens_ratio": default(DeNSConfig, "corruption_ratio"), "dens_coefficient": default(DeNSConfig, "coefficient"),
         "dens_schedule": default(DeNSConfig, "coefficient_schedule"),
         "energy_coefficient": default(S2EFConfig, "energy_coefficient"), "force_coefficient": default(S2EFConfig, "force_coefficient"),
-        "energy_scale": default(S2EFConfig, "energy_scale"),
+        "energy_scale": default(S2EFConfig, "energy_scale"), "vector_decoder": default(ModelChoice, "vector_decoder"),
         "max_bad_steps": default(RunConfig, "max_bad_steps"),
     }
     assert default(PretrainConfig, "model").preset == "gns_tat_cpu"

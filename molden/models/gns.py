@@ -60,8 +60,9 @@ readout directly, past the processor) within the contract's [N, F] graph latents
 vectors (forces, Noisy Nodes' noise and position targets) are decoded by `EdgeVectorHead`
 (`molden.models.spec.vector_head`): an MLP of each edge's latents weighs the unit vector to
 the neighbour. §3.2's node decoder is an MLP of the node latents; the edge readout replaces it
-because a non-equivariant GNS fits small Cartesian vectors from node latents poorly
+by default because a non-equivariant GNS fits small Cartesian vectors from node latents poorly
 (tests/test_learning.py), so the denoising loss reaches the node latents through the edges.
+The paper's decoder is a choice away (`vector_decoder: nodes`, `--vector-decoder nodes`).
 
 GNS-TAT (`tat=True`): the App. B.2 changes listed in `gns_tat`: Tailored ReLUs, weighted
 shortcuts, LayerNorm before the first layer of each update, Gaussian fan-in init with zero

@@ -89,10 +89,20 @@ def backbone_from_preset(name: str, **changes) -> BackboneConfig:
         raise MoldenConfigError(f"invalid change {what} to preset {name!r}: {message[:1].lower()}{message[1:]}") from None
 
 
-def vector_head(config: BackboneConfig) -> HeadSpec:
-    """The head that decodes [N, 3] vectors (forces, noise, position deltas) for this backbone."""
-    if isinstance(config, gns.GNSConfig):
+VectorDecoder = Literal["auto", "edges", "nodes"]
+
+
+def vector_head(config: BackboneConfig, decoder: VectorDecoder = "auto") -> HeadSpec:
+    """The head that decodes [N, 3] vectors (forces, noise, position deltas) for this backbone:
+    "edges", GNS's `EdgeVectorHead`; "nodes", an MLP of each atom's latents (`NodeVectorHead`,
+    Noisy Nodes §3.2's node decoder); "auto", edges for GNS (`gns.py` says why), else nodes."""
+    is_gns = isinstance(config, gns.GNSConfig)
+    if decoder == "edges" and not is_gns:
+        raise MoldenConfigError(f"vector_decoder 'edges' needs a GNS backbone (edge latents), not {type(config).__name__}")
+    if decoder == "edges" or (decoder == "auto" and is_gns):
         return HeadSpec(kind="edge_vector")
+    if is_gns:
+        return HeadSpec(kind="node_vector")
     if isinstance(config, forcenet.ForceNetConfig):
         return HeadSpec(kind="node_vector", act=config.activation)
     return HeadSpec(kind="node_vector", act=config.activation)

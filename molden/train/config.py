@@ -124,6 +124,9 @@ class ModelChoice(_Strict):
     preset: str = Field("gns_qm9_cpu", description="a preset name (`molden models` lists them)")
     changes: dict[str, Any] = Field(default_factory=dict, description="backbone fields changed from the preset, e.g. {block_iterations: 3}")
     conservative_forces: bool = Field(False, description="forces as −∂E/∂positions instead of a direct head (S2EF)")
+    vector_decoder: Literal["auto", "edges", "nodes"] = Field(
+        "auto", description="how per-atom vectors (noise, position targets, direct forces) are decoded: edges (GNS's edge "
+        "readout), nodes (an MLP of each atom's latents, Noisy Nodes §3.2's node decoder), auto (edges for GNS, else nodes)")
 
 
 def default_denoising(cutoff_angstrom: float) -> DenoisingConfig:

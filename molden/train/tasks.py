@@ -127,7 +127,7 @@ def _backbone(choice, dataset: H5Dataset, **forced):
 def pretrain_task(config: PretrainConfig, dataset: H5Dataset) -> TrainingTask:
     """Denoising pre-training: a noise head (and an atom-type head with masking)."""
     backbone = _backbone(config.model, dataset)
-    heads = {keys.NOISE: vector_head(backbone)}
+    heads = {keys.NOISE: vector_head(backbone, config.model.vector_decoder)}
     if config.denoising.mask_probability > 0:
         heads[keys.ATOM_LOGITS] = HeadSpec(kind="atom_type")
     objective = Denoising(config.denoising)
@@ -212,7 +212,7 @@ def finetune_task(config: FinetuneConfig, dataset: H5Dataset) -> TrainingTask:
         description.update(energy_mean_ev=mean, energy_std_ev=std, target=config.is2re_target or "relaxed_energy")
         best = "energy_mae_mev"
     elif config.task == "is2rs":
-        heads[keys.POSITION_DELTA] = vector_head(backbone)
+        heads[keys.POSITION_DELTA] = vector_head(backbone, config.model.vector_decoder)
         primary = IS2RSLoss()
         best = "position_distance_mae_angstrom"
     else:  # s2ef
@@ -222,7 +222,7 @@ def finetune_task(config: FinetuneConfig, dataset: H5Dataset) -> TrainingTask:
         heads[keys.ENERGY] = HeadSpec(kind="graph_scalar", readout="sum", element_reference=(
             None if reference is None else np.nan_to_num(np.asarray(reference, dtype=np.float64)).tolist()))
         if not conservative:
-            heads[keys.FORCES] = vector_head(backbone)
+            heads[keys.FORCES] = vector_head(backbone, config.model.vector_decoder)
         s2ef = config.dens.s2ef if config.dens is not None else config.s2ef
         if s2ef.energy_scale == "energy_std" and "energy_residual_std_ev" not in statistics:
             statistics["energy_residual_std_ev"] = _energy_residual_std(dataset.path)  # a cache from before it was stored
@@ -234,7 +234,7 @@ def finetune_task(config: FinetuneConfig, dataset: H5Dataset) -> TrainingTask:
 
     objective: Objective = primary
     if config.dens is not None:
-        heads[keys.NOISE] = vector_head(backbone)
+        heads[keys.NOISE] = vector_head(backbone, config.model.vector_decoder)
         objective = DeNS(config.dens.model_copy(update={"s2ef": s2ef}))
         description["dens"] = config.dens.model_dump(mode="json")
     elif nn_config is not None:
@@ -242,9 +242,9 @@ def finetune_task(config: FinetuneConfig, dataset: H5Dataset) -> TrainingTask:
             if not np.isfinite(nn_config.position_delta_std_angstrom) or nn_config.position_delta_std_angstrom == 1.0:
                 mean, std = _delta_statistics(dataset, nn_config.sigma_angstrom)
                 nn_config = nn_config.model_copy(update={"position_delta_mean_angstrom": mean, "position_delta_std_angstrom": std})
-            heads[keys.POSITION_DELTA] = vector_head(backbone)
+            heads[keys.POSITION_DELTA] = vector_head(backbone, config.model.vector_decoder)
         else:
-            heads[keys.NOISE] = vector_head(backbone)
+            heads[keys.NOISE] = vector_head(backbone, config.model.vector_decoder)
         objective = NoisyNodes(nn_config, primary)
         description["noisy_nodes"] = nn_config.model_dump(mode="json")
     elif getattr(config, "decode_every_block", False):
