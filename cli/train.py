@@ -199,8 +199,8 @@ def pretrain(
                         seed, device, dtype, bf16, log_every, eval_every, checkpoint_every, early_stopping,
                         warmup_steps, ema_decay, accumulate, threads, val_split, time_limit, deterministic,
                         max_bad_steps)
-    overrides.update({"model.vector_decoder": vector_decoder, "data.frames": frames, "denoising.sigma_angstrom": sigma, "denoising.mask_probability": mask_prob,
-                      "denoising.atom_type_loss_weight": atom_type_weight})
+    overrides.update({"model.vector_decoder": vector_decoder, "data.frames": frames, "denoising.sigma_angstrom": sigma,
+                      "denoising.mask_probability": mask_prob, "denoising.atom_type_loss_weight": atom_type_weight})
     _run("pretrain", config_file, overrides, resume, overwrite)
 
 

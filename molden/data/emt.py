@@ -38,8 +38,10 @@ Across machines it can differ: LBFGS follows a relaxation's rounding, which depe
 vector instructions and numpy's build, so a few systems end on another step count or, near the
 line, dissociate (`--emt-systems 1000 --workers 2`, this module unchanged, ASE 3.29: 962 systems
 and 47,689 frames on one 2-core VM, 960 and 47,509 on another, an AMD EPYC). Share the cache
-file, not the command, when two machines must train on the same frames. `workers > 1` uses spawned processes: a script calling it needs
-the usual `if __name__ == "__main__":` guard.
+file, not the command, when two machines must train on the same frames.
+
+`workers > 1` uses spawned processes: a script calling it needs the usual
+`if __name__ == "__main__":` guard.
 
 Default size: 100 systems (97 kept, 4,424 frames; splits 67/8/8 ID, 5/5/4 OOD ads/cat/both),
 about 25 s with one worker on an idle two-core machine, ~39 s on a busy one; two workers pay
