@@ -103,8 +103,6 @@ def vector_head(config: BackboneConfig, decoder: VectorDecoder = "auto") -> Head
         return HeadSpec(kind="edge_vector")
     if is_gns:
         return HeadSpec(kind="node_vector")
-    if isinstance(config, forcenet.ForceNetConfig):
-        return HeadSpec(kind="node_vector", act=config.activation)
     return HeadSpec(kind="node_vector", act=config.activation)
 
 
