@@ -68,7 +68,14 @@ def invalid_option_message(error: ValidationError, option_names: Mapping[str, st
     the command-line option (`option_names` maps config fields such as `emt.n_systems` to it)."""
     first = error.errors()[0]
     field = ".".join(str(part) for part in first["loc"])
-    name = (option_names or {}).get(field) or (f"--{field.replace('_', '-')}" if field else "options")
+    names = option_names or {}
+    key = ".".join(str(part) for part in first["loc"] if not isinstance(part, int))  # a list option's item: the option
+    if key in names:
+        name = names[key]
+    elif "." in key:  # a config-file field with no option of its own, named as in the file: optim.lr_milestones[1]
+        name = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]).lstrip(".")
+    else:
+        name = f"--{key.replace('_', '-')}" if key else "options"
     if field and isinstance(first.get("input"), Mapping) and first.get("type") != "missing":
         name = f"{field} options"  # a section's own check of its fields together, which the message names
     if first.get("type") == "missing":

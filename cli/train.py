@@ -97,11 +97,11 @@ def _run(kind: str, config_file: Optional[Path], overrides: dict[str, Any], resu
             # A run saved before `val_frames` existed validated on its training frames: keep it so,
             # or best.pt would compare validations of two different frame sets.
             base.get("data", {}).setdefault("val_frames", base.get("data", {}).get("frames", "all"))
-        coefficients = {k: overrides.pop(f"s2ef.{k}", None) for k in S2EF_COEFFICIENTS}
+        s2ef_options = {k: overrides.pop(f"s2ef.{k}", None) for k in S2EF_OPTIONS}
         data = _cleared(merge(base, dotted(overrides)), overrides)
         for section in sections:
             data.setdefault(section, {})
-        data = _route_s2ef(data, coefficients)
+        data = _route_s2ef(data, s2ef_options)
         data = fill_cutoffs(data, ("denoising",) if kind == "pretrain" else ("noisy_nodes", "dens"))
         config = load_config(cls, None, data)
     with user_errors(OPTION_NAMES):
@@ -110,16 +110,16 @@ def _run(kind: str, config_file: Optional[Path], overrides: dict[str, Any], resu
     print_summary(console, summary)
 
 
-S2EF_COEFFICIENTS = ("energy_coefficient", "force_coefficient", "energy_scale")
+S2EF_OPTIONS = ("energy_coefficient", "force_coefficient", "energy_scale")
 
 
-def _route_s2ef(data: dict[str, Any], coefficients: dict[str, Any]) -> dict[str, Any]:
+def _route_s2ef(data: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
     """--energy-coefficient / --force-coefficient / --energy-scale into DeNS's own S2EF terms when DeNS is on,
     however it was switched on (--dens, a config file, a resumed run's config), else into
     the plain S2EF terms."""
     from molden.train.config import dotted, merge
 
-    given = {k: v for k, v in coefficients.items() if v is not None}
+    given = {k: v for k, v in options.items() if v is not None}
     if not given:
         return data
     section = ("dens", "s2ef") if data.get("dens") is not None else ("s2ef",)

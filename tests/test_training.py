@@ -483,6 +483,15 @@ def test_noisy_nodes_decodes_the_noise_from_each_atom_with_vector_decoder_nodes(
     assert not (tmp_path / "painn").exists()
 
 
+def test_a_config_file_field_without_an_option_is_named_as_in_the_file(tmp_path):
+    from molden.cli.console import invalid_option_message
+    from molden.train.config import FinetuneConfig
+
+    with pytest.raises(ValidationError) as error:
+        FinetuneConfig(data={"path": "x.h5"}, run={"out": tmp_path}, optim={"schedule": "multistep", "lr_milestones": [10, "x"]})
+    assert invalid_option_message(error.value, train_cli.OPTION_NAMES).startswith("invalid optim.lr_milestones[1] x: ")
+
+
 def test_a_sections_own_check_is_reported_under_the_section_not_an_option(tmp_path):
     from molden.cli.console import invalid_option_message
     from molden.train.config import FinetuneConfig
