@@ -29,7 +29,7 @@ OPTION_NAMES = {
     "run.time_limit_minutes": "--time-limit", "run.deterministic": "--deterministic",
     "run.max_bad_steps": "--max-bad-steps",
     "model.preset": "--model", "model.changes": "--change", "model.conservative_forces": "--conservative-forces",
-    "model.vector_decoder": "--vector-decoder",
+    "model.vector_decoder": "--vector-decoder", "model.graph_decoder": "--graph-decoder",
     "denoising.sigma_angstrom": "--sigma", "denoising.mask_probability": "--mask-prob",
     "denoising.atom_type_loss_weight": "--atom-type-weight",
     "task": "--task", "targets": "--target", "is2re_target": "--is2re-target", "init": "--init",
@@ -150,6 +150,7 @@ _CONFIG = typer.Option(None, "--config", help="YAML/TOML/JSON file with any opti
 _MODEL = typer.Option(None, "--model", help="backbone preset (`molden models`)")
 _CHANGE = typer.Option(None, "--change", help="backbone field changed from the preset, FIELD=VALUE (repeatable)")
 _VECTOR_DECODER = typer.Option(None, help="auto | edges | nodes: per-atom vectors decoded from GNS's edges or by an MLP of each atom's latents (Noisy Nodes §3.2)  [default: auto]")
+_GRAPH_DECODER = typer.Option(None, help="auto | one_mlp | two_mlps: per-structure values decoded by one MLP of each atom's latents or, GNS only, by Noisy Nodes §3.2's MLP of the processor's latents plus one of the encoder's  [default: auto]")
 _STEPS = typer.Option(None, help="optimiser steps  [default: 1000]")
 _LR = typer.Option(None, help="peak learning rate  [default: 0.001]")
 _MAX_GRAPHS = typer.Option(None, help="structures per batch at most  [default: 32]")
@@ -210,6 +211,7 @@ def finetune(
     target: Optional[List[str]] = typer.Option(None, help="qm9 target (repeatable)  [default: homo]"),
     is2re_target: Optional[str] = typer.Option(None, help="is2re: a target column of the cache instead of relaxed_energy (emt: adsorption_energy, OC20's IS2RE target)"),
     model: Optional[str] = _MODEL, change: Optional[List[str]] = _CHANGE, vector_decoder: Optional[str] = _VECTOR_DECODER,
+    graph_decoder: Optional[str] = _GRAPH_DECODER,
     init: Optional[Path] = typer.Option(None, help="start the backbone from this (pre-training) checkpoint (none: from scratch, whatever --config says)"),
     freeze_backbone: bool = typer.Option(False, "--freeze-backbone", help="train the heads only (with --init)"),
     frames: Optional[str] = typer.Option(None, help="all | initial | relaxed: the frames trained on (each trajectory's first or last)  [default: all]"),
@@ -251,6 +253,7 @@ def finetune(
         "data.frames": frames, "data.val_frames": val_frames,
         "decode_every_block": decode_every_block or None,
         "model.conservative_forces": conservative_forces or None, "model.vector_decoder": vector_decoder,
+        "model.graph_decoder": graph_decoder,
     })
     if noisy_nodes_sigma is not None or noisy_nodes_weight is not None or noisy_nodes_target is not None:
         # no node target given: FinetuneConfig picks the task's (is2re: relaxed_positions)

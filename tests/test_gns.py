@@ -3,6 +3,7 @@ latents, conservative forces, force encoding, presets."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -320,3 +321,54 @@ def test_the_paper_presets_have_no_envelope_and_the_cpu_presets_do():
         "gns_qm9_paper": "none", "gns_oc20_paper": "none", "gns_tat_pcqm_paper": "none",
         "gns_qm9_cpu": "polynomial", "gns_oc20_cpu": "polynomial"}
     assert GNSConfig().envelope == "none"  # configs saved before the field existed load unchanged
+
+
+def test_the_two_mlp_graph_decoder_sums_an_mlp_of_the_processor_and_one_of_the_encoder():
+    """Noisy Nodes §3.2: y = Σ MLP_P(a^Proc) + Σ MLP_E(a^Enc) (W and b folded into each MLP);
+    permutation-invariant, translation-invariant, and not the one-MLP decoder of their sum."""
+    torch.manual_seed(0)
+    backbone = build_gns(tiny()).double()
+    head = GraphScalarHead(backbone.scalar_dim, encoder_mlp=True).double()
+    batch = example_batch(cutoff=CUTOFF)
+    latents = backbone(batch)
+    expected = torch.zeros(batch.num_graphs, dtype=torch.float64).index_add_(
+        0, batch.batch, (head.mlp(latents.scalars[-1]) + head.encoder_mlp(latents.encoder_scalars))[:, 0])
+    close(head(latents, -1, batch), expected)
+    m = Model(backbone, {keys.ENERGY: head}).eval()
+    close(m(translated(batch, [0.7, -1.1, 2.0]))[keys.ENERGY], m(batch)[keys.ENERGY])
+    perm = permutation_within_graphs(batch, seed=1)
+    close(m(permuted(batch, perm))[keys.ENERGY], m(batch)[keys.ENERGY])
+    # the encoder's latents enter through their own MLP: changing it changes the output
+    with torch.no_grad():
+        head.encoder_mlp[-1].bias.add_(1.0)
+    assert not torch.allclose(head(latents, -1, batch), expected)
+    with pytest.raises(ValueError, match="encoder latents"):
+        head(replace(latents, encoder_scalars=None), -1, batch)
+
+
+def test_decoder_mlps_are_as_wide_as_the_tables_mlps_and_cpu_specs_are_unchanged():
+    """Noisy Nodes Table 10 gives 1024-wide MLPs with 512 latents: every head's MLP of a GNS
+    spec is `mlp_hidden_dim` wide. Where the two agree (the CPU presets) the spec carries no
+    width, so it equals the spec of a run saved before the field existed."""
+    from molden.models.spec import HeadSpec, ModelSpec, build_model, graph_head, model_spec, vector_head
+
+    paper = PRESETS["gns_qm9_paper"]()
+    spec = model_spec(paper, {keys.TARGETS: graph_head(paper, "two_mlps", readout="mean"), keys.NOISE: vector_head(paper)})
+    assert {name: head.hidden_dim for name, head in spec.heads.items()} == {keys.TARGETS: 1024, keys.NOISE: 1024}
+    assert spec.heads[keys.TARGETS].encoder_mlp
+    with torch.device("meta"):
+        built = build_model(spec)
+    head = built.heads[keys.TARGETS]
+    for mlp in (head.mlp, head.encoder_mlp):
+        assert (mlp[0].in_features, mlp[0].out_features, mlp[-1].out_features) == (512, 1024, 1)
+    assert built.heads[keys.NOISE].mlp[0].out_features == 1024
+
+    cpu = PRESETS["gns_qm9_cpu"]()
+    new = model_spec(cpu, {keys.TARGETS: graph_head(cpu, readout="mean"), keys.NOISE: vector_head(cpu)})
+    saved = json.loads(new.model_dump_json())
+    for head in saved["heads"].values():
+        del head["hidden_dim"], head["encoder_mlp"]  # as written before the fields existed
+    assert ModelSpec.model_validate(saved) == new
+    assert new.heads[keys.TARGETS] == HeadSpec(kind="graph_scalar", readout="mean")
+    with pytest.raises(ValueError, match="graph_scalar head's option"):
+        HeadSpec(kind="edge_vector", encoder_mlp=True)

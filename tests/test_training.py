@@ -448,7 +448,7 @@ def test_an_older_run_resumed_from_a_config_file_keeps_its_validation_frames(emt
 @pytest.mark.parametrize("section, field, value", [
     ("optim", "cosine_cycle_steps", 500_000), ("optim", "warmup_start_fraction", 0.1),
     ("optim", "lr_gamma", 0.25), ("s2ef", "energy_scale", "energy_std"), ("dens.s2ef", "energy_scale", "energy_std"),
-    ("model", "vector_decoder", "nodes"),
+    ("model", "vector_decoder", "nodes"), ("model", "graph_decoder", "two_mlps"),
 ])
 def test_a_run_saved_before_a_field_existed_refuses_a_new_value_of_it(tmp_path, section, field, value):
     """Fields added since (`FIELDS_ADDED`) compare as they behaved before: a run saved without
@@ -490,6 +490,27 @@ def test_a_config_file_field_without_an_option_is_named_as_in_the_file(tmp_path)
     with pytest.raises(ValidationError) as error:
         FinetuneConfig(data={"path": "x.h5"}, run={"out": tmp_path}, optim={"schedule": "multistep", "lr_milestones": [10, "x"]})
     assert invalid_option_message(error.value, train_cli.OPTION_NAMES).startswith("invalid optim.lr_milestones[1] x: ")
+
+
+def test_graph_decoder_two_mlps_trains_the_papers_graph_decoder_and_loads(qm9_cache, tmp_path):
+    """`--graph-decoder two_mlps`: Noisy Nodes §3.2's MLP of the processor's latents plus one of
+    the encoder's; it trains, its checkpoint evaluates, and a backbone without encoder latents is
+    refused in one line before anything is written."""
+    out = tmp_path / "run"
+    result = _invoke("finetune", "--data", qm9_cache, "--out", out, "--graph-decoder", "two_mlps",
+                     "--change", "latent_dim=16", "--change", "mlp_hidden_dim=32", "--steps", "3", "--max-graphs", "8",
+                     "--val-split", "none", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    spec = json.loads(read_checkpoint(out / "last.pt")["model_spec"])
+    assert spec["heads"]["targets"]["encoder_mlp"] and spec["heads"]["targets"]["hidden_dim"] == 32
+    head = load_model(out / "last.pt").model.heads["targets"]
+    assert head.encoder_mlp is not None and head.mlp[0].out_features == 32
+    evaluated = _invoke("evaluate", out / "last.pt", "--data", qm9_cache, "--split", "test", "--out", tmp_path / "test.json")
+    assert evaluated.exit_code == 0, evaluated.output
+    refused = _invoke("finetune", "--data", qm9_cache, "--out", tmp_path / "painn", "--model", "painn_cpu",
+                      "--graph-decoder", "two_mlps")
+    assert refused.exit_code == 1 and "graph_decoder 'two_mlps' needs a GNS backbone" in refused.output, refused.output
+    assert len(refused.output.strip().splitlines()) == 1 and not (tmp_path / "painn").exists()
 
 
 def test_a_sections_own_check_is_reported_under_the_section_not_an_option(tmp_path):
@@ -642,6 +663,7 @@ def test_the_defaults_shown_in_help_are_the_configs_defaults():
         "dens_schedule": default(DeNSConfig, "coefficient_schedule"),
         "energy_coefficient": default(S2EFConfig, "energy_coefficient"), "force_coefficient": default(S2EFConfig, "force_coefficient"),
         "energy_scale": default(S2EFConfig, "energy_scale"), "vector_decoder": default(ModelChoice, "vector_decoder"),
+        "graph_decoder": default(ModelChoice, "graph_decoder"),
         "max_bad_steps": default(RunConfig, "max_bad_steps"),
     }
     assert default(PretrainConfig, "model").preset == "gns_tat_cpu"

@@ -38,6 +38,9 @@ class Latents:
         edge_weights: [E] smooth cutoff weight of each edge (1 inside, 0 at the cutoff), or
             None: a head summing over edges multiplies by it, so an edge entering the graph
             changes nothing abruptly.
+        encoder_scalars: [N, F] node latents of the encoder, before any message passing, for a
+            graph decoder with an MLP of its own on them (Noisy Nodes §3.2:
+            W_E Σ MLP_E(a^Enc) beside W_P Σ MLP_P(a^Proc)), or None for backbones without.
     """
 
     scalars: list[Tensor]
@@ -46,6 +49,7 @@ class Latents:
     vector_frame: Tensor | None = None
     edges: list[Tensor] | None = None
     edge_weights: Tensor | None = None
+    encoder_scalars: Tensor | None = None
 
     @property
     def n_blocks(self) -> int:

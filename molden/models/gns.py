@@ -54,9 +54,11 @@ MLPs with shifted softplus followed by LayerNorm, residuals on nodes and edges.
 `forward(batch, all_blocks=True)` returns the node latents after every block iteration.
 
 Decoder: `Latents.graph_scalars[k]` = encoder node latents + processor node latents after
-iteration k, for a `GraphScalarHead` to sum. §3.2's graph decoder is W_P Σ MLP_P(a^Proc) +
-W_E Σ MLP_E(a^Enc); one MLP of the sum keeps its point (the encoder's latents reach the
-readout directly, past the processor) within the contract's [N, F] graph latents. Per-atom
+iteration k, for a `GraphScalarHead` to decode with one MLP (molden's default, `graph_decoder:
+one_mlp`): the encoder's latents reach the readout directly, past the processor. §3.2's graph
+decoder is W_P Σ MLP_P(a^Proc) + W_E Σ MLP_E(a^Enc), two MLPs: `graph_decoder: two_mlps`
+(`--graph-decoder two_mlps`) reads the processor's latents and `Latents.encoder_scalars`
+apart. Decoder MLPs are `mlp_hidden_dim` wide, as every MLP of the tables. Per-atom
 vectors (forces, Noisy Nodes' noise and position targets) are decoded by `EdgeVectorHead`
 (`molden.models.spec.vector_head`): an MLP of each edge's latents weighs the unit vector to
 the neighbour. §3.2's node decoder is an MLP of the node latents; the edge readout replaces it
@@ -300,7 +302,7 @@ class GNS(Backbone):
         if not all_blocks:
             outputs, edge_outputs = outputs[-1:], edge_outputs[-1:]
         return Latents(scalars=outputs, graph_scalars=[encoded + o for o in outputs], vector_frame=frame,
-                       edges=edge_outputs, edge_weights=weights)
+                       edges=edge_outputs, edge_weights=weights, encoder_scalars=encoded)
 
 
 def build_gns(config: GNSConfig) -> GNS:

@@ -26,13 +26,20 @@ class Head(nn.Module):
 class GraphScalarHead(Head):
     """[B, n_out] (or [B] when `n_out == 1` and `squeeze`): an MLP on each node's graph latents,
     summed or averaged over each graph's atoms (sum for extensive energies, mean for intensive
-    targets such as HOMO)."""
+    targets such as HOMO).
+
+    With `encoder_mlp`, Noisy Nodes §3.2's graph decoder: one MLP of the processor's node
+    latents plus another of the encoder's (`latents.encoder_scalars`), each summed (or
+    averaged). The paper's linear maps W_P, W_E after the sums are folded into each MLP's last
+    layer (a linear map commutes with the sum), and so are its two biases, added per atom here.
+    """
 
     def __init__(self, in_dim: int, n_out: int = 1, *, hidden_dim: int | None = None, n_layers: int = 3,
                  act: Activation = "ssp", readout: Literal["sum", "mean"] = "sum", squeeze: bool = True,
-                 slope: float = 0.0, element_reference: Tensor | None = None):
+                 slope: float = 0.0, element_reference: Tensor | None = None, encoder_mlp: bool = False):
         super().__init__()
         self.mlp = MLP(in_dim, hidden_dim or in_dim, n_out, n_layers, act, slope=slope)
+        self.encoder_mlp = MLP(in_dim, hidden_dim or in_dim, n_out, n_layers, act, slope=slope) if encoder_mlp else None
         self.readout = readout
         self.n_out = n_out
         self.squeeze = squeeze and n_out == 1
@@ -42,8 +49,15 @@ class GraphScalarHead(Head):
         self.register_buffer("element_reference", reference)
 
     def forward(self, latents: Latents, block: int, batch: Batch) -> Tensor:
-        nodes = (latents.graph_scalars or latents.scalars)[block]
-        per_atom = self.mlp(nodes) + self.element_reference.to(nodes.dtype)[batch.numbers]
+        if self.encoder_mlp is None:
+            nodes = (latents.graph_scalars or latents.scalars)[block]
+            per_atom = self.mlp(nodes)
+        else:
+            if latents.encoder_scalars is None:
+                raise ValueError("GraphScalarHead with encoder_mlp needs a backbone that returns encoder latents (GNS)")
+            nodes = latents.scalars[block]
+            per_atom = self.mlp(nodes) + self.encoder_mlp(latents.encoder_scalars)
+        per_atom = per_atom + self.element_reference.to(nodes.dtype)[batch.numbers]
         out = per_atom.new_zeros(batch.num_graphs, self.n_out).index_add_(0, batch.batch, per_atom)
         if self.readout == "mean":
             out = out / batch.n_node.to(out.dtype)[:, None]

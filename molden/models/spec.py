@@ -42,6 +42,15 @@ class HeadSpec(BaseModel):
     act: Activation = Field("ssp", description="the head MLP's activation")
     element_reference: list[float] | None = Field(
         None, description="graph_scalar with one output: fixed per-element offsets added per atom (119 values, index = Z; eV for energies)")
+    hidden_dim: int | None = Field(None, ge=1, description="hidden width of the head's MLPs (features); None: the head's input width")
+    encoder_mlp: bool = Field(False, description="graph_scalar: a second MLP of the encoder's latents, summed with the "
+                              "processor's (Noisy Nodes §3.2's graph decoder; GNS only)")
+
+    @model_validator(mode="after")
+    def _encoder_mlp_is_a_graph_readout(self) -> HeadSpec:
+        if self.encoder_mlp and self.kind != "graph_scalar":
+            raise ValueError(f"encoder_mlp is a graph_scalar head's option, not a {self.kind} head's")
+        return self
 
 
 class ModelSpec(BaseModel):
@@ -90,6 +99,7 @@ def backbone_from_preset(name: str, **changes) -> BackboneConfig:
 
 
 VectorDecoder = Literal["auto", "edges", "nodes"]
+GraphDecoder = Literal["auto", "one_mlp", "two_mlps"]
 
 
 def vector_head(config: BackboneConfig, decoder: VectorDecoder = "auto") -> HeadSpec:
@@ -114,16 +124,38 @@ def graph_readout(config: BackboneConfig, extensive: bool) -> Literal["sum", "me
     return "sum" if extensive else "mean"
 
 
+def graph_head(config: BackboneConfig, decoder: GraphDecoder = "auto", *, readout: Literal["sum", "mean"], n_out: int = 1,
+               squeeze: bool = True, element_reference: list[float] | None = None) -> HeadSpec:
+    """The head that decodes one value per structure (energies, QM9 targets) for this backbone:
+    "one_mlp", one MLP of each atom's graph latents (for GNS, encoder + processor latents:
+    `gns.py`); "two_mlps", Noisy Nodes §3.2's sum of an MLP of the processor's latents and
+    one of the encoder's (GNS only); "auto", one_mlp."""
+    if decoder == "two_mlps" and not isinstance(config, gns.GNSConfig):
+        raise MoldenConfigError(f"graph_decoder 'two_mlps' needs a GNS backbone (encoder latents), not {type(config).__name__}")
+    return HeadSpec(kind="graph_scalar", n_out=n_out, squeeze=squeeze, readout=readout, element_reference=element_reference,
+                    encoder_mlp=decoder == "two_mlps")
+
+
+def decoder_width(config: BackboneConfig) -> int | None:
+    """The hidden width of the heads' MLPs when it is not their input width: GNS's
+    `mlp_hidden_dim` (the tables' "MLP hidden sizes" hold for every MLP, decoders included);
+    None (the input width) for the other backbones and where the two agree, so the specs
+    of runs saved before the field existed compare equal."""
+    if isinstance(config, gns.GNSConfig) and config.mlp_hidden_dim != config.latent_dim:
+        return config.mlp_hidden_dim
+    return None
+
+
 def _build_head(spec: HeadSpec, backbone) -> Head:
-    scalar_dim = backbone.scalar_dim
+    scalar_dim, mlp = backbone.scalar_dim, dict(hidden_dim=spec.hidden_dim, act=spec.act)
     if spec.kind == "graph_scalar":
-        return GraphScalarHead(scalar_dim, spec.n_out, n_layers=spec.n_layers, act=spec.act, readout=spec.readout,
-                               squeeze=spec.squeeze, element_reference=spec.element_reference)
+        return GraphScalarHead(scalar_dim, spec.n_out, n_layers=spec.n_layers, readout=spec.readout, squeeze=spec.squeeze,
+                               element_reference=spec.element_reference, encoder_mlp=spec.encoder_mlp, **mlp)
     if spec.kind == "node_vector":
-        return NodeVectorHead(scalar_dim, backbone.vector_dim, n_layers=spec.n_layers, act=spec.act)
+        return NodeVectorHead(scalar_dim, backbone.vector_dim, n_layers=spec.n_layers, **mlp)
     if spec.kind == "edge_vector":
-        return EdgeVectorHead(scalar_dim, n_layers=spec.n_layers, act=spec.act)
-    return AtomTypeHead(scalar_dim, n_layers=min(spec.n_layers, 2), act=spec.act)
+        return EdgeVectorHead(scalar_dim, n_layers=spec.n_layers, **mlp)
+    return AtomTypeHead(scalar_dim, n_layers=min(spec.n_layers, 2), **mlp)
 
 
 def build_model(spec: ModelSpec) -> Model:
@@ -135,5 +167,8 @@ def build_model(spec: ModelSpec) -> Model:
 
 def model_spec(config: BackboneConfig, heads: dict[str, HeadSpec], *, conservative_forces: bool = False,
                preset_name: str | None = None) -> ModelSpec:
+    width = decoder_width(config)
+    heads = {name: head if head.hidden_dim is not None or width is None else head.model_copy(update={"hidden_dim": width})
+             for name, head in heads.items()}
     return ModelSpec(family=family_of(config), backbone=config.model_dump(mode="json"), heads=heads,
                      conservative_forces=conservative_forces, preset=preset_name)

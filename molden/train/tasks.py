@@ -23,7 +23,7 @@ from molden.errors import MoldenConfigError, MoldenInputError
 from molden.graph.verlet import DEFAULT_SKIN_ANGSTROM
 from molden.models import keys
 from molden.models.gns import N_TAGS
-from molden.models.spec import HeadSpec, ModelSpec, backbone_from_preset, graph_readout, model_spec, vector_head
+from molden.models.spec import HeadSpec, ModelSpec, backbone_from_preset, graph_head, graph_readout, model_spec, vector_head
 from molden.objectives.dens import DeNS
 from molden.objectives.denoising import Denoising
 from molden.objectives.noisy_nodes import EveryBlock, NoisyNodes, position_delta_statistics
@@ -193,8 +193,8 @@ def finetune_task(config: FinetuneConfig, dataset: H5Dataset) -> TrainingTask:
         normalizer = TargetNormalizer.from_cache(dataset.path, config.targets, structures=subset)
         modules.append(normalizer)
         extensive = any(t in EXTENSIVE_TARGETS for t in config.targets)
-        heads[keys.TARGETS] = HeadSpec(kind="graph_scalar", n_out=len(config.targets), squeeze=False,
-                                       readout=graph_readout(backbone, extensive))
+        heads[keys.TARGETS] = graph_head(backbone, config.model.graph_decoder, readout=graph_readout(backbone, extensive),
+                                         n_out=len(config.targets), squeeze=False)
         primary = GraphTargetLoss(normalizer)
         description.update(targets=list(config.targets), normalizer={
             "mean": normalizer.mean.tolist(), "std": normalizer.std.tolist(),
@@ -207,7 +207,7 @@ def finetune_task(config: FinetuneConfig, dataset: H5Dataset) -> TrainingTask:
         if config.is2re_target is not None:
             values = values[:, target_columns(dataset.target_names, [config.is2re_target])[0]]
         mean, std = float(np.nanmean(values)), float(np.nanstd(values)) or 1.0
-        heads[keys.TARGETS] = HeadSpec(kind="graph_scalar", n_out=1, squeeze=False, readout=graph_readout(backbone, True))
+        heads[keys.TARGETS] = graph_head(backbone, config.model.graph_decoder, readout=graph_readout(backbone, True), squeeze=False)
         primary = IS2RELoss(mean_ev=mean, std_ev=std, target_name=config.is2re_target)
         description.update(energy_mean_ev=mean, energy_std_ev=std, target=config.is2re_target or "relaxed_energy")
         best = "energy_mae_mev"
@@ -219,7 +219,7 @@ def finetune_task(config: FinetuneConfig, dataset: H5Dataset) -> TrainingTask:
         conservative = config.model.conservative_forces
         statistics = dataset.statistics()
         reference = statistics.get("element_reference_energy_ev")
-        heads[keys.ENERGY] = HeadSpec(kind="graph_scalar", readout="sum", element_reference=(
+        heads[keys.ENERGY] = graph_head(backbone, config.model.graph_decoder, readout="sum", element_reference=(
             None if reference is None else np.nan_to_num(np.asarray(reference, dtype=np.float64)).tolist()))
         if not conservative:
             heads[keys.FORCES] = vector_head(backbone, config.model.vector_decoder)
