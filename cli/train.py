@@ -42,6 +42,7 @@ OPTION_NAMES = {
     "s2ef.energy_coefficient": "--energy-coefficient", "s2ef.force_coefficient": "--force-coefficient",
     "dens.s2ef.energy_coefficient": "--energy-coefficient", "dens.s2ef.force_coefficient": "--force-coefficient",
     "s2ef.energy_scale": "--energy-scale", "dens.s2ef.energy_scale": "--energy-scale",
+    "s2ef.energy_reference": "--energy-reference", "dens.s2ef.energy_reference": "--energy-reference",
 }
 
 
@@ -110,11 +111,11 @@ def _run(kind: str, config_file: Optional[Path], overrides: dict[str, Any], resu
     print_summary(console, summary)
 
 
-S2EF_OPTIONS = ("energy_coefficient", "force_coefficient", "energy_scale")
+S2EF_OPTIONS = ("energy_coefficient", "force_coefficient", "energy_scale", "energy_reference")
 
 
 def _route_s2ef(data: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-    """--energy-coefficient / --force-coefficient / --energy-scale into DeNS's own S2EF terms when DeNS is on,
+    """--energy-coefficient / --force-coefficient / --energy-scale / --energy-reference into DeNS's own S2EF terms when DeNS is on,
     however it was switched on (--dens, a config file, a resumed run's config), else into
     the plain S2EF terms."""
     from molden.train.config import dotted, merge
@@ -123,7 +124,13 @@ def _route_s2ef(data: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]
     if not given:
         return data
     section = ("dens", "s2ef") if data.get("dens") is not None else ("s2ef",)
-    return merge(data, dotted({".".join((*section, k)): v for k, v in given.items()}))
+    out = merge(data, dotted({".".join((*section, k)): v for k, v in given.items()}))
+    if str(given.get("energy_reference", "")).lower() == "none":  # clears a config file's column: the total energy
+        node = out
+        for part in section:
+            node = node[part]
+        node["energy_reference"] = None
+    return out
 
 
 CLEARABLE = ("init", "data.val_split")
@@ -150,7 +157,7 @@ _CONFIG = typer.Option(None, "--config", help="YAML/TOML/JSON file with any opti
 _MODEL = typer.Option(None, "--model", help="backbone preset (`molden models`)")
 _CHANGE = typer.Option(None, "--change", help="backbone field changed from the preset, FIELD=VALUE (repeatable)")
 _VECTOR_DECODER = typer.Option(None, help="auto | edges | nodes: per-atom vectors decoded from GNS's edges or by an MLP of each atom's latents (Noisy Nodes §3.2)  [default: auto]")
-_GRAPH_DECODER = typer.Option(None, help="auto | one_mlp | two_mlps: per-structure values decoded by one MLP of each atom's latents or, GNS only, by Noisy Nodes §3.2's MLP of the processor's latents plus one of the encoder's  [default: auto]")
+_GRAPH_DECODER = typer.Option(None, help="auto | one_mlp | two_mlps | readout_mlp: per-structure values decoded by one MLP of each atom's latents; by Noisy Nodes §3.2's MLP of the processor's latents plus one of the encoder's (GNS only); or by Pre-training via Denoising's MLP, readout, MLP  [default: auto]")
 _STEPS = typer.Option(None, help="optimiser steps  [default: 1000]")
 _LR = typer.Option(None, help="peak learning rate  [default: 0.001]")
 _MAX_GRAPHS = typer.Option(None, help="structures per batch at most  [default: 32]")
@@ -231,6 +238,7 @@ def finetune(
     energy_coefficient: Optional[float] = typer.Option(None, help="s2ef: λ_E  [default: 1]"),
     force_coefficient: Optional[float] = typer.Option(None, help="s2ef: λ_F  [default: 100]"),
     energy_scale: Optional[str] = typer.Option(None, help="s2ef: σ_E, force_rms (one scale with the forces) | energy_std (DeNS Eq. 1: the spread of the energies less their per-element references)  [default: force_rms]"),
+    energy_reference: Optional[str] = typer.Option(None, help="s2ef: a target column subtracted from each energy before training (OC20 S2EF: reference_energy, so the model learns OC20's energy − reference_energy; none: the total energy)  [default: none]"),
     steps: Optional[int] = _STEPS, lr: Optional[float] = _LR, max_graphs: Optional[int] = _MAX_GRAPHS,
     max_atoms: Optional[int] = _MAX_ATOMS, max_edges: Optional[int] = _MAX_EDGES, workers: Optional[int] = _WORKERS,
     seed: Optional[int] = _SEED, device: Optional[str] = _DEVICE, dtype: Optional[str] = _DTYPE, bf16: Optional[bool] = _BF16,
@@ -264,7 +272,7 @@ def finetune(
                           "dens.corruption_ratio": dens_ratio, "dens.coefficient": dens_coefficient,
                           "dens.coefficient_schedule": dens_schedule})
     overrides.update({"s2ef.energy_coefficient": energy_coefficient, "s2ef.force_coefficient": force_coefficient,
-                      "s2ef.energy_scale": energy_scale})
+                      "s2ef.energy_scale": energy_scale, "s2ef.energy_reference": energy_reference})
     _run("finetune", config_file, overrides, resume, overwrite, sections=("dens",) if dens else ())
 
 

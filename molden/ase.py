@@ -11,6 +11,9 @@ ignored it). The radius graph comes from a Verlet list (`skin_angstrom`, `molden
 searched again only when an atom has moved half the skin since the last search, or the cell
 changed, and filtered to the cutoff at every call, so the pairs are a fresh search's. A model
 trained on forces only (ForceNet's energy weight 0) warns once that its energies mean nothing.
+A model trained on referenced energies (OC20 S2EF, `energy_reference`) returns those: the total
+energy less the system's reference, which is constant along a relaxation, so forces and
+relaxations are the same.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from molden.graph import neighbor_list
 from molden.models import keys
 from molden.objectives import Objective
 from molden.objectives.dens import (DENS_ATOMS, DENS_STRUCTURES, DeNS, DeNSConfig, dens_cpu, dens_md17_paper,
-                                    dens_oc20_2m_paper, encoded_forces)
+                                    dens_oc20_2m_paper, dens_oc20_all_md_paper, encoded_forces)
 from molden.objectives.supervised import S2EFConfig, S2EFLoss
 from symmetry import example_batch
 
@@ -36,6 +36,10 @@ def test_paper_preset_is_table_7_for_oc20_s2ef_2m():
     c = dens_oc20_2m_paper()
     assert (c.probability, c.coefficient, c.sigma_angstrom, c.corruption_ratio) == (0.5, 10.0, 0.1, 0.5)
     assert (c.s2ef.energy_coefficient, c.s2ef.force_coefficient, c.s2ef.fixed_atom_weight) == (2.0, 100.0, 0.0)
+    # Eq. 1's σ_E of OC20's S2EF labels, energy − reference_energy; the CPU preset trains EMT's totals
+    assert (c.s2ef.energy_scale, c.s2ef.energy_reference) == ("energy_std", "reference_energy")
+    assert dens_oc20_all_md_paper().s2ef == c.s2ef.model_copy(update={"energy_coefficient": 4.0})
+    assert (dens_cpu().s2ef.energy_scale, dens_cpu().s2ef.energy_reference) == ("force_rms", None)
     assert isinstance(DeNS(c), Objective)
 
 

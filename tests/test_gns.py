@@ -372,3 +372,31 @@ def test_decoder_mlps_are_as_wide_as_the_tables_mlps_and_cpu_specs_are_unchanged
     assert new.heads[keys.TARGETS] == HeadSpec(kind="graph_scalar", readout="mean")
     with pytest.raises(ValueError, match="graph_scalar head's option"):
         HeadSpec(kind="edge_vector", encoder_mlp=True)
+
+
+def test_the_readout_mlp_decoder_applies_an_mlp_after_the_mean_over_atoms():
+    """Pre-training via Denoising App. B.1: MLP per atom, mean over atoms (GNS-TAT), then MLP;
+    per-element references averaged beside it; permutation-invariant; the spec builds it."""
+    from molden.models.spec import build_model, graph_head, model_spec
+
+    torch.manual_seed(0)
+    config = tiny(tat=True)
+    backbone = build_gns(config).double()
+    reference = torch.zeros(119, 1, dtype=torch.float64)
+    reference[1], reference[6] = -0.5, -37.75  # exact in the float32 buffer
+    head = GraphScalarHead(backbone.scalar_dim, readout="mean", readout_mlp=True, element_reference=reference).double()
+    batch = example_batch(cutoff=CUTOFF)
+    latents = backbone(batch)
+    counts = batch.n_node.double()[:, None]
+    pooled = torch.zeros(batch.num_graphs, backbone.scalar_dim, dtype=torch.float64).index_add_(
+        0, batch.batch, head.mlp(latents.scalars[-1])) / counts
+    offsets = torch.zeros(batch.num_graphs, 1, dtype=torch.float64).index_add_(0, batch.batch, reference[batch.numbers]) / counts
+    close(head(latents, -1, batch), (head.readout_mlp(pooled) + offsets)[:, 0])
+    m = Model(backbone, {keys.ENERGY: head}).eval()
+    close(m(permuted(batch, permutation_within_graphs(batch, seed=2)))[keys.ENERGY], m(batch)[keys.ENERGY])
+
+    spec = model_spec(config, {keys.TARGETS: graph_head(config, "readout_mlp", readout="mean")})
+    built = build_model(spec).heads[keys.TARGETS]
+    assert spec.heads[keys.TARGETS].readout_mlp and built.readout_mlp is not None and built.encoder_mlp is None
+    with pytest.raises(ValueError, match="not both"):
+        GraphScalarHead(16, encoder_mlp=True, readout_mlp=True)

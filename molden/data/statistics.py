@@ -56,9 +56,11 @@ def fitted_structures(f: h5py.File) -> tuple[np.ndarray, str]:
     return np.ones(len(codes), dtype=bool), ALL_STRUCTURES
 
 
-def element_reference_energies(f: h5py.File, element_counts: np.ndarray, fit: np.ndarray | None = None) -> np.ndarray:
+def element_reference_energies(f: h5py.File, element_counts: np.ndarray, fit: np.ndarray | None = None,
+                               offset: np.ndarray | None = None) -> np.ndarray:
     """[119] eV per atom of each element fitted to the total energies of the structures in `fit`
-    ([S] bool, default all); NaN for elements absent from them."""
+    ([S] bool, default all), less `offset` ([S] eV) where given; NaN for elements absent from
+    them."""
     if fit is None:
         fit = np.ones(int(f.attrs["n_structures"]), dtype=bool)
     present = np.flatnonzero(element_counts)  # of the whole file; narrowed to `fit` below
@@ -66,7 +68,7 @@ def element_reference_energies(f: h5py.File, element_counts: np.ndarray, fit: np
     rhs = np.zeros(len(present))
     energy = f[S.ENERGY]
     for block, comp in composition_blocks(f):
-        e = energy[block]
+        e = energy[block] if offset is None else energy[block] - offset[block]
         ok = np.isfinite(e) & fit[block]
         c = comp[ok][:, present].astype(np.float64)
         gram += c.T @ c
@@ -79,16 +81,16 @@ def element_reference_energies(f: h5py.File, element_counts: np.ndarray, fit: np
     return reference
 
 
-def energy_residual_std(f: h5py.File, reference: np.ndarray, fit: np.ndarray) -> float:
-    """Standard deviation (eV) over the structures in `fit` of the energy left once the
-    per-element `reference` energies ([119] eV, NaN for absent elements) are subtracted: the
-    spread of the labels an energy head that adds those references learns (DeNS Eq. 1's σ_E,
-    with the references in the place of its mean μ_E)."""
+def energy_residual_std(f: h5py.File, reference: np.ndarray, fit: np.ndarray, offset: np.ndarray | None = None) -> float:
+    """Standard deviation (eV) over the structures in `fit` of the energy (less `offset`, [S] eV,
+    where given) left once the per-element `reference` energies ([119] eV, NaN for absent
+    elements) are subtracted: the spread of the labels an energy head that adds those references
+    learns (DeNS Eq. 1's σ_E, with the references in the place of its mean μ_E)."""
     reference = np.nan_to_num(np.asarray(reference, dtype=np.float64))
     energy = f[S.ENERGY]
     total, total_sq, count = 0.0, 0.0, 0
     for block, comp in composition_blocks(f):
-        e = energy[block]
+        e = energy[block] if offset is None else energy[block] - offset[block]
         ok = np.isfinite(e) & fit[block]
         residual = e[ok] - comp[ok] @ reference
         total += float(residual.sum())
@@ -98,6 +100,16 @@ def energy_residual_std(f: h5py.File, reference: np.ndarray, fit: np.ndarray) ->
         return float("nan")
     mean = total / count
     return float(np.sqrt(max(total_sq / count - mean * mean, 0.0)))
+
+
+def referenced_energy_statistics(f: h5py.File, offset: np.ndarray) -> dict[str, np.ndarray | float]:
+    """The energy statistics of `write_statistics` (per-element references and the spread left
+    after them) for the energies less `offset` ([S] eV: OC20 S2EF's `reference_energy`, when a
+    model learns `energy − reference_energy`), fitted on the same structures."""
+    fit, _ = fitted_structures(f)
+    reference = element_reference_energies(f, f[S.STATS]["element_counts"][:], fit, offset=offset)
+    return {"element_reference_energy_ev": reference,
+            "energy_residual_std_ev": energy_residual_std(f, reference, fit, offset=offset)}
 
 
 def _forces_rms(f: h5py.File, fit: np.ndarray) -> float:

@@ -32,14 +32,23 @@ class GraphScalarHead(Head):
     latents plus another of the encoder's (`latents.encoder_scalars`), each summed (or
     averaged). The paper's linear maps W_P, W_E after the sums are folded into each MLP's last
     layer (a linear map commutes with the sum), and so are its two biases, added per atom here.
+
+    With `readout_mlp`, Pre-training via Denoising App. B.1's: an MLP of each atom's processor
+    latents to `in_dim` features, summed (GNS-TAT: averaged) over the graph, then another MLP
+    of the result; the element references are summed (averaged) beside it.
     """
 
     def __init__(self, in_dim: int, n_out: int = 1, *, hidden_dim: int | None = None, n_layers: int = 3,
                  act: Activation = "ssp", readout: Literal["sum", "mean"] = "sum", squeeze: bool = True,
-                 slope: float = 0.0, element_reference: Tensor | None = None, encoder_mlp: bool = False):
+                 slope: float = 0.0, element_reference: Tensor | None = None, encoder_mlp: bool = False,
+                 readout_mlp: bool = False):
         super().__init__()
-        self.mlp = MLP(in_dim, hidden_dim or in_dim, n_out, n_layers, act, slope=slope)
-        self.encoder_mlp = MLP(in_dim, hidden_dim or in_dim, n_out, n_layers, act, slope=slope) if encoder_mlp else None
+        if encoder_mlp and readout_mlp:
+            raise ValueError("a graph head has an encoder MLP or a readout MLP, not both")
+        hidden = hidden_dim or in_dim
+        self.mlp = MLP(in_dim, hidden, in_dim if readout_mlp else n_out, n_layers, act, slope=slope)
+        self.encoder_mlp = MLP(in_dim, hidden, n_out, n_layers, act, slope=slope) if encoder_mlp else None
+        self.readout_mlp = MLP(in_dim, hidden, n_out, n_layers, act, slope=slope) if readout_mlp else None
         self.readout = readout
         self.n_out = n_out
         self.squeeze = squeeze and n_out == 1
@@ -49,19 +58,23 @@ class GraphScalarHead(Head):
         self.register_buffer("element_reference", reference)
 
     def forward(self, latents: Latents, block: int, batch: Batch) -> Tensor:
-        if self.encoder_mlp is None:
-            nodes = (latents.graph_scalars or latents.scalars)[block]
-            per_atom = self.mlp(nodes)
-        else:
+        reference = self.element_reference.to(latents.scalars[block].dtype)[batch.numbers]
+        if self.readout_mlp is not None:
+            out = self.readout_mlp(self._pool(self.mlp(latents.scalars[block]), batch)) + self._pool(reference, batch)
+        elif self.encoder_mlp is not None:
             if latents.encoder_scalars is None:
                 raise ValueError("GraphScalarHead with encoder_mlp needs a backbone that returns encoder latents (GNS)")
-            nodes = latents.scalars[block]
-            per_atom = self.mlp(nodes) + self.encoder_mlp(latents.encoder_scalars)
-        per_atom = per_atom + self.element_reference.to(nodes.dtype)[batch.numbers]
-        out = per_atom.new_zeros(batch.num_graphs, self.n_out).index_add_(0, batch.batch, per_atom)
+            out = self._pool(self.mlp(latents.scalars[block]) + self.encoder_mlp(latents.encoder_scalars) + reference, batch)
+        else:
+            out = self._pool(self.mlp((latents.graph_scalars or latents.scalars)[block]) + reference, batch)
+        return out[:, 0] if self.squeeze else out
+
+    def _pool(self, per_atom: Tensor, batch: Batch) -> Tensor:
+        """[N, C] → [B, C]: the sum (or mean) over each graph's atoms."""
+        out = per_atom.new_zeros(batch.num_graphs, per_atom.shape[1]).index_add_(0, batch.batch, per_atom)
         if self.readout == "mean":
             out = out / batch.n_node.to(out.dtype)[:, None]
-        return out[:, 0] if self.squeeze else out
+        return out
 
 
 class NodeVectorHead(Head):

@@ -45,11 +45,16 @@ class HeadSpec(BaseModel):
     hidden_dim: int | None = Field(None, ge=1, description="hidden width of the head's MLPs (features); None: the head's input width")
     encoder_mlp: bool = Field(False, description="graph_scalar: a second MLP of the encoder's latents, summed with the "
                               "processor's (Noisy Nodes §3.2's graph decoder; GNS only)")
+    readout_mlp: bool = Field(False, description="graph_scalar: an MLP after the sum (mean) over atoms of the per-atom "
+                              "MLP (Pre-training via Denoising App. B.1's graph decoder)")
 
     @model_validator(mode="after")
-    def _encoder_mlp_is_a_graph_readout(self) -> HeadSpec:
-        if self.encoder_mlp and self.kind != "graph_scalar":
-            raise ValueError(f"encoder_mlp is a graph_scalar head's option, not a {self.kind} head's")
+    def _graph_decoder_options(self) -> HeadSpec:
+        for name in ("encoder_mlp", "readout_mlp"):
+            if getattr(self, name) and self.kind != "graph_scalar":
+                raise ValueError(f"{name} is a graph_scalar head's option, not a {self.kind} head's")
+        if self.encoder_mlp and self.readout_mlp:
+            raise ValueError("a graph_scalar head has encoder_mlp or readout_mlp, not both")
         return self
 
 
@@ -99,7 +104,7 @@ def backbone_from_preset(name: str, **changes) -> BackboneConfig:
 
 
 VectorDecoder = Literal["auto", "edges", "nodes"]
-GraphDecoder = Literal["auto", "one_mlp", "two_mlps"]
+GraphDecoder = Literal["auto", "one_mlp", "two_mlps", "readout_mlp"]
 
 
 def vector_head(config: BackboneConfig, decoder: VectorDecoder = "auto") -> HeadSpec:
@@ -129,11 +134,12 @@ def graph_head(config: BackboneConfig, decoder: GraphDecoder = "auto", *, readou
     """The head that decodes one value per structure (energies, QM9 targets) for this backbone:
     "one_mlp", one MLP of each atom's graph latents (for GNS, encoder + processor latents:
     `gns.py`); "two_mlps", Noisy Nodes §3.2's sum of an MLP of the processor's latents and
-    one of the encoder's (GNS only); "auto", one_mlp."""
+    one of the encoder's (GNS only); "readout_mlp", Pre-training via Denoising App. B.1's MLP
+    of each atom's latents, the readout, then another MLP; "auto", one_mlp."""
     if decoder == "two_mlps" and not isinstance(config, gns.GNSConfig):
         raise MoldenConfigError(f"graph_decoder 'two_mlps' needs a GNS backbone (encoder latents), not {type(config).__name__}")
     return HeadSpec(kind="graph_scalar", n_out=n_out, squeeze=squeeze, readout=readout, element_reference=element_reference,
-                    encoder_mlp=decoder == "two_mlps")
+                    encoder_mlp=decoder == "two_mlps", readout_mlp=decoder == "readout_mlp")
 
 
 def decoder_width(config: BackboneConfig) -> int | None:
@@ -150,7 +156,8 @@ def _build_head(spec: HeadSpec, backbone) -> Head:
     scalar_dim, mlp = backbone.scalar_dim, dict(hidden_dim=spec.hidden_dim, act=spec.act)
     if spec.kind == "graph_scalar":
         return GraphScalarHead(scalar_dim, spec.n_out, n_layers=spec.n_layers, readout=spec.readout, squeeze=spec.squeeze,
-                               element_reference=spec.element_reference, encoder_mlp=spec.encoder_mlp, **mlp)
+                               element_reference=spec.element_reference, encoder_mlp=spec.encoder_mlp,
+                               readout_mlp=spec.readout_mlp, **mlp)
     if spec.kind == "node_vector":
         return NodeVectorHead(scalar_dim, backbone.vector_dim, n_layers=spec.n_layers, **mlp)
     if spec.kind == "edge_vector":

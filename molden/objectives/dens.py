@@ -36,7 +36,8 @@ from molden.data.batch import Batch
 from molden.models import keys
 from molden.objectives.noise import gaussian_noise, with_positions
 from molden.objectives.objective import LOSS
-from molden.objectives.supervised import S2EFConfig, S2EFLoss, VectorLoss, weighted_atom_mean, require_field, atom_weights, vector_error
+from molden.objectives.supervised import (S2EFConfig, S2EFLoss, VectorLoss, atom_weights, require_field, s2ef_equiformer_v2_paper,
+                                          vector_error, weighted_atom_mean)
 
 DENS_ATOMS = "dens_atoms"
 """Target key: [N] bool, the atoms corrupted (and denoised) this step."""
@@ -65,11 +66,10 @@ class DeNSConfig(BaseModel):
 def dens_oc20_2m_paper() -> DeNSConfig:
     """DeNS App. B Table 7, EquiformerV2 (89M) on OC20 S2EF-2M, 12 epochs: p_DeNS 0.5,
     λ_DeNS 10, σ 0.1 Å, r 0.5; λ_E 2, λ_F 100; cutoff 12 Å, 20 neighbours; forces on free atoms;
-    energies scaled by the spread of the energy labels (Eq. 1's σ_E)."""
+    energies OC20's S2EF labels (`energy − reference_energy`) scaled by their spread (Eq. 1's
+    σ_E): `s2ef_equiformer_v2_paper`."""
     return DeNSConfig(probability=0.5, corruption_ratio=0.5, coefficient=10.0, sigma_angstrom=0.1,
-                      s2ef=S2EFConfig(energy_coefficient=2.0, force_coefficient=100.0, energy_loss="mae",
-                                      force_loss="l2mae", fixed_atom_weight=0.0, energy_scale="energy_std"),
-                      cutoff_angstrom=12.0, max_num_neighbors=20)
+                      s2ef=s2ef_equiformer_v2_paper(), cutoff_angstrom=12.0, max_num_neighbors=20)
 
 
 def dens_oc20_all_md_paper() -> DeNSConfig:
@@ -77,7 +77,7 @@ def dens_oc20_all_md_paper() -> DeNSConfig:
     σ 0.1 Å, r 0.25; λ_E 4, λ_F 100."""
     return dens_oc20_2m_paper().model_copy(update={
         "probability": 0.125, "corruption_ratio": 0.25, "coefficient": 15.0,
-        "s2ef": S2EFConfig(energy_coefficient=4.0, force_coefficient=100.0, energy_loss="mae", force_loss="l2mae", fixed_atom_weight=0.0),
+        "s2ef": s2ef_equiformer_v2_paper().model_copy(update={"energy_coefficient": 4.0}),
     })
 
 
@@ -92,11 +92,12 @@ def dens_md17_paper() -> DeNSConfig:
 
 
 def dens_cpu() -> DeNSConfig:
-    """Small EMT/OC20-like runs on CPU: the S2EF-2M DeNS settings at a 5 Å cutoff, energies
-    scaled by the force RMS as when its expected metrics (examples/configs) were recorded."""
+    """Small EMT/OC20-like runs on CPU: the S2EF-2M DeNS settings at a 5 Å cutoff, total
+    energies (EMT caches hold no OC20 reference energies) scaled by the force RMS as when its
+    expected metrics (examples/configs) were recorded."""
     paper = dens_oc20_2m_paper()
-    return paper.model_copy(update={"cutoff_angstrom": 5.0, "max_num_neighbors": None,
-                                    "s2ef": paper.s2ef.model_copy(update={"energy_scale": "force_rms"})})
+    return paper.model_copy(update={"cutoff_angstrom": 5.0, "max_num_neighbors": None, "s2ef": paper.s2ef.model_copy(
+        update={"energy_scale": "force_rms", "energy_reference": None})})
 
 
 def encoded_forces(forces: Tensor, scale_ev_per_angstrom: float) -> Tensor:

@@ -262,6 +262,10 @@ class S2EFConfig(BaseModel):
         "force_rms", description="σ_E from the cache: the force RMS (in eV, one scale with σ_F, molden's CPU runs) or the "
         "standard deviation of the training energies less their per-element references (DeNS Eq. 1: \"the standard "
         "deviation of energy labels\"); σ_F is the force RMS either way")
+    energy_reference: str | None = Field(
+        None, description="a target column of the cache (eV) subtracted from each structure's energy: the energy head "
+        "learns energy − that column, its per-element references and σ_E fitted to it (OC20 S2EF: reference_energy, "
+        "OC20's S2EF target); None: the total energy")
     rotation: Rotation = Field("none", description="random-rotation augmentation of each structure: none, about the vertical z axis (ForceNet), or any rotation (changes nothing for GNS with periodic_basis on periodic graphs, whose inputs do not see a rotation of positions and cell together)")
 
     def with_statistics(self, statistics: Mapping) -> S2EFConfig:
@@ -283,8 +287,11 @@ def s2ef_forcenet_paper() -> S2EFConfig:
 
 def s2ef_equiformer_v2_paper() -> S2EFConfig:
     """DeNS App. B Table 7 (EquiformerV2, OC20 S2EF-2M): λ_E = 2, λ_F = 100, energy MAE,
-    forces L2MAE on free atoms only (`train_on_free_atoms`), no rotation augmentation."""
-    return S2EFConfig(energy_coefficient=2.0, force_coefficient=100.0, energy_loss="mae", force_loss="l2mae", fixed_atom_weight=0.0)
+    forces L2MAE on free atoms only (`train_on_free_atoms`), no rotation augmentation; energies
+    scaled by the spread of the energy labels (Eq. 1's σ_E), and those labels OC20's S2EF
+    energy, `energy − reference_energy`."""
+    return S2EFConfig(energy_coefficient=2.0, force_coefficient=100.0, energy_loss="mae", force_loss="l2mae", fixed_atom_weight=0.0,
+                      energy_scale="energy_std", energy_reference="reference_energy")
 
 
 def s2ef_cpu() -> S2EFConfig:
@@ -310,7 +317,11 @@ class S2EFLoss:
             batch = rotated_batch(batch, random_rotations(batch.num_graphs, generator, self.config.rotation))
         targets = {}
         if self.config.energy_coefficient > 0 or batch.energy is not None:
-            targets[keys.ENERGY] = require_field(batch.energy, "energy")
+            energy = require_field(batch.energy, "energy")
+            if self.config.energy_reference is not None:
+                column = target_columns(batch.target_names, [self.config.energy_reference])[0]
+                energy = energy - require_field(batch.targets, "targets")[:, column].to(energy.dtype)
+            targets[keys.ENERGY] = energy
         if self.config.force_coefficient > 0 or batch.forces is not None:
             targets[keys.FORCES] = require_field(batch.forces, "forces")
         return batch, targets

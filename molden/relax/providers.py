@@ -93,6 +93,8 @@ class ModelProvider:
         # A force-only training (λ_E = 0, ForceNet) leaves the energy head untrained: its
         # energies are no result. Checkpoints from before the flag trained energy.
         self.energy_trained = bool(loaded.task.get("energy_trained", True))
+        # OC20 S2EF models learn energy − reference_energy: their energies are relative to it.
+        self.energy_reference: str | None = loaded.task.get("energy_reference")
         self.cutoff_angstrom = float(loaded.spec.backbone_config().cutoff_angstrom)
         self.graph = VerletGraph(self.cutoff_angstrom, skin_angstrom, max_num_neighbors=max_num_neighbors)
         parameter = next(self.model.parameters())

@@ -207,9 +207,12 @@ def forces_check_metrics(structures: Sequence[Structure], positions: Sequence[np
     return {name: value * share for name, value in out.items()}
 
 
-def _metrics(structures: Sequence[Structure], positions: Sequence[np.ndarray], energies: Sequence[float | None]) -> dict[str, float]:
+def _metrics(structures: Sequence[Structure], positions: Sequence[np.ndarray], energies: Sequence[float | None],
+             energy_reference: str | None = None) -> dict[str, float]:
     """ADwT and energy metrics against the structures' reference relaxed positions/energies;
-    energies over the structures whose relaxation stayed finite, `failed` counting the others."""
+    energies over the structures whose relaxation stayed finite, `failed` counting the others.
+    A model trained on energies less the target `energy_reference` (OC20 S2EF) is compared with
+    the relaxed energy less that target, on the structures that have it."""
     out: dict[str, float] = {}
     with_reference = [k for k, s in enumerate(structures) if s.relaxed_positions is not None]
     if with_reference:
@@ -217,8 +220,15 @@ def _metrics(structures: Sequence[Structure], positions: Sequence[np.ndarray], e
         predicted = torch.as_tensor(np.concatenate([positions[k] for k in with_reference]))
         reference = torch.as_tensor(np.concatenate([structures[k].relaxed_positions for k in with_reference]))
         out["adwt"] = adwt(mean_free_atom_distance(batch, predicted, reference))
-    pairs = [(energies[k], s.relaxed_energy) for k, s in enumerate(structures)
-             if energies[k] is not None and s.relaxed_energy is not None and np.isfinite(energies[k])]
+
+    def relaxed_energy(s: Structure) -> float | None:
+        if energy_reference is None or s.relaxed_energy is None:
+            return s.relaxed_energy
+        offset = (s.targets or {}).get(energy_reference)
+        return None if offset is None or not np.isfinite(offset) else s.relaxed_energy - offset
+
+    pairs = [(energies[k], relaxed_energy(s)) for k, s in enumerate(structures)
+             if energies[k] is not None and relaxed_energy(s) is not None and np.isfinite(energies[k])]
     out["failed"] = float(sum(e is not None and not np.isfinite(e) for e in energies))  # non-finite model output
     if pairs:
         out.update(energy_metrics(torch.tensor([p for p, _ in pairs]), torch.tensor([r for _, r in pairs])))
@@ -241,6 +251,7 @@ def run_relax(config: RelaxConfig, on_progress: Callable[[str, int, int], None] 
     results = []
     for method in config.methods:
         start = time.perf_counter()
+        energy_reference = None
         if method == "direct":
             positions, energies = direct_prediction(structures, config.direct_model, device=config.device,
                                                     batch_size=config.batch_size, passes=config.direct_passes)
@@ -259,6 +270,7 @@ def run_relax(config: RelaxConfig, on_progress: Callable[[str, int, int], None] 
                             lbfgs=lbfgs_settings(config), on_finished=finished)
             positions = [r.positions for r in relaxed]
             energies = [r.energy_ev for r in relaxed]
+            energy_reference = getattr(provider, "energy_reference", None)
             if not getattr(provider, "energy_trained", True):
                 # No energies from an untrained head; a NaN stays, so the relaxation counts as failed.
                 energies = [None if np.isfinite(e) else e for e in energies]
@@ -266,7 +278,7 @@ def run_relax(config: RelaxConfig, on_progress: Callable[[str, int, int], None] 
             converged = [r.converged for r in relaxed]
         wall = time.perf_counter() - start
         out_structures = [replace(s, positions=p, energy=e, forces=None) for s, p, e in zip(structures, positions, energies)]
-        metrics = _metrics(structures, positions, energies)
+        metrics = _metrics(structures, positions, energies, energy_reference)
         if check is not None:
             metrics.update(forces_check_metrics(structures, positions, check))
         results.append(MethodResult(method, out_structures, energies, steps, converged, wall, metrics))

@@ -127,10 +127,11 @@ class ModelChoice(_Strict):
     vector_decoder: Literal["auto", "edges", "nodes"] = Field(
         "auto", description="how per-atom vectors (noise, position targets, direct forces) are decoded: edges (GNS's edge "
         "readout), nodes (an MLP of each atom's latents, Noisy Nodes §3.2's node decoder), auto (edges for GNS, else nodes)")
-    graph_decoder: Literal["auto", "one_mlp", "two_mlps"] = Field(
+    graph_decoder: Literal["auto", "one_mlp", "two_mlps", "readout_mlp"] = Field(
         "auto", description="how per-structure values (energies, QM9 targets) are decoded: one_mlp (one MLP of each atom's "
         "latents; for GNS the encoder's plus the processor's), two_mlps (Noisy Nodes §3.2: an MLP of the processor's "
-        "latents plus one of the encoder's; GNS only), auto (one_mlp)")
+        "latents plus one of the encoder's; GNS only), readout_mlp (Pre-training via Denoising App. B.1: an MLP of each "
+        "atom's latents, summed or averaged, then another MLP), auto (one_mlp)")
 
 
 def default_denoising(cutoff_angstrom: float) -> DenoisingConfig:

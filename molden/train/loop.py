@@ -709,8 +709,8 @@ def _flat(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 FIELDS_ADDED = {
     "optim": {"warmup_start_fraction": 0.0, "cosine_cycle_steps": None, "lr_milestones": [], "lr_gamma": 0.5},
     "model": {"vector_decoder": "auto", "graph_decoder": "auto"},
-    "s2ef": {"energy_scale": "force_rms"},
-    "dens.s2ef": {"energy_scale": "force_rms"},
+    "s2ef": {"energy_scale": "force_rms", "energy_reference": None},
+    "dens.s2ef": {"energy_scale": "force_rms", "energy_reference": None},
 }
 """Fields added since runs were first saved, with the value that reproduces how those runs
 trained, so that resuming one compares them too (a new value is refused, not applied)."""

@@ -8,6 +8,7 @@ in the checkpoint's task description, so evaluation and inference reproduce it e
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +160,27 @@ def _energy_residual_std(path: Path) -> float:
         return energy_residual_std(f, f[S.STATS]["element_reference_energy_ev"][:], fit)
 
 
+def _referenced_energy_statistics(path: Path, column: str) -> dict[str, Any]:
+    """Per-element references and σ_E of the energies less the target `column`, refused in one
+    line when the cache lacks the column or a structure with an energy lacks its value."""
+    from molden.data.statistics import referenced_energy_statistics
+
+    with open_cache(path) as f:
+        names = json.loads(f.attrs["target_names"]) if S.TARGETS in f else []
+        if column not in names or S.ENERGY not in f:
+            raise MoldenInputError(path, f"energy_reference {column!r} is not a target of the cache (its targets: "
+                                         f"{names}): OC20 S2EF caches hold reference_energy")
+        offset = f[S.TARGETS][:, names.index(column)].astype(np.float64)
+        has_energy = np.isfinite(f[S.ENERGY][:])
+        missing = np.flatnonzero(has_energy & ~np.isfinite(offset))
+        if len(missing):
+            system = f[S.SYSTEM_ID].asstr()[missing[0]]
+            raise MoldenInputError(path, f"no {column} to subtract (energy_reference) for {len(missing)} of the "
+                                         f"{int(has_energy.sum())} structures with an energy",
+                                   f"structure {missing[0]} (system {system})")
+        return referenced_energy_statistics(f, offset)
+
+
 def _delta_statistics(dataset: H5Dataset, sigma: float) -> tuple[tuple[float, float, float], float]:
     rng = np.random.default_rng(0)
     pick = np.sort(rng.permutation(len(dataset))[:DELTA_STATISTICS_STRUCTURES])
@@ -217,19 +239,21 @@ def finetune_task(config: FinetuneConfig, dataset: H5Dataset) -> TrainingTask:
         best = "position_distance_mae_angstrom"
     else:  # s2ef
         conservative = config.model.conservative_forces
+        s2ef = config.dens.s2ef if config.dens is not None else config.s2ef
         statistics = dataset.statistics()
+        if s2ef.energy_reference is not None:
+            statistics.update(_referenced_energy_statistics(dataset.path, s2ef.energy_reference))
+        elif s2ef.energy_scale == "energy_std" and "energy_residual_std_ev" not in statistics:
+            statistics["energy_residual_std_ev"] = _energy_residual_std(dataset.path)  # a cache from before it was stored
         reference = statistics.get("element_reference_energy_ev")
         heads[keys.ENERGY] = graph_head(backbone, config.model.graph_decoder, readout="sum", element_reference=(
             None if reference is None else np.nan_to_num(np.asarray(reference, dtype=np.float64)).tolist()))
         if not conservative:
             heads[keys.FORCES] = vector_head(backbone, config.model.vector_decoder)
-        s2ef = config.dens.s2ef if config.dens is not None else config.s2ef
-        if s2ef.energy_scale == "energy_std" and "energy_residual_std_ev" not in statistics:
-            statistics["energy_residual_std_ev"] = _energy_residual_std(dataset.path)  # a cache from before it was stored
         s2ef = s2ef.with_statistics(statistics)
         primary = S2EFLoss(s2ef)
         description.update(energy_scale_ev=s2ef.energy_scale_ev, force_scale_ev_per_angstrom=s2ef.force_scale_ev_per_angstrom,
-                           energy_trained=s2ef.energy_coefficient > 0)
+                           energy_trained=s2ef.energy_coefficient > 0, energy_reference=s2ef.energy_reference)
         best = "forces_mae_mev_per_angstrom" if s2ef.force_coefficient > 0 else "energy_mae_mev"
 
     objective: Objective = primary

@@ -7,9 +7,9 @@
   the same stem, one line `random<sid>,frame<fid>,<reference energy eV>` per frame, in order.
   The extxyz energy is the raw DFT total energy (eV) and stays in `energy`; the line's reference
   energy goes to `targets["reference_energy"]` (eV), so `energy - reference_energy` is the
-  S2EF target. A missing metadata file is an error: without it there is no system id, frame
-  index or reference; extxyz files that carry no OC20 metadata are read by
-  `molden preprocess ase` (`read_ase` in Python).
+  S2EF target (training subtracts it with `S2EFConfig.energy_reference`). A missing metadata
+  file is an error: without it there is no system id, frame index or reference; extxyz files
+  that carry no OC20 metadata are read by `molden preprocess ase` (`read_ase` in Python).
 
 Every frame must have tags (0 sub-surface, 1 surface, 2 adsorbate), energy and forces; fixed
 atoms come from FixAtoms (traj) or extxyz `move_mask` (fixed = not movable).
