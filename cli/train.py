@@ -115,22 +115,16 @@ S2EF_OPTIONS = ("energy_coefficient", "force_coefficient", "energy_scale", "ener
 
 
 def _route_s2ef(data: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-    """--energy-coefficient / --force-coefficient / --energy-scale / --energy-reference into DeNS's own S2EF terms when DeNS is on,
-    however it was switched on (--dens, a config file, a resumed run's config), else into
-    the plain S2EF terms."""
+    """The `S2EF_OPTIONS` (--energy-coefficient, --force-coefficient, --energy-scale,
+    --energy-reference) into DeNS's own S2EF terms when DeNS is on, however it was switched on
+    (--dens, a config file, a resumed run's config), else into the plain S2EF terms."""
     from molden.train.config import dotted, merge
 
     given = {k: v for k, v in options.items() if v is not None}
     if not given:
         return data
     section = ("dens", "s2ef") if data.get("dens") is not None else ("s2ef",)
-    out = merge(data, dotted({".".join((*section, k)): v for k, v in given.items()}))
-    if str(given.get("energy_reference", "")).lower() == "none":  # clears a config file's column: the total energy
-        node = out
-        for part in section:
-            node = node[part]
-        node["energy_reference"] = None
-    return out
+    return merge(data, dotted({".".join((*section, k)): v for k, v in given.items()}))
 
 
 CLEARABLE = ("init", "data.val_split")

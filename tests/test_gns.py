@@ -324,8 +324,8 @@ def test_the_paper_presets_have_no_envelope_and_the_cpu_presets_do():
 
 
 def test_the_two_mlp_graph_decoder_sums_an_mlp_of_the_processor_and_one_of_the_encoder():
-    """Noisy Nodes §3.2: y = Σ MLP_P(a^Proc) + Σ MLP_E(a^Enc) (W and b folded into each MLP);
-    permutation-invariant, translation-invariant, and not the one-MLP decoder of their sum."""
+    """Noisy Nodes §3.2: y = Σ MLP_P(a^Proc) + Σ MLP_E(a^Enc) + b (W folded into each MLP, one
+    b per structure); permutation- and translation-invariant; the encoder's MLP is its own."""
     torch.manual_seed(0)
     backbone = build_gns(tiny()).double()
     head = GraphScalarHead(backbone.scalar_dim, encoder_mlp=True).double()
@@ -342,6 +342,10 @@ def test_the_two_mlp_graph_decoder_sums_an_mlp_of_the_processor_and_one_of_the_e
     with torch.no_grad():
         head.encoder_mlp[-1].bias.add_(1.0)
     assert not torch.allclose(head(latents, -1, batch), expected)
+    with torch.no_grad():  # the paper's b is added once per structure, not once per atom
+        head.encoder_mlp[-1].bias.sub_(1.0)
+        head.graph_bias.add_(1.0)
+    close(head(latents, -1, batch), expected + 1.0)
     with pytest.raises(ValueError, match="encoder latents"):
         head(replace(latents, encoder_scalars=None), -1, batch)
 
@@ -367,7 +371,7 @@ def test_decoder_mlps_are_as_wide_as_the_tables_mlps_and_cpu_specs_are_unchanged
     new = model_spec(cpu, {keys.TARGETS: graph_head(cpu, readout="mean"), keys.NOISE: vector_head(cpu)})
     saved = json.loads(new.model_dump_json())
     for head in saved["heads"].values():
-        del head["hidden_dim"], head["encoder_mlp"]  # as written before the fields existed
+        del head["hidden_dim"], head["encoder_mlp"], head["readout_mlp"]  # as written before the fields existed
     assert ModelSpec.model_validate(saved) == new
     assert new.heads[keys.TARGETS] == HeadSpec(kind="graph_scalar", readout="mean")
     with pytest.raises(ValueError, match="graph_scalar head's option"):

@@ -42,23 +42,24 @@ def test_energy_mae_and_energy_within_threshold():
     assert out["ewt"] == pytest.approx(2 / 3)
 
 
-def test_a_referenced_energy_model_is_compared_with_the_relaxed_energy_less_its_reference():
-    """OC20 S2EF models learn energy − reference_energy (`energy_reference`): their relaxed
-    energies are scored against the relaxed energy less the structure's reference, and a
-    structure without one is left out rather than compared with its total energy."""
+def test_a_referenced_energy_model_reports_totals_only_where_the_structure_has_its_reference():
+    """OC20 S2EF models learn energy − reference_energy (`energy_reference`): relaxation adds
+    each structure's reference back, so its energies and their scores are totals; a structure
+    without one gets no energy (not a referenced one passed off as a total); NaN stays NaN."""
     from dataclasses import replace
 
-    from molden.relax.run import _metrics
+    from molden.relax.run import _metrics, total_energies
 
     base = Structure(numbers=np.array([6, 8]), positions=np.zeros((2, 3)), fixed=np.zeros(2, bool))
     structures = [replace(base, relaxed_energy=-100.0, targets={"reference_energy": -99.5}),
                   replace(base, relaxed_energy=-200.0, targets={"reference_energy": -197.0}),
-                  replace(base, relaxed_energy=-300.0, targets={})]
-    positions = [s.positions for s in structures]
-    referenced = _metrics(structures, positions, [-0.4, -2.0, 5.0], "reference_energy")
-    assert referenced["energy_mae_mev"] == pytest.approx((100 + 1000) / 2, rel=1e-4)  # −0.5, −3 eV against −0.4, −2
-    total = _metrics(structures, positions, [-100.1, -200.0, -300.0])
-    assert total["energy_mae_mev"] == pytest.approx(100 / 3, rel=1e-4)  # float32 totals of 100 eV
+                  replace(base, relaxed_energy=-300.0, targets={}),
+                  replace(base, relaxed_energy=-400.0, targets={"reference_energy": -390.0})]
+    totals = total_energies([-0.4, -2.0, 5.0, float("nan")], structures, "reference_energy")
+    assert totals[:3] == [pytest.approx(-99.9), pytest.approx(-199.0), None] and np.isnan(totals[3])
+    metrics = _metrics(structures, [s.positions for s in structures], totals)
+    assert metrics["energy_mae_mev"] == pytest.approx((100 + 1000) / 2, rel=1e-4)  # float32 totals
+    assert metrics["failed"] == 1.0
 
 
 def test_force_mae_and_cosine_over_free_atoms():

@@ -176,3 +176,28 @@ def test_two_processes_take_the_same_steps_as_one_process_accumulating_two_batch
     assert one["progress"]["structures_seen"] == two["progress"]["structures_seen"]
     for name, value in one["model"].items():
         torch.testing.assert_close(two["model"][name], value, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_a_run_saved_before_heads_had_their_own_width_resumes_with_input_wide_heads():
+    """Heads are `mlp_hidden_dim` wide now (`HeadSpec.hidden_dim`); a GNS run saved before, with
+    `mlp_hidden_dim` ≠ `latent_dim`, trained input-wide heads: it resumes with those, and a run
+    saved since keeps the width it recorded."""
+    import json
+
+    from molden.models import keys
+    from molden.models.presets import preset
+    from molden.models.spec import graph_head, model_spec, vector_head
+    from molden.train.loop import _heads_as_saved
+
+    config = preset("gns_qm9_cpu").model_copy(update={"mlp_hidden_dim": 128})
+    spec = model_spec(config, {keys.TARGETS: graph_head(config, readout="mean"), keys.NOISE: vector_head(config)})
+    assert {h.hidden_dim for h in spec.heads.values()} == {128}
+    old = json.loads(spec.model_dump_json())
+    for head in old["heads"].values():
+        for field in ("hidden_dim", "encoder_mlp", "readout_mlp"):
+            del head[field]
+    resumed = _heads_as_saved(spec, {"model_spec": json.dumps(old)})
+    assert {h.hidden_dim for h in resumed.heads.values()} == {None}
+    assert resumed.model_dump() == {**spec.model_dump(), "heads": {k: {**h, "hidden_dim": None} for k, h in spec.model_dump()["heads"].items()}}
+    assert _heads_as_saved(spec, {"model_spec": spec.model_dump_json()}) == spec
+    assert _heads_as_saved(spec, {}) == spec  # not resumable: _check_resumable says why

@@ -59,8 +59,9 @@ one_mlp`): the encoder's latents reach the readout directly, past the processor.
 decoder is W_P Σ MLP_P(a^Proc) + W_E Σ MLP_E(a^Enc), two MLPs: `graph_decoder: two_mlps`
 (`--graph-decoder two_mlps`) reads the processor's latents and `Latents.encoder_scalars`
 apart. Pre-training via Denoising App. B.1 decodes the processor's latents by an MLP, the sum
-(GNS-TAT: mean) over atoms and another MLP: `graph_decoder: readout_mlp`. Decoder MLPs are `mlp_hidden_dim` wide, as every MLP of the tables. Per-atom
-vectors (forces, Noisy Nodes' noise and position targets) are decoded by `EdgeVectorHead`
+(GNS-TAT: mean) over atoms and another MLP: `graph_decoder: readout_mlp`. Decoder MLPs are
+`mlp_hidden_dim` wide, as every MLP of the tables. Per-atom vectors (forces, Noisy Nodes'
+noise and position targets) are decoded by `EdgeVectorHead`
 (`molden.models.spec.vector_head`): an MLP of each edge's latents weighs the unit vector to
 the neighbour. §3.2's node decoder is an MLP of the node latents; the edge readout replaces it
 by default because a non-equivariant GNS fits small Cartesian vectors from node latents poorly

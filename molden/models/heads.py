@@ -30,8 +30,9 @@ class GraphScalarHead(Head):
 
     With `encoder_mlp`, Noisy Nodes §3.2's graph decoder: one MLP of the processor's node
     latents plus another of the encoder's (`latents.encoder_scalars`), each summed (or
-    averaged). The paper's linear maps W_P, W_E after the sums are folded into each MLP's last
-    layer (a linear map commutes with the sum), and so are its two biases, added per atom here.
+    averaged), plus a bias per structure (`graph_bias`, b_P + b_E). The paper's linear maps
+    W_P, W_E after the sums are folded into each MLP's last layer: a linear map commutes with
+    the sum.
 
     With `readout_mlp`, Pre-training via Denoising App. B.1's: an MLP of each atom's processor
     latents to `in_dim` features, summed (GNS-TAT: averaged) over the graph, then another MLP
@@ -48,6 +49,7 @@ class GraphScalarHead(Head):
         hidden = hidden_dim or in_dim
         self.mlp = MLP(in_dim, hidden, in_dim if readout_mlp else n_out, n_layers, act, slope=slope)
         self.encoder_mlp = MLP(in_dim, hidden, n_out, n_layers, act, slope=slope) if encoder_mlp else None
+        self.graph_bias = nn.Parameter(torch.zeros(n_out)) if encoder_mlp else None
         self.readout_mlp = MLP(in_dim, hidden, n_out, n_layers, act, slope=slope) if readout_mlp else None
         self.readout = readout
         self.n_out = n_out
@@ -64,14 +66,17 @@ class GraphScalarHead(Head):
         elif self.encoder_mlp is not None:
             if latents.encoder_scalars is None:
                 raise ValueError("GraphScalarHead with encoder_mlp needs a backbone that returns encoder latents (GNS)")
-            out = self._pool(self.mlp(latents.scalars[block]) + self.encoder_mlp(latents.encoder_scalars) + reference, batch)
+            per_atom = self.mlp(latents.scalars[block]) + self.encoder_mlp(latents.encoder_scalars) + reference
+            out = self._pool(per_atom, batch) + self.graph_bias
         else:
             out = self._pool(self.mlp((latents.graph_scalars or latents.scalars)[block]) + reference, batch)
         return out[:, 0] if self.squeeze else out
 
     def _pool(self, per_atom: Tensor, batch: Batch) -> Tensor:
-        """[N, C] → [B, C]: the sum (or mean) over each graph's atoms."""
-        out = per_atom.new_zeros(batch.num_graphs, per_atom.shape[1]).index_add_(0, batch.batch, per_atom)
+        """[N, C] → [B, C]: the sum (or mean) over each graph's atoms, in float32 at least (bf16
+        sums of hundreds of atoms lose the energy's last digits)."""
+        dtype = torch.promote_types(per_atom.dtype, torch.float32)
+        out = per_atom.new_zeros(batch.num_graphs, per_atom.shape[1], dtype=dtype).index_add_(0, batch.batch, per_atom.to(dtype))
         if self.readout == "mean":
             out = out / batch.n_node.to(out.dtype)[:, None]
         return out

@@ -42,7 +42,8 @@ class HeadSpec(BaseModel):
     act: Activation = Field("ssp", description="the head MLP's activation")
     element_reference: list[float] | None = Field(
         None, description="graph_scalar with one output: fixed per-element offsets added per atom (119 values, index = Z; eV for energies)")
-    hidden_dim: int | None = Field(None, ge=1, description="hidden width of the head's MLPs (features); None: the head's input width")
+    hidden_dim: int | None = Field(None, ge=1,
+                                   description="hidden width of the head's MLPs (features); None: the head's input width")
     encoder_mlp: bool = Field(False, description="graph_scalar: a second MLP of the encoder's latents, summed with the "
                               "processor's (Noisy Nodes §3.2's graph decoder; GNS only)")
     readout_mlp: bool = Field(False, description="graph_scalar: an MLP after the sum (mean) over atoms of the per-atom "

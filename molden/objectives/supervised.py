@@ -13,11 +13,11 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
 from molden.data import h5_schema as S
@@ -265,8 +265,14 @@ class S2EFConfig(BaseModel):
     energy_reference: str | None = Field(
         None, description="a target column of the cache (eV) subtracted from each structure's energy: the energy head "
         "learns energy − that column, its per-element references and σ_E fitted to it (OC20 S2EF: reference_energy, "
-        "OC20's S2EF target); None: the total energy")
+        "OC20's S2EF target); None (`none` on the command line or in a file): the total energy")
     rotation: Rotation = Field("none", description="random-rotation augmentation of each structure: none, about the vertical z axis (ForceNet), or any rotation (changes nothing for GNS with periodic_basis on periodic graphs, whose inputs do not see a rotation of positions and cell together)")
+
+    @field_validator("energy_reference", mode="before")
+    @classmethod
+    def _none_is_no_column(cls, value: Any) -> Any:
+        # YAML reads `none` as a string, and the command line's value is one: neither names a column.
+        return None if isinstance(value, str) and value.strip().lower() == "none" else value
 
     def with_statistics(self, statistics: Mapping) -> S2EFConfig:
         """A copy with σ_F the cache's force RMS (eV/Å) and σ_E as `energy_scale` says: that
@@ -290,8 +296,8 @@ def s2ef_equiformer_v2_paper() -> S2EFConfig:
     forces L2MAE on free atoms only (`train_on_free_atoms`), no rotation augmentation; energies
     scaled by the spread of the energy labels (Eq. 1's σ_E), and those labels OC20's S2EF
     energy, `energy − reference_energy`."""
-    return S2EFConfig(energy_coefficient=2.0, force_coefficient=100.0, energy_loss="mae", force_loss="l2mae", fixed_atom_weight=0.0,
-                      energy_scale="energy_std", energy_reference="reference_energy")
+    return S2EFConfig(energy_coefficient=2.0, force_coefficient=100.0, energy_loss="mae", force_loss="l2mae",
+                      fixed_atom_weight=0.0, energy_scale="energy_std", energy_reference="reference_energy")
 
 
 def s2ef_cpu() -> S2EFConfig:

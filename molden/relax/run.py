@@ -207,12 +207,21 @@ def forces_check_metrics(structures: Sequence[Structure], positions: Sequence[np
     return {name: value * share for name, value in out.items()}
 
 
-def _metrics(structures: Sequence[Structure], positions: Sequence[np.ndarray], energies: Sequence[float | None],
-             energy_reference: str | None = None) -> dict[str, float]:
+def total_energies(energies: Sequence[float | None], structures: Sequence[Structure],
+                   energy_reference: str) -> list[float | None]:
+    """The total energies (eV) of a model trained on energies less the target `energy_reference`
+    (OC20 S2EF): its energy plus each structure's value of that target; None where the
+    structure has none (a referenced energy must not pass for a total). NaN stays NaN."""
+    out: list[float | None] = []
+    for energy, structure in zip(energies, structures):
+        offset = structure.targets.get(energy_reference)
+        out.append(None if energy is None or offset is None or not np.isfinite(offset) else energy + offset)
+    return out
+
+
+def _metrics(structures: Sequence[Structure], positions: Sequence[np.ndarray], energies: Sequence[float | None]) -> dict[str, float]:
     """ADwT and energy metrics against the structures' reference relaxed positions/energies;
-    energies over the structures whose relaxation stayed finite, `failed` counting the others.
-    A model trained on energies less the target `energy_reference` (OC20 S2EF) is compared with
-    the relaxed energy less that target, on the structures that have it."""
+    energies over the structures whose relaxation stayed finite, `failed` counting the others."""
     out: dict[str, float] = {}
     with_reference = [k for k, s in enumerate(structures) if s.relaxed_positions is not None]
     if with_reference:
@@ -220,15 +229,8 @@ def _metrics(structures: Sequence[Structure], positions: Sequence[np.ndarray], e
         predicted = torch.as_tensor(np.concatenate([positions[k] for k in with_reference]))
         reference = torch.as_tensor(np.concatenate([structures[k].relaxed_positions for k in with_reference]))
         out["adwt"] = adwt(mean_free_atom_distance(batch, predicted, reference))
-
-    def relaxed_energy(s: Structure) -> float | None:
-        if energy_reference is None or s.relaxed_energy is None:
-            return s.relaxed_energy
-        offset = (s.targets or {}).get(energy_reference)
-        return None if offset is None or not np.isfinite(offset) else s.relaxed_energy - offset
-
-    pairs = [(energies[k], relaxed_energy(s)) for k, s in enumerate(structures)
-             if energies[k] is not None and relaxed_energy(s) is not None and np.isfinite(energies[k])]
+    pairs = [(energies[k], s.relaxed_energy) for k, s in enumerate(structures)
+             if energies[k] is not None and s.relaxed_energy is not None and np.isfinite(energies[k])]
     out["failed"] = float(sum(e is not None and not np.isfinite(e) for e in energies))  # non-finite model output
     if pairs:
         out.update(energy_metrics(torch.tensor([p for p, _ in pairs]), torch.tensor([r for _, r in pairs])))
@@ -251,7 +253,6 @@ def run_relax(config: RelaxConfig, on_progress: Callable[[str, int, int], None] 
     results = []
     for method in config.methods:
         start = time.perf_counter()
-        energy_reference = None
         if method == "direct":
             positions, energies = direct_prediction(structures, config.direct_model, device=config.device,
                                                     batch_size=config.batch_size, passes=config.direct_passes)
@@ -270,7 +271,8 @@ def run_relax(config: RelaxConfig, on_progress: Callable[[str, int, int], None] 
                             lbfgs=lbfgs_settings(config), on_finished=finished)
             positions = [r.positions for r in relaxed]
             energies = [r.energy_ev for r in relaxed]
-            energy_reference = getattr(provider, "energy_reference", None)
+            if getattr(provider, "energy_reference", None) is not None:
+                energies = total_energies(energies, structures, provider.energy_reference)
             if not getattr(provider, "energy_trained", True):
                 # No energies from an untrained head; a NaN stays, so the relaxation counts as failed.
                 energies = [None if np.isfinite(e) else e for e in energies]
@@ -278,7 +280,7 @@ def run_relax(config: RelaxConfig, on_progress: Callable[[str, int, int], None] 
             converged = [r.converged for r in relaxed]
         wall = time.perf_counter() - start
         out_structures = [replace(s, positions=p, energy=e, forces=None) for s, p, e in zip(structures, positions, energies)]
-        metrics = _metrics(structures, positions, energies, energy_reference)
+        metrics = _metrics(structures, positions, energies)
         if check is not None:
             metrics.update(forces_check_metrics(structures, positions, check))
         results.append(MethodResult(method, out_structures, energies, steps, converged, wall, metrics))

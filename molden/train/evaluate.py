@@ -15,7 +15,8 @@ from molden.train.config import DataConfig, FinetuneConfig, PretrainConfig
 from molden.train.data import open_split, validation_batches
 from molden.train.distributed import resolve_device
 from molden.train.loop import RUN_FILES, evaluate
-from molden.train.tasks import trim_cutoff, validation_objective
+from molden.data.h5_dataset import open_cache
+from molden.train.tasks import energy_reference_offsets, trim_cutoff, validation_objective
 
 
 def saved_config(payload: dict[str, Any], path: Path) -> PretrainConfig | FinetuneConfig:
@@ -56,6 +57,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, split: str 
             module.to(torch_device)
     data_config = DataConfig(path=Path(data), max_graphs=max_graphs, val_split=split, frames=frames)
     dataset = open_split(data_config, split)
+    reference = getattr(getattr(objective, "config", None), "energy_reference", None)
+    if reference is not None:  # a model of OC20's referenced S2EF energies: the cache must give them
+        with open_cache(dataset.path) as f:
+            energy_reference_offsets(f, reference, dataset.indices)
     batches = validation_batches(dataset, data_config, rank=0, world_size=1)
     dtype = next(loaded.model.parameters()).dtype
     trim = trim_cutoff(loaded.spec.backbone_config(), dataset)

@@ -444,6 +444,9 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
         val_set = (open_split(config.data, config.data.val_split, frames=config.data.validation_frames)
                    if config.data.val_split else None)
         task = build_task(config, train_set)
+        payload = read_checkpoint(out / LAST) if resuming else None
+        if payload is not None:
+            task.spec = _heads_as_saved(task.spec, payload)
 
         torch.manual_seed(run.seed)  # the same initial weights on every process
         model = build_model(task.spec)
@@ -473,7 +476,6 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
         window: list[dict[str, Tensor]] = []  # the training terms since the last logged record
         window_structures, window_elapsed = 0, 0.0
         if resuming:
-            payload = read_checkpoint(out / LAST)
             _check_resumable(payload, task.spec, out / LAST)
             _check_resume_config(json.loads(payload.get("config") or "{}"), config.model_dump(mode="json"), out / LAST)
             model.load_state_dict(payload["model"], strict=True)
@@ -763,6 +765,19 @@ def _check_resume_config(saved: Mapping[str, Any], now: Mapping[str, Any], path:
         raise MoldenConfigError(
             f"--resume continues {path} as it was saved, but {key} is {before!r} there and {after!r} now{more}: "
             "resume with the saved value, or start a new run (another --out, or --overwrite)")
+
+
+def _heads_as_saved(spec: ModelSpec, payload: Mapping[str, Any]) -> ModelSpec:
+    """`spec` with the heads' widths of a run saved before heads had one of their own
+    (`HeadSpec.hidden_dim`): those heads were as wide as their input, and the run resumes so."""
+    try:
+        saved_heads = json.loads(payload["model_spec"])["heads"]
+    except (KeyError, TypeError, ValueError):
+        return spec  # not resumable: `_check_resumable` says why
+    heads = {name: head.model_copy(update={"hidden_dim": None})
+             if isinstance(saved_heads.get(name), dict) and "hidden_dim" not in saved_heads[name] else head
+             for name, head in spec.heads.items()}
+    return spec.model_copy(update={"heads": heads})
 
 
 def _check_resumable(payload: Mapping[str, Any], spec: ModelSpec, path: Path) -> None:

@@ -160,25 +160,37 @@ def _energy_residual_std(path: Path) -> float:
         return energy_residual_std(f, f[S.STATS]["element_reference_energy_ev"][:], fit)
 
 
+def energy_reference_offsets(f, column: str, structures: np.ndarray | None = None) -> np.ndarray:
+    """[S] eV: the target `column` of the open cache `f`, which an S2EF model with
+    `energy_reference` subtracts from every energy; refused in one line when the cache lacks
+    energies or the column, or one of `structures` (default all) has an energy but no value."""
+    path = f.filename
+    names = json.loads(f.attrs["target_names"]) if S.TARGETS in f else []
+    if S.ENERGY not in f:
+        raise MoldenInputError(path, f"the cache has no energies to subtract energy_reference {column!r} from")
+    if column not in names:
+        raise MoldenInputError(path, f"energy_reference {column!r} is not a target of the cache (its targets: "
+                                     f"{names}): OC20 S2EF caches hold reference_energy")
+    offset = f[S.TARGETS][:, names.index(column)].astype(np.float64)
+    checked = np.zeros(len(offset), dtype=bool)
+    checked[slice(None) if structures is None else structures] = True
+    has_energy = np.isfinite(f[S.ENERGY][:]) & checked
+    missing = np.flatnonzero(has_energy & ~np.isfinite(offset))
+    if len(missing):
+        system = f[S.SYSTEM_ID].asstr()[missing[0]]
+        raise MoldenInputError(path, f"no {column} to subtract (energy_reference) for {len(missing)} of the "
+                                     f"{int(has_energy.sum())} structures with an energy",
+                               f"structure {missing[0]} (system {system})")
+    return offset
+
+
 def _referenced_energy_statistics(path: Path, column: str) -> dict[str, Any]:
-    """Per-element references and σ_E of the energies less the target `column`, refused in one
-    line when the cache lacks the column or a structure with an energy lacks its value."""
+    """Per-element references and σ_E of the energies less the target `column` (every structure
+    of the cache checked: training and validation both subtract it)."""
     from molden.data.statistics import referenced_energy_statistics
 
     with open_cache(path) as f:
-        names = json.loads(f.attrs["target_names"]) if S.TARGETS in f else []
-        if column not in names or S.ENERGY not in f:
-            raise MoldenInputError(path, f"energy_reference {column!r} is not a target of the cache (its targets: "
-                                         f"{names}): OC20 S2EF caches hold reference_energy")
-        offset = f[S.TARGETS][:, names.index(column)].astype(np.float64)
-        has_energy = np.isfinite(f[S.ENERGY][:])
-        missing = np.flatnonzero(has_energy & ~np.isfinite(offset))
-        if len(missing):
-            system = f[S.SYSTEM_ID].asstr()[missing[0]]
-            raise MoldenInputError(path, f"no {column} to subtract (energy_reference) for {len(missing)} of the "
-                                         f"{int(has_energy.sum())} structures with an energy",
-                                   f"structure {missing[0]} (system {system})")
-        return referenced_energy_statistics(f, offset)
+        return referenced_energy_statistics(f, energy_reference_offsets(f, column))
 
 
 def _delta_statistics(dataset: H5Dataset, sigma: float) -> tuple[tuple[float, float, float], float]:
@@ -229,7 +241,8 @@ def finetune_task(config: FinetuneConfig, dataset: H5Dataset) -> TrainingTask:
         if config.is2re_target is not None:
             values = values[:, target_columns(dataset.target_names, [config.is2re_target])[0]]
         mean, std = float(np.nanmean(values)), float(np.nanstd(values)) or 1.0
-        heads[keys.TARGETS] = graph_head(backbone, config.model.graph_decoder, readout=graph_readout(backbone, True), squeeze=False)
+        heads[keys.TARGETS] = graph_head(backbone, config.model.graph_decoder, readout=graph_readout(backbone, True),
+                                         squeeze=False)
         primary = IS2RELoss(mean_ev=mean, std_ev=std, target_name=config.is2re_target)
         description.update(energy_mean_ev=mean, energy_std_ev=std, target=config.is2re_target or "relaxed_energy")
         best = "energy_mae_mev"
