@@ -47,6 +47,9 @@ def preprocess(
         None, help="emt: number of adsorbate+slab systems to relax", show_default=str(EMT_SYSTEMS_DEFAULT)
     ),
     oc20_frames: str = typer.Option("all", help="oc20 .traj: all | initial | final frames"),
+    oc20_references: Optional[Path] = typer.Option(
+        None, help="oc20 .traj: OC20's oc20_ref.pkl (or JSON / CSV of system id → eV): adds the targets reference_energy "
+        "and adsorption_energy (relaxed energy − reference, OC20's IS2RE target: --is2re-target adsorption_energy)"),
     pcqm4mv2_targets: Optional[Path] = typer.Option(None, help="pcqm4mv2: OGB data.csv(.gz) with homolumogap"),
     resume: bool = typer.Option(True, help="resume an interrupted run from OUT.partial (--no-resume discards it)"),
     overwrite: bool = typer.Option(
@@ -69,7 +72,7 @@ def preprocess(
         config = PreprocessConfig(
             source=source, out=out, inputs=inputs or [], cutoff_angstrom=cutoff, max_num_neighbors=max_neighbors,
             limit=limit, workers=workers, split=split, resume=resume, overwrite=overwrite, oc20_frames=oc20_frames,
-            pcqm4mv2_targets=pcqm4mv2_targets, emt=EMTConfig.model_validate(emt_update),
+            oc20_references=oc20_references, pcqm4mv2_targets=pcqm4mv2_targets, emt=EMTConfig.model_validate(emt_update),
         )
         summary = run_with_progress(config)
     print_preprocess_summary(summary)

@@ -245,3 +245,92 @@ def test_lost_or_foreign_tags_are_caught_at_preprocess_time(trajs, tmp_path, tag
     (tmp_path / "6.txt").write_text("random6,frame0,-1.0\n")
     with pytest.raises(MoldenInputError, match=message):
         list(read_oc20(tmp_path / "6.extxyz"))
+
+
+# ----------------------------------------------------------------- IS2RE reference energies
+def _reference_files(folder: Path, references: dict) -> dict[str, Path]:
+    """The same system id → eV mapping as OC20's pickle (numpy floats), JSON and CSV."""
+    import json
+    import pickle
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"pkl": folder / "oc20_ref.pkl", "json": folder / "refs.json", "csv": folder / "refs.csv"}
+    files["pkl"].write_bytes(pickle.dumps({k: np.float64(v) for k, v in references.items()}))
+    files["json"].write_text(json.dumps(references))
+    files["csv"].write_text("system_id,energy_ev\n" + "".join(f"{k},{v!r}\n" for k, v in references.items()))
+    return files
+
+
+@pytest.mark.parametrize("kind", ["pkl", "json", "csv"])
+def test_trajectory_frames_carry_oc20s_adsorption_energy_with_reference_energies(trajs, tmp_path, kind):
+    """OC20's IS2RE target: relaxed total energy − the system's reference (oc20_ref.pkl), on
+    every frame of the system, beside the reference itself."""
+    from molden.data.readers import read_reference_energies
+
+    references = {"random10": -12.5, "random2": 3.25, "random99": 0.0}
+    refs = read_reference_energies(_reference_files(tmp_path, references)[kind])
+    assert refs == references
+    frames = list(read_oc20(trajs, references=refs))
+    assert {s.system_id for s in frames} == {"random10", "random2"}
+    for s in frames:
+        assert s.targets["reference_energy"] == references[s.system_id]
+        assert s.targets["adsorption_energy"] == pytest.approx(s.relaxed_energy - references[s.system_id], abs=1e-12)
+    assert all(s.targets == {} for s in read_oc20(trajs))  # without references, no targets
+
+
+def test_a_system_without_a_reference_and_bad_reference_files_are_named(trajs, tmp_path):
+    from molden.data.readers import read_reference_energies
+
+    with pytest.raises(MoldenInputError, match=r"random2\.traj, record random2: no reference energy for this system"):
+        list(read_oc20(trajs, references={"random10": -1.0}))
+    bad = {
+        "code.pkl": b"cos\nsystem\n(S'true'\ntR.",  # os.system('true') when unpickled plainly
+        "list.json": b"[1, 2]", "empty.json": b"{}", "nan.json": b'{"random10": NaN}', "text.json": b'{"random10": "abc"}',
+        "rows.csv": b"random10,1.0\nrandom2\n", "refs.txt": b"random10,1.0\n",
+    }
+    messages = {"code.pkl": "refusing to load os.system", "list.json": "found list", "empty.json": "found an empty one",
+                "nan.json": "system random10", "text.json": "'abc' is not a finite number", "rows.csv": "row 2",
+                "refs.txt": "must be a .pkl, .json, .csv file"}
+    for name, content in bad.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(MoldenInputError, match=messages[name]) as error:
+            read_reference_energies(tmp_path / name)
+        assert name in str(error.value)
+    with pytest.raises(MoldenInputError, match="no such reference-energy file"):
+        read_reference_energies(tmp_path / "absent.pkl")
+
+
+def test_reference_energies_are_refused_for_s2ef_frames_which_carry_their_own(s2ef):
+    with pytest.raises(MoldenConfigError, match="S2EF extxyz frames take theirs from their .txt metadata"):
+        list(read_oc20(s2ef[0] / "0.extxyz", references={"random1000": 1.0}))
+
+
+def test_preprocess_with_oc20_references_gives_is2re_the_adsorption_energy(trajs, tmp_path):
+    """`molden preprocess oc20 DIR --oc20-references oc20_ref.pkl`: the cache's targets hold the
+    adsorption energy that `--is2re-target adsorption_energy` trains on; a bad file is one line,
+    before anything is written."""
+    import json
+
+    import h5py
+    from typer.testing import CliRunner
+
+    from molden.cli.app import app
+
+    refs = _reference_files(tmp_path / "refs", {"random10": -12.5, "random2": 3.25})["pkl"]
+    out = tmp_path / "oc20.h5"
+    result = CliRunner().invoke(app, ["preprocess", "oc20", str(trajs), "--out", str(out), "--oc20-references", str(refs),
+                                      "--val", "1", "--test", "0"])
+    assert result.exit_code == 0, result.output
+    with h5py.File(out, "r") as f:
+        names = json.loads(f.attrs["target_names"])
+        targets, relaxed = f["structures/targets"][:], f["structures/relaxed_energy"][:]
+        systems = f["structures/system_id"].asstr()[:]
+    assert names == ["reference_energy", "adsorption_energy"]
+    expected = relaxed - np.array([{"random10": -12.5, "random2": 3.25}[s] for s in systems])
+    np.testing.assert_allclose(targets[:, 1], expected, atol=1e-9)
+
+    (tmp_path / "bad.json").write_text("[]")
+    refused = CliRunner().invoke(app, ["preprocess", "oc20", str(trajs), "--out", str(tmp_path / "x.h5"),
+                                       "--oc20-references", str(tmp_path / "bad.json")])
+    assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1 and "bad.json" in refused.output
+    assert not list(tmp_path.glob("x.h5*"))

@@ -63,6 +63,8 @@ class PreprocessConfig(BaseModel):
     )
     emt: EMTConfig = Field(default_factory=EMTConfig)
     oc20_frames: Literal["all", "initial", "final"] = "all"
+    oc20_references: Path | None = Field(None, description="oc20 .traj: system id → reference energy (eV), OC20's "
+                                         "oc20_ref.pkl, a JSON object or CSV: adds reference_energy and adsorption_energy")
     pcqm4mv2_targets: Path | None = None
 
     @property
@@ -108,6 +110,12 @@ def _check_inputs(config: PreprocessConfig) -> None:
     for path in config.inputs:
         if not Path(path).exists():
             raise MoldenInputError(path, "no such file or directory")
+    if config.oc20_references is not None:
+        if config.source != "oc20":
+            raise MoldenConfigError(f"--oc20-references is for source oc20, not {config.source}")
+        from molden.data.readers import read_reference_energies
+
+        read_reference_energies(config.oc20_references)  # a bad file fails before anything is written
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -124,8 +132,8 @@ def _check_output(config: PreprocessConfig, provenance_json: str, settings_json:
     settings (nothing to do). Refuses an output that is one of the inputs, a directory, a file
     that is not a molden cache, or a cache of other settings unless `config.overwrite`."""
     out = Path(config.out)
-    for path in config.inputs:
-        if _same_file(out, Path(path)):
+    for path in [*config.inputs, config.oc20_references, config.pcqm4mv2_targets]:
+        if path is not None and _same_file(out, Path(path)):
             raise MoldenConfigError(f"--out {out} is one of the inputs: give the cache another path")
     if out.is_dir():
         raise MoldenConfigError(f"--out {out} is a directory: give a file path, such as {out / 'cache.h5'}")
@@ -192,7 +200,8 @@ def _read_source(
         if config.source == "qm9":
             streams = [readers.read_qm9(p) for p in config.inputs]
         elif config.source == "oc20":
-            streams = [readers.read_oc20(p, frames=config.oc20_frames) for p in config.inputs]
+            references = None if config.oc20_references is None else readers.read_reference_energies(config.oc20_references)
+            streams = [readers.read_oc20(p, frames=config.oc20_frames, references=references) for p in config.inputs]
         elif config.source == "pcqm4mv2":
             streams = [readers.read_pcqm4mv2(p, targets_csv=config.pcqm4mv2_targets) for p in config.inputs]
         else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from molden.data.readers.ase_files import count_ase, read_ase
-from molden.data.readers.oc20 import count_oc20, read_oc20
+from molden.data.readers.oc20 import count_oc20, read_oc20, read_reference_energies
 from molden.data.readers.pcqm4mv2 import count_pcqm4mv2, read_pcqm4mv2
 from molden.data.readers.qm9 import QM9_TARGETS, count_qm9, read_qm9
 from molden.data.structure import Structure
@@ -42,6 +42,7 @@ __all__ = [
     "count_qm9",
     "read_ase",
     "read_oc20",
+    "read_reference_energies",
     "read_pcqm4mv2",
     "read_qm9",
 ]

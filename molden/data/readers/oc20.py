@@ -3,6 +3,11 @@
 - IS2RS/IS2RE trajectories: one ASE `.traj` per system, file name = system id
   (`random1234.traj`). Every yielded frame carries `relaxed_positions`/`relaxed_energy`
   from the trajectory's last frame, which pairs an initial structure with its relaxed one.
+  The energies are DFT totals; OC20's IS2RE target is the adsorption energy, the relaxed
+  energy less the system's reference (clean slab + gas-phase adsorbate), which OC20 ships
+  apart as `oc20_ref.pkl` (system id → eV). Given `references` (`read_reference_energies`),
+  every frame also carries `targets["reference_energy"]` and `targets["adsorption_energy"]`
+  = relaxed energy − reference (eV), the EMT caches' column of the same name.
 - S2EF: `N.extxyz` or `N.extxyz.xz` frames with a metadata file `N.txt` (or `N.txt.xz`) of
   the same stem, one line `random<sid>,frame<fid>,<reference energy eV>` per frame, in order.
   The extxyz energy is the raw DFT total energy (eV) and stays in `energy`; the line's reference
@@ -17,9 +22,11 @@ atoms come from FixAtoms (traj) or extxyz `move_mask` (fixed = not movable).
 
 from __future__ import annotations
 
+import json
 import lzma
+import pickle
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Literal, TextIO
 
@@ -66,7 +73,68 @@ def _structure(atoms: Atoms, where: Path, record: str, **fields) -> Structure:
     return structure
 
 
-def _read_traj(path: Path, frames: Frames) -> Iterator[Structure]:
+REFERENCE_SUFFIXES = (".pkl", ".json", ".csv")
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Reads a pickled dict of names to numbers without running anything the file names:
+    numpy scalars are the only objects it rebuilds."""
+
+    ALLOWED = {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only names and numbers belong in it")
+
+
+def read_reference_energies(path: str | Path) -> dict[str, float]:
+    """System id → reference energy (eV) for `read_oc20(references=...)`: OC20's `oc20_ref.pkl`
+    (a pickled dict, read without running code from the file), a JSON object, or CSV lines
+    `system_id,energy_ev` (an optional header line). Refused in one line naming the file (and
+    the entry) when unreadable, empty, or holding a value that is not a finite number."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoldenInputError(path, "no such reference-energy file")
+    if path.suffix not in REFERENCE_SUFFIXES:
+        raise MoldenInputError(path, f"reference energies must be a {', '.join(REFERENCE_SUFFIXES)} file")
+    try:
+        if path.suffix == ".pkl":
+            with open(path, "rb") as handle:
+                raw = _DataOnlyUnpickler(handle).load()
+        elif path.suffix == ".json":
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        else:
+            rows = [line.split(",") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            if rows and len(rows[0]) == 2 and not _is_number(rows[0][1]):
+                rows = rows[1:]  # a header
+            bad = next((k for k, row in enumerate(rows) if len(row) != 2), None)
+            if bad is not None:
+                raise MoldenInputError(path, f"expected 'system_id,energy_ev', got {','.join(rows[bad])!r}", f"row {bad + 1}")
+            raw = {sid.strip(): value.strip() for sid, value in rows}
+    except (pickle.UnpicklingError, EOFError, ValueError, UnicodeDecodeError, AttributeError, ImportError) as error:
+        raise MoldenInputError(path, f"cannot read reference energies: {error}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise MoldenInputError(path, "expected a mapping of system ids to reference energies (eV), found "
+                                     + ("an empty one" if isinstance(raw, dict) else type(raw).__name__))
+    out: dict[str, float] = {}
+    for sid, value in raw.items():
+        number = float(value) if _is_number(value) else float("nan")
+        if not np.isfinite(number):
+            raise MoldenInputError(path, f"reference energy {value!r} is not a finite number", f"system {sid}")
+        out[str(sid)] = number
+    return out
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _read_traj(path: Path, frames: Frames, references: Mapping[str, float] | None = None) -> Iterator[Structure]:
     sid = _stem(path)
     try:
         traj = Trajectory(str(path))
@@ -85,6 +153,11 @@ def _read_traj(path: Path, frames: Frames) -> Iterator[Structure]:
 
         # Random access to the last frame first keeps memory at two frames per system.
         final = _structure(load(n - 1), path, f"{sid} frame {n - 1}", system_id=sid, frame=n - 1)
+        targets: dict[str, float] = {}
+        if references is not None:
+            if sid not in references:
+                raise MoldenInputError(path, "no reference energy for this system in the reference-energy file", sid)
+            targets = {"reference_energy": references[sid], "adsorption_energy": final.energy - references[sid]}
         wanted = {"all": range(n), "initial": range(1), "final": range(n - 1, n)}[frames]
         for i in wanted:
             record = f"{sid} frame {i}"
@@ -99,6 +172,7 @@ def _read_traj(path: Path, frames: Frames) -> Iterator[Structure]:
                 frame=i,
                 relaxed_positions=final.positions,
                 relaxed_energy=final.energy,
+                targets=dict(targets),
             )
 
 
@@ -178,11 +252,14 @@ def _files(path: Path) -> list[Path]:
     return [path]
 
 
-def read_oc20(path: str | Path, *, limit: int | None = None, frames: Frames = "all") -> Iterator[Structure]:
+def read_oc20(path: str | Path, *, limit: int | None = None, frames: Frames = "all",
+              references: Mapping[str, float] | None = None) -> Iterator[Structure]:
     """Stream OC20 frames (Å, eV, eV/Å) from a `.traj`/`.extxyz[.xz]` file or a folder of them.
 
     `frames` picks trajectory frames ("initial" for IS2RE inputs, "final" for relaxed ones);
-    S2EF extxyz frames are independent samples, so they need `frames="all"`.
+    S2EF extxyz frames are independent samples, so they need `frames="all"`. `references`
+    (system id → eV) adds the reference and adsorption energies to trajectory frames; S2EF
+    frames take theirs from their metadata files.
     """
     if frames not in ("all", "initial", "final"):
         raise MoldenConfigError(f"frames must be 'all', 'initial' or 'final', got {frames!r}")
@@ -191,7 +268,10 @@ def read_oc20(path: str | Path, *, limit: int | None = None, frames: Frames = "a
     count = 0
     for file in _files(Path(path)):
         if file.name.endswith(".traj"):
-            source = _read_traj(file, frames)
+            source = _read_traj(file, frames, references)
+        elif references is not None:
+            raise MoldenConfigError(f"{file}: reference energies are for .traj trajectories; S2EF extxyz frames take "
+                                    "theirs from their .txt metadata")
         elif frames != "all":
             raise MoldenConfigError(f"{file}: S2EF extxyz frames are not trajectories; use frames='all'")
         else:
