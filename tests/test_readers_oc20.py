@@ -334,3 +334,6 @@ def test_preprocess_with_oc20_references_gives_is2re_the_adsorption_energy(trajs
                                        "--oc20-references", str(tmp_path / "bad.json")])
     assert refused.exit_code == 1 and len(refused.output.strip().splitlines()) == 1 and "bad.json" in refused.output
     assert not list(tmp_path.glob("x.h5*"))
+    other = CliRunner().invoke(app, ["preprocess", "emt", "--out", str(tmp_path / "emt.h5"), "--oc20-references", str(refs)])
+    assert other.exit_code == 1 and "--oc20-references is for source oc20, not emt" in other.output, other.output
+    assert not list(tmp_path.glob("emt.h5*"))

@@ -95,6 +95,12 @@ class PreprocessSummary(BaseModel):
 def _check_inputs(config: PreprocessConfig) -> None:
     """Fail on missing inputs before the writer exists: it would replace a resumable partial
     file whose provenance (input paths) the typo changes."""
+    if config.oc20_references is not None:
+        if config.source != "oc20":
+            raise MoldenConfigError(f"--oc20-references is for source oc20, not {config.source}")
+        from molden.data.readers import read_reference_energies
+
+        read_reference_energies(config.oc20_references)  # a bad file fails before anything is written
     if config.source == "emt":
         if config.inputs:
             names = ", ".join(str(p) for p in config.inputs)
@@ -110,12 +116,6 @@ def _check_inputs(config: PreprocessConfig) -> None:
     for path in config.inputs:
         if not Path(path).exists():
             raise MoldenInputError(path, "no such file or directory")
-    if config.oc20_references is not None:
-        if config.source != "oc20":
-            raise MoldenConfigError(f"--oc20-references is for source oc20, not {config.source}")
-        from molden.data.readers import read_reference_energies
-
-        read_reference_energies(config.oc20_references)  # a bad file fails before anything is written
 
 
 def _same_file(a: Path, b: Path) -> bool:

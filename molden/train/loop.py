@@ -476,8 +476,9 @@ def _train(config: TrainConfig, dist: D.Distributed, *, resume: bool, overwrite:
         window: list[dict[str, Tensor]] = []  # the training terms since the last logged record
         window_structures, window_elapsed = 0, 0.0
         if resuming:
-            _check_resumable(payload, task.spec, out / LAST)
+            # The options first: a changed one is named, where the model check could only say "another model".
             _check_resume_config(json.loads(payload.get("config") or "{}"), config.model_dump(mode="json"), out / LAST)
+            _check_resumable(payload, task.spec, out / LAST)
             model.load_state_dict(payload["model"], strict=True)
             optimizer.load_state_dict(payload["optimizer"])
             scheduler.load_state_dict(payload["scheduler"])
