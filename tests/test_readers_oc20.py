@@ -286,11 +286,11 @@ def test_a_system_without_a_reference_and_bad_reference_files_are_named(trajs, t
     bad = {
         "code.pkl": b"cos\nsystem\n(S'true'\ntR.",  # os.system('true') when unpickled plainly
         "list.json": b"[1, 2]", "empty.json": b"{}", "nan.json": b'{"random10": NaN}', "text.json": b'{"random10": "abc"}',
-        "rows.csv": b"random10,1.0\nrandom2\n", "refs.txt": b"random10,1.0\n",
+        "rows.csv": b"random10,1.0\nrandom2\n", "refs.txt": b"random10,1.0\n", "zero.pkl": b"",
     }
     messages = {"code.pkl": "refusing to load os.system", "list.json": "found list", "empty.json": "found an empty one",
                 "nan.json": "system random10", "text.json": "'abc' is not a finite number", "rows.csv": "row 2",
-                "refs.txt": "must be a .pkl, .json, .csv file"}
+                "refs.txt": "must be a .pkl, .json, .csv file", "zero.pkl": "the reference-energy file is empty"}
     for name, content in bad.items():
         (tmp_path / name).write_bytes(content)
         with pytest.raises(MoldenInputError, match=messages[name]) as error:

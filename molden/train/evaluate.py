@@ -9,13 +9,13 @@ from typing import Any
 
 import torch
 
+from molden.data.h5_dataset import open_cache
 from molden.errors import MoldenConfigError, MoldenInputError
 from molden.models.checkpoint import load_model, read_checkpoint
 from molden.train.config import DataConfig, FinetuneConfig, PretrainConfig
 from molden.train.data import open_split, validation_batches
 from molden.train.distributed import resolve_device
 from molden.train.loop import RUN_FILES, evaluate
-from molden.data.h5_dataset import open_cache
 from molden.train.tasks import energy_reference_offsets, trim_cutoff, validation_objective
 
 

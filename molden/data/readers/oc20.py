@@ -98,6 +98,8 @@ def read_reference_energies(path: str | Path) -> dict[str, float]:
         raise MoldenInputError(path, "no such reference-energy file")
     if path.suffix not in REFERENCE_SUFFIXES:
         raise MoldenInputError(path, f"reference energies must be a {', '.join(REFERENCE_SUFFIXES)} file")
+    if path.stat().st_size == 0:
+        raise MoldenInputError(path, "the reference-energy file is empty")
     try:
         if path.suffix == ".pkl":
             with open(path, "rb") as handle:
