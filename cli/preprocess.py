@@ -14,6 +14,7 @@ from molden.cli.console import console, err_console, note_line, progress_bar, us
 # them equal to `QM9_SPLIT`, `SplitConfig` and `EMTConfig`.
 HELD_OUT_DEFAULT = "qm9 10,000; ase, oc20, pcqm4mv2 0.1; emt its own ID/OOD split"
 EMT_SYSTEMS_DEFAULT = 100
+EMT_MD_DEFAULTS = (900.0, 40)  # EMTMDConfig's temperature_kelvin and frames
 
 # Config fields as the command line names them, for one-line messages about bad values.
 OPTION_NAMES = {
@@ -24,6 +25,10 @@ OPTION_NAMES = {
     "emt.n_systems": "--emt-systems",
     "n_systems": "--emt-systems",
     "emt.seed": "--seed",
+    "emt.md.temperature_kelvin": "--emt-md-temperature",
+    "md.temperature_kelvin": "--emt-md-temperature",
+    "emt.md.frames": "--emt-md-frames",
+    "md.frames": "--emt-md-frames",
 }
 
 
@@ -46,6 +51,12 @@ def preprocess(
     emt_systems: Optional[int] = typer.Option(
         None, help="emt: number of adsorbate+slab systems to relax", show_default=str(EMT_SYSTEMS_DEFAULT)
     ),
+    emt_md_temperature: Optional[float] = typer.Option(
+        None, help="emt: instead of each relaxation, molecular dynamics (Langevin NVT) from the relaxed system at this "
+        "temperature, K: far-from-equilibrium S2EF frames, as OC20's MD data",
+        show_default=f"{EMT_MD_DEFAULTS[0]:g} with --emt-md-frames"),
+    emt_md_frames: Optional[int] = typer.Option(
+        None, help="emt: MD frames per system (5 fs apart); implies MD", show_default=f"{EMT_MD_DEFAULTS[1]} with --emt-md-temperature"),
     oc20_frames: str = typer.Option("all", help="oc20 .traj: all | initial | final frames"),
     oc20_references: Optional[Path] = typer.Option(
         None, help="oc20 .traj: OC20's oc20_ref.pkl (or JSON / CSV of system id → eV): adds the targets reference_energy "
@@ -69,6 +80,9 @@ def preprocess(
                 default_split(source).model_dump() | {k: v for k, v in changes.items() if v is not None}
             )
         emt_update = {"seed": seed} | ({"n_systems": emt_systems} if emt_systems is not None else {})
+        md = {"temperature_kelvin": emt_md_temperature, "frames": emt_md_frames}
+        if any(v is not None for v in md.values()):
+            emt_update["md"] = {k: v for k, v in md.items() if v is not None}
         config = PreprocessConfig(
             source=source, out=out, inputs=inputs or [], cutoff_angstrom=cutoff, max_num_neighbors=max_neighbors,
             limit=limit, workers=workers, split=split, resume=resume, overwrite=overwrite, oc20_frames=oc20_frames,

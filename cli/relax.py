@@ -63,7 +63,7 @@ def relax(
                     tasks[name] = progress.add_task(f"{name}: converged or stopped", total=total)
                 progress.update(tasks[name], completed=done)
 
-            results = run_relax(config, on_progress=hook)
+            results = run_relax(config, on_progress=hook, notify=note_line)
     settings = f"preset {preset}" + (f", L-BFGS guess {lbfgs_guess}" if lbfgs_guess != "fixed" else "")
     table = Table(title=f"molden relax {input} ({model}, fmax {fmax} eV/Å, {settings})")
     rows = [r.row() for r in results]

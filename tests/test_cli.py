@@ -166,14 +166,17 @@ def test_version_prints_the_package_version():
 
 def test_help_shows_the_real_defaults_of_val_test_and_emt_systems():
     from molden.cli import preprocess as cli_preprocess
-    from molden.data.emt import EMTConfig
+    from molden.data.emt import EMTConfig, EMTMDConfig
     from molden.data.splits import QM9_SPLIT, SplitConfig
 
     assert EMTConfig().n_systems == cli_preprocess.EMT_SYSTEMS_DEFAULT
+    md = EMTMDConfig()
+    assert (md.temperature_kelvin, md.frames) == cli_preprocess.EMT_MD_DEFAULTS
+    assert md.interval_steps * md.timestep_fs == 5  # "5 fs apart" in --help
     shown = cli_preprocess.HELD_OUT_DEFAULT
     assert f"qm9 {QM9_SPLIT.val:,.0f}" in shown and f"{SplitConfig().val:g}" in shown
     assert QM9_SPLIT.val == QM9_SPLIT.test and SplitConfig().val == SplitConfig().test
-    for command, options in (("preprocess", ["--val", "--test", "--emt-systems"]), ("demo", ["--emt-systems"])):
+    for command, options in (("preprocess", ["--val", "--test", "--emt-systems", "--emt-md-temperature", "--emt-md-frames"]), ("demo", ["--emt-systems"])):
         result = runner.invoke(app, [command, "--help"])
         assert result.exit_code == 0
         text = " ".join(result.stdout.replace("│", " ").split())  # the help as one line, unwrapped
@@ -194,6 +197,26 @@ def test_emt_refuses_input_files(mixed_extxyz, tmp_path):
     assert list(tmp_path.glob("e.h5*")) == []
 
 
+def test_emt_md_writes_an_s2ef_cache_and_leaves_relaxation_caches_as_they_were(tmp_path):
+    import h5py
+
+    result = _run("preprocess", "emt", "--emt-systems", 3, "--emt-md-frames", 4, "--out", tmp_path / "md.h5")
+    assert result.exit_code == 0, result.output
+    relaxed = _run("preprocess", "emt", "--emt-systems", 3, "--out", tmp_path / "relax.h5")
+    assert relaxed.exit_code == 0, relaxed.output
+    with h5py.File(tmp_path / "md.h5") as f, h5py.File(tmp_path / "relax.h5") as g:
+        assert f.attrs["n_structures"] == 4 * len(set(f["structures/system_id"].asstr()[:]))
+        assert "structures/relaxed_energy" not in f and "atoms/relaxed_positions" not in f
+        assert "atoms/forces" in f and "structures/relaxed_energy" in g
+        md = json.loads(f.attrs["provenance"])["config"]["emt"]["md"]
+        assert (md["frames"], md["temperature_kelvin"]) == (4, 900.0)
+        # A relaxation cache's provenance has no `md` key, as before MD existed, so such caches stay reusable.
+        assert "md" not in json.loads(g.attrs["provenance"])["config"]["emt"]
+    is2re = _run("finetune", "--data", tmp_path / "md.h5", "--task", "is2re", "--val-split", "val_id",
+                 "--steps", 1, "--out", tmp_path / "run")
+    assert is2re.exit_code == 1 and "relaxed_energy" in is2re.stderr
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [
@@ -201,6 +224,9 @@ def test_emt_refuses_input_files(mixed_extxyz, tmp_path):
         (["--cutoff", -1], "invalid --cutoff -1"),
         (["--workers", 0], "invalid --workers 0"),
         (["--emt-systems", 0], "invalid --emt-systems 0"),
+        (["--emt-md-frames", 0], "invalid --emt-md-frames 0"),
+        (["--emt-md-temperature", -3], "invalid --emt-md-temperature -3"),
+        (["--emt-md-temperature", 300], "--emt-md-temperature / --emt-md-frames are for source emt, not ase"),
     ],
 )
 def test_bad_option_names_the_command_line_option(args, expected, mixed_extxyz, tmp_path):

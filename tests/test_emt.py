@@ -13,7 +13,7 @@ from ase.calculators.fd import calculate_numerical_forces
 from pydantic import ValidationError
 
 from molden.data.adsorbates import ADSORBATE_ELEMENTS, adsorbate_atoms, place_adsorbate, relaxation_anomaly
-from molden.data.emt import SPLITS, EMTConfig, build_slab, generate_emt
+from molden.data.emt import SPLITS, EMTConfig, EMTMDConfig, build_slab, generate_emt
 from molden.data.structure import TAG_ADSORBATE, TAG_SUBSURFACE, TAG_SURFACE, Structure
 
 TINY = EMTConfig(
@@ -304,3 +304,52 @@ def test_the_cache_is_the_same_file_whatever_the_thread_count(tmp_path):
         for name in names:
             np.testing.assert_array_equal(f[name][()], g[name][()], err_msg=name)  # NaNs of absent elements equal
         assert dict(f["stats"].attrs) == dict(g["stats"].attrs)  # the fitted scales (energy_residual_std_ev, ...)
+
+
+MD = EMTMDConfig(frames=6, interval_steps=4)
+
+
+@pytest.fixture(scope="module")
+def md_frames() -> list[Structure]:
+    return list(generate_emt(TINY.model_copy(update={"md": MD})))
+
+
+def test_md_frames_start_from_each_relaxed_system_and_stay_far_from_equilibrium(md_frames, systems):
+    relaxed = {sid: frames_[-1] for sid, frames_ in systems.items()}
+    by_id: dict[str, list[Structure]] = defaultdict(list)
+    for s in md_frames:
+        by_id[s.system_id].append(s)
+    assert set(by_id) == set(relaxed)
+    for sid, frames_ in by_id.items():
+        start = relaxed[sid]
+        assert [s.frame for s in frames_] == list(range(MD.frames))
+        for s in frames_:
+            assert s.split == start.split and s.targets == {} and s.converged is None
+            assert s.relaxed_positions is None and s.relaxed_energy is None
+            np.testing.assert_array_equal(s.positions[s.fixed], start.positions[s.fixed])  # fixed layers held
+            free = ~s.fixed
+            rms = np.sqrt(np.mean((s.positions[free] - start.positions[free]) ** 2))
+            assert 0.005 < rms < 0.5  # thermal motion at 900 K, not an explosion
+        # Hot frames: free-atom forces far above those of the converged relaxed structure.
+        median = np.median(np.concatenate([np.linalg.norm(s.forces[~s.fixed], axis=1) for s in frames_]))
+        assert median > 0.2
+        if start.converged:
+            assert median > 4 * TINY.fmax_ev_per_angstrom and min(s.energy for s in frames_) > start.energy
+
+
+def test_md_frames_are_exact_emt_labels_and_the_same_for_a_seed(md_frames):
+    frame = md_frames[3]
+    atoms = Atoms(numbers=frame.numbers, positions=frame.positions, cell=frame.cell, pbc=frame.pbc)
+    atoms.calc = EMT()
+    assert atoms.get_potential_energy() == pytest.approx(frame.energy, abs=1e-9)
+    np.testing.assert_allclose(calculate_numerical_forces(atoms, eps=1e-5), frame.forces, atol=1e-5)
+    _assert_same(list(generate_emt(TINY.model_copy(update={"md": MD}))), md_frames)
+    colder = list(generate_emt(TINY.model_copy(update={"md": MD.model_copy(update={"temperature_kelvin": 300.0})})))
+    force = lambda frames_: np.median(np.concatenate([np.linalg.norm(s.forces[~s.fixed], axis=1) for s in frames_]))
+    assert force(colder) < 0.8 * force(md_frames)
+
+
+def test_md_config_rejects_nonsense():
+    for bad in ({"frames": 0}, {"temperature_kelvin": 0}, {"interval_steps": 0}, {"timestep_fs": -1}):
+        with pytest.raises(ValidationError):
+            EMTMDConfig(**bad)

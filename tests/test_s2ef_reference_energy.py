@@ -219,3 +219,25 @@ def test_evaluate_refuses_a_cache_that_cannot_give_the_referenced_energies(refer
         line = result.output.strip()
         assert len(line.splitlines()) == 1 and message in line and str(cache) in line, line
         assert not (tmp_path / "e.json").exists()
+
+
+def test_relax_says_before_relaxing_which_structures_will_get_no_energy(referenced_run, s2ef_cache, tmp_path):
+    """A referenced model relaxing structures without the reference (an OC20 .traj cache made
+    without --oc20-references) still relaxes them, but says once, naming the input and a
+    structure, that they get no energy, and its JSON holds no energy metrics."""
+    from molden.cli.app import app
+
+    def _invoke(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    out = tmp_path / "relaxed.extxyz"
+    result = _invoke("relax", s2ef_cache, "--model", referenced_run / "last.pt", "--split", "test", "--steps", 3,
+                     "--method", "lbfgs", "--method", "fire", "--forces-check", "none", "--out", out)
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.stderr.splitlines() if "have no target 'reference_energy'" in line]
+    assert len(notes) == 1 and str(s2ef_cache) in notes[0], result.stderr
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["lbfgs", "fire"] and all("energy_mae_mev" not in r for r in rows)
+    quiet = _invoke("relax", s2ef_cache, "--model", "emt", "--split", "test", "--steps", 3, "--forces-check", "none",
+                    "--out", tmp_path / "emt.extxyz")
+    assert quiet.exit_code == 0 and "have no target" not in quiet.stderr

@@ -31,6 +31,10 @@ ForceNet, Hu et al. 2021, App. B):
   "val_id", "test_id") draw metal and adsorbate from those not held out; "test_ood_ads" draws
   a held-out adsorbate on a seen metal, "test_ood_cat" a seen adsorbate on a held-out metal,
   "test_ood_both" both held out. All frames of one system share its split.
+- With `md` (`EMTMDConfig`, `--emt-md-frames`), each kept system yields Langevin MD frames from
+  its relaxed structure instead of its relaxation (OC20's MD data): the systems and splits of
+  the relaxation cache of the same config (less any whose MD goes non-finite, skipped and
+  logged), energies and forces only (no relaxed_*, targets or converged).
 
 System i draws everything from its own stream seeded by (seed, i), so output depends only on
 the config, not on `workers` or thread counts (the same arrays, statistics included, on one machine).
@@ -66,7 +70,10 @@ from ase import Atoms
 from ase.build import bulk, fcc100, fcc111, fcc211
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
+from ase import units
 from ase.constraints import FixAtoms
+from ase.md.langevin import Langevin
+from ase.md import velocitydistribution
 from ase.optimize import LBFGS
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.optimize import minimize_scalar
@@ -92,12 +99,36 @@ ID_SPLITS = ("train", "val_id", "test_id")
 SPLITS = (*ID_SPLITS, "test_ood_ads", "test_ood_cat", "test_ood_both")
 
 
+class EMTMDConfig(BaseModel):
+    """Molecular dynamics from each relaxed system, the frames of an S2EF set (`EMTConfig.md`).
+
+    OC20's S2EF "All+MD" adds short high-temperature ab initio MD started from relaxed
+    structures to its relaxation frames (Chanussot et al. 2021). Its frames are far from
+    equilibrium, with forces an order of magnitude above a relaxation's late frames, which
+    is the data DeNS (Liao et al. 2024) and force fields for MD need. Langevin NVT at
+    `temperature_kelvin` from Maxwell-Boltzmann velocities at that temperature, the fixed
+    layers held; a frame every `interval_steps` steps of `timestep_fs`, the first one
+    `interval_steps` after the relaxed structure.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temperature_kelvin: float = Field(900.0, gt=0)
+    frames: int = Field(40, ge=1)
+    interval_steps: int = Field(5, ge=1)
+    timestep_fs: float = Field(1.0, gt=0)
+    # A coupling time of 100 fs: the thermostat keeps the temperature without damping the
+    # vibrations the frames are meant to sample.
+    friction_per_fs: float = Field(0.01, gt=0)
+
+
 class EMTConfig(BaseModel):
     """What `generate_emt` computes (one config for the CLI and the library).
 
     `slab_size` is the surface repeat (x, y), the (211) x rounded up to whole steps of 3;
     `vacuum_angstrom` is on each side of the slab; `max_steps` caps each LBFGS run and
-    `max_attempts` the placements per system; `ood_*` are held out of the ID splits.
+    `max_attempts` the placements per system; `ood_*` are held out of the ID splits. With `md`
+    set, each system's frames are MD frames from its relaxed structure instead of the relaxation.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -119,6 +150,7 @@ class EMTConfig(BaseModel):
     split_fractions: dict[str, float] = Field(
         default_factory=lambda: {"train": 0.68, "val_id": 0.08, "test_id": 0.08,
                                  "test_ood_ads": 0.05, "test_ood_cat": 0.05, "test_ood_both": 0.06})
+    md: EMTMDConfig | None = None
     workers: int = Field(1, ge=1)
 
     @model_validator(mode="after")
@@ -228,8 +260,25 @@ def clean_slab_energy(metal: str, facet: str, config: EMTConfig) -> float:
     return _clean_slab_energy(metal, facet, tuple(getattr(config, f) for f in SLAB_FIELDS))
 
 
+def _molecular_dynamics(atoms: Atoms, md: EMTMDConfig, rng: np.random.Generator) -> list[tuple[np.ndarray, float, np.ndarray]]:
+    """Langevin NVT from `atoms` (relaxed, with its constraints); the frames as `_relax`'s."""
+    atoms.calc = EMT()
+    # ASE 3.28 renamed MaxwellBoltzmannDistribution (same draw); molden supports ASE >= 3.23.
+    thermalize = getattr(velocitydistribution, "thermalize_momenta", None) or velocitydistribution.MaxwellBoltzmannDistribution
+    thermalize(atoms, temperature_K=md.temperature_kelvin, rng=rng)
+    dyn = Langevin(atoms, timestep=md.timestep_fs * units.fs, temperature_K=md.temperature_kelvin,
+                   friction=md.friction_per_fs / units.fs, fixcm=False, rng=rng, logfile=None)
+    frames: list[tuple[np.ndarray, float, np.ndarray]] = []
+    with np.errstate(all="ignore"):
+        for _ in range(md.frames):
+            dyn.run(md.interval_steps)
+            frames.append((atoms.positions.copy(), float(atoms.get_potential_energy()), atoms.get_forces(apply_constraint=False).copy()))
+    return frames
+
+
 def relax_system(config: EMTConfig, index: int, split: str) -> tuple[list[Structure], str | None]:
-    """All frames of system `index` (empty with the last anomaly if every attempt failed)."""
+    """All frames of system `index` (empty with the last anomaly if every attempt failed):
+    its relaxation, or with `config.md` its MD frames from the relaxed structure."""
     rng = np.random.default_rng([config.seed, 1, index])
     metals, ads_names = _choices(config, split)
     metal, facet = metals[rng.integers(len(metals))], config.facets[rng.integers(len(config.facets))]
@@ -254,15 +303,28 @@ def relax_system(config: EMTConfig, index: int, split: str) -> tuple[list[Struct
     targets = {"adsorption_energy": e_ads}
     converged = fmax <= config.fmax_ev_per_angstrom
     system_id = SYSTEM_ID_FORMAT.format(index)
+    if config.md is None:
+        return _structures(initial, frames, system_id=system_id, split=split, relaxed_positions=relaxed_pos,
+                           relaxed_energy=relaxed_e, converged=converged, targets=targets), None
+    # MD frames carry no relaxed_* fields or targets: an MD frame is no IS2RE/IS2RS input, and
+    # the adsorption energy is the relaxed state's, not the frame's.
+    atoms = initial.copy()
+    atoms.positions = relaxed_pos
+    frames = _molecular_dynamics(atoms, config.md, rng)
+    if not all(np.isfinite(e) and np.isfinite(f).all() for _, e, f in frames):
+        return [], f"{metal}({facet})+{name}: non-finite energy or forces in MD"
+    return _structures(initial, frames, system_id=system_id, split=split), None
+
+
+def _structures(initial: Atoms, frames: list[tuple[np.ndarray, float, np.ndarray]], **fields) -> list[Structure]:
+    """One `Structure` per (positions, energy, forces) frame of `initial`'s atoms."""
     out = []
     for k, (pos, energy, forces) in enumerate(frames):
         frame = initial.copy()
         frame.positions = pos
         frame.calc = SinglePointCalculator(frame, energy=energy, forces=forces)
-        out.append(structure_from_atoms(frame, system_id=system_id, frame=k, relaxed_positions=relaxed_pos,
-                                        relaxed_energy=relaxed_e, converged=converged, targets=dict(targets),
-                                        split=split))
-    return out, None
+        out.append(structure_from_atoms(frame, frame=k, **{**fields, "targets": dict(fields.get("targets", {}))}))
+    return out
 
 
 def system_index(system_id: str) -> int:
@@ -331,7 +393,7 @@ def generate_emt(
             continue
         if frames:  # a resumed system may have had all its frames written already
             n_frames += len(frames)
-            n_unconverged += not frames[-1].converged
+            n_unconverged += frames[-1].converged is False
             yield from frames
     logger.info("EMT: %d systems, %d frames, %d not converged, %d skipped %s",
                 config.n_systems - len(skipped), n_frames, n_unconverged, len(skipped),

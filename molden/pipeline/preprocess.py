@@ -101,6 +101,8 @@ def _check_inputs(config: PreprocessConfig) -> None:
         from molden.data.readers import read_reference_energies
 
         read_reference_energies(config.oc20_references)  # a bad file fails before anything is written
+    if config.emt.md is not None and config.source != "emt":
+        raise MoldenConfigError(f"--emt-md-temperature / --emt-md-frames are for source emt, not {config.source}")
     if config.source == "emt":
         if config.inputs:
             names = ", ".join(str(p) for p in config.inputs)
@@ -249,7 +251,11 @@ def provenance(config: PreprocessConfig) -> dict:
     only at finalize, so a run that stopped there (`NoTrainSplitError`) finishes from its
     partial file with other --val/--test.
     """
-    exclude = {"out", "resume", "workers", "split"} | ({"emt"} if config.source != "emt" else set())
+    exclude: dict = dict.fromkeys({"out", "resume", "workers", "split"}, True)
+    if config.source != "emt":
+        exclude["emt"] = True
+    elif config.emt.md is None:
+        exclude["emt"] = {"md": True}  # caches made before MD frames existed stay reusable
     return {
         "source": config.source,
         "inputs": [str(Path(p).resolve()) for p in config.inputs],

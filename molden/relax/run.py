@@ -219,6 +219,19 @@ def total_energies(energies: Sequence[float | None], structures: Sequence[Struct
     return out
 
 
+def unreferenced_note(structures: Sequence[Structure], energy_reference: str | None, source: Path,
+                      notify: Callable[[str], None]) -> None:
+    """Say, before relaxing, which structures will get no energy: a model trained on energies
+    less `energy_reference` gives totals only where the input holds that target."""
+    if energy_reference is None:
+        return
+    missing = [s for s in structures if not np.isfinite(s.targets.get(energy_reference, np.nan))]
+    if missing:
+        notify(f"{source}: {len(missing)} of {len(structures)} structures (first {missing[0].system_id!r}) have no "
+               f"target {energy_reference!r}, which the model's energies are relative to: they get no energy and no "
+               "energy metrics (positions and forces are unaffected); preprocess OC20 .traj files with --oc20-references")
+
+
 def _metrics(structures: Sequence[Structure], positions: Sequence[np.ndarray], energies: Sequence[float | None]) -> dict[str, float]:
     """ADwT and energy metrics against the structures' reference relaxed positions/energies;
     energies over the structures whose relaxation stayed finite, `failed` counting the others."""
@@ -237,9 +250,10 @@ def _metrics(structures: Sequence[Structure], positions: Sequence[np.ndarray], e
     return out
 
 
-def run_relax(config: RelaxConfig, on_progress: Callable[[str, int, int], None] | None = None) -> list[MethodResult]:
+def run_relax(config: RelaxConfig, on_progress: Callable[[str, int, int], None] | None = None,
+              notify: Callable[[str], None] | None = None) -> list[MethodResult]:
     """Every requested method on the input; relaxed structures written to `out` (atomically);
-    a results JSON beside it."""
+    a results JSON beside it. `notify` gets one line about what the results will lack."""
     outputs = {m: _output_path(config.out, m, len(config.methods)) for m in config.methods}
     for path in [*outputs.values(), config.out.with_suffix(".json")]:
         if path.exists() and not config.overwrite:
@@ -259,6 +273,9 @@ def run_relax(config: RelaxConfig, on_progress: Callable[[str, int, int], None] 
             steps, converged = [0] * len(structures), [True] * len(structures)
         else:
             provider = provider_for(config.model, device=config.device, skin_angstrom=config.skin_angstrom)
+            if notify is not None:  # once, not per method
+                unreferenced_note(structures, getattr(provider, "energy_reference", None), config.input, notify)
+                notify = None
             done = [0]
 
             def finished(index: int, result: Relaxed) -> None:
