@@ -227,14 +227,15 @@ def test_resume_after_a_frame_relaxes_only_the_systems_not_finished(frames, monk
     assert relaxed == list(range(index, TINY.n_systems))
 
 
-def test_interrupted_emt_preprocess_resumes_to_the_same_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("md", [None, EMTMDConfig(frames=5, interval_steps=2)], ids=["relaxations", "md"])
+def test_interrupted_emt_preprocess_resumes_to_the_same_file(tmp_path, monkeypatch, md):
     import h5py
 
     from molden.data import emt
     from molden.pipeline import preprocess as pp
 
-    monkeypatch.setattr(pp, "BLOCK_STRUCTURES", 16)
-    config = dict(source="emt", emt=TINY.model_copy(update={"n_systems": 6}))
+    monkeypatch.setattr(pp, "BLOCK_STRUCTURES", 16 if md is None else 7)  # MD: a block ends inside a system
+    config = dict(source="emt", emt=TINY.model_copy(update={"n_systems": 6, "md": md}))
     reference = tmp_path / "ref.h5"
     pp.run_preprocess(pp.PreprocessConfig(out=reference, **config))
 

@@ -66,14 +66,13 @@ from queue import SimpleQueue
 from typing import Literal
 
 import numpy as np
-from ase import Atoms
+from ase import Atoms, units
 from ase.build import bulk, fcc100, fcc111, fcc211
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
-from ase import units
 from ase.constraints import FixAtoms
-from ase.md.langevin import Langevin
 from ase.md import velocitydistribution
+from ase.md.langevin import Langevin
 from ase.optimize import LBFGS
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.optimize import minimize_scalar
