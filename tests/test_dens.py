@@ -41,7 +41,7 @@ def test_paper_preset_is_table_7_for_oc20_s2ef_2m():
     all_md = dens_oc20_all_md_paper().s2ef  # Table 7, S2EF-All+MD: λ_E 4, the rest as S2EF-2M
     assert (all_md.energy_coefficient, all_md.force_coefficient, all_md.energy_scale, all_md.energy_reference) == (
         4.0, 100.0, "energy_std", "reference_energy")
-    assert (dens_cpu().s2ef.energy_scale, dens_cpu().s2ef.energy_reference) == ("force_rms", None)
+    assert (dens_cpu().s2ef.energy_scale, dens_cpu().s2ef.energy_reference) == ("energy_std", None)
     assert isinstance(DeNS(c), Objective)
 
 

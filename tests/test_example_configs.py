@@ -210,6 +210,34 @@ def test_check_cpu_records_seeds_and_flags_a_metric_outside_their_range(tmp_path
     assert "missing" in capsys.readouterr().out
 
 
+def test_check_cpu_rerecords_one_run_and_keeps_the_others(tmp_path, capsys):
+    """--only RUN replaces that run's metrics (both seeds) and says where and when; every other
+    run's metrics and the file's original provenance stay as they were."""
+    check = _check_cpu()
+    expected = tmp_path / "expected.json"
+    s0, s1 = _fake_runs(tmp_path / "s0", 0, 100.0, 110.0), _fake_runs(tmp_path / "s1", 1, 104.0, 100.0)
+    assert check.main([str(s0), str(s1), "--record", "--expected", str(expected)]) == 0
+    before = json.loads(expected.read_text())
+    before["metrics"]["other_twin/val/forces_mae_mev_per_angstrom"] = {"0": 20.0, "1": 21.0}
+    expected.write_text(json.dumps(before))
+    again0, again1 = _fake_runs(tmp_path / "a0", 0, 90.0, 95.0), _fake_runs(tmp_path / "a1", 1, 92.0, 97.0)
+    assert check.main([str(again0), str(again1), "--record", "--only", "qm9_homo_noisy_nodes",
+                       "--expected", str(expected)]) == 0
+    after = json.loads(expected.read_text())
+    assert after["metrics"] == {"other_twin/val/forces_mae_mev_per_angstrom": {"0": 20.0, "1": 21.0},
+                                "qm9_homo_noisy_nodes/test/mae_homo_meV": {"0": 95.0, "1": 97.0},
+                                "qm9_homo_noisy_nodes/val/mae_homo_meV": {"0": 90.0, "1": 92.0}}
+    assert after["recorded"] == before["recorded"] and after["machine"] == before["machine"]
+    assert set(after["rerecorded"]) == {"qm9_homo_noisy_nodes"} and "machine" in after["rerecorded"]["qm9_homo_noisy_nodes"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="no metric of run 'forcenet_s2ef'"):
+        check.main([str(again0), "--record", "--only", "forcenet_s2ef", "--expected", str(expected)])
+    assert json.loads(expected.read_text()) == after  # nothing written
+    assert check.main([str(again0), "--record", "--only", "x", "--expected", str(tmp_path / "none.json")]) == 2
+    assert check.main([str(again0), "--only", "x", "--expected", str(expected)]) == 2
+    assert "--only goes with --record" in capsys.readouterr().err
+
+
 def test_check_cpu_refuses_bad_folders_in_one_line(tmp_path, capsys):
     check = _check_cpu()
     assert check.main([str(tmp_path / "nowhere")]) == 2

@@ -2,6 +2,7 @@
 
     python examples/configs/check_cpu.py RUNS_DIR                   # compare, exit 1 when a metric is off
     python examples/configs/check_cpu.py --record --overwrite RUNS_S0 RUNS_S1   # expected_cpu.json from seed runs
+    python examples/configs/check_cpu.py --record --only s2ef_dens RUNS_S0 RUNS_S1   # re-record one twin's metrics
 
 Each run's validation metric (the one its best checkpoint was chosen by, from `summary.json`)
 and every test metric `molden evaluate` wrote (`eval/RUN.SPLIT.json`) in a named unit or a
@@ -76,9 +77,10 @@ def compare(found: dict[str, float], expected: dict, tolerance: float) -> list[d
     return rows
 
 
-def record(folders: list[Path]) -> dict:
+def record(folders: list[Path], only: list[str] | None = None, previous: dict | None = None) -> dict:
     """expected_cpu.json's content from run folders of several seeds (`seed` read from each
-    run's config.json)."""
+    run's config.json). With `only`, just those runs' metrics are replaced in `previous`, and
+    where and when they were recorded goes to its `"rerecorded"` entry for each run."""
     by_seed: dict[str, dict[str, float]] = {}
     for folder in folders:
         configs = sorted(folder.glob("*/config.json"))
@@ -90,14 +92,19 @@ def record(folders: list[Path]) -> dict:
     from molden.bench.model_step import machine
 
     described = machine()
-    return {
-        "what": "metrics of examples/configs/reproduce_cpu.sh, one value per seed",
-        "recorded": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": {**{k: described[k] for k in ("cpu", "cores", "python", "torch")}, "molden": _commit(),
-                    "threads": 1},
-        "command": "bash examples/configs/reproduce_cpu.sh data RUNS SEED",
-        "metrics": {key: {seed: by_seed[seed][key] for seed in by_seed} for key in keys},
-    }
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    where = {**{k: described[k] for k in ("cpu", "cores", "python", "torch")}, "molden": _commit(), "threads": 1}
+    metrics = {key: {seed: by_seed[seed][key] for seed in by_seed} for key in keys}
+    if only is None:
+        return {"what": "metrics of examples/configs/reproduce_cpu.sh, one value per seed", "recorded": when,
+                "machine": where, "command": "bash examples/configs/reproduce_cpu.sh data RUNS SEED", "metrics": metrics}
+    fresh = {key: value for key, value in metrics.items() if key.split("/", 1)[0] in only}
+    for run in only:
+        if not any(key.startswith(f"{run}/") for key in fresh):
+            raise SystemExit(f"error: no metric of run {run!r} in every folder ({', '.join(map(str, folders))})")
+    kept = {key: value for key, value in previous["metrics"].items() if key.split("/", 1)[0] not in only}
+    return {**previous, "metrics": dict(sorted({**kept, **fresh}.items())),
+            "rerecorded": {**previous.get("rerecorded", {}), **{run: {"recorded": when, "machine": where} for run in only}}}
 
 
 def _commit() -> str | None:
@@ -129,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", action="store_true", help=f"write {EXPECTED.name} from these folders (one per seed)")
     parser.add_argument("--expected", type=Path, default=EXPECTED)
     parser.add_argument("--overwrite", action="store_true", help="with --record: replace an existing file")
+    parser.add_argument("--only", action="append", metavar="RUN",
+                        help="with --record: replace only this run's metrics in the existing file (repeatable)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help="fraction each end of the seeds' range is widened by")
     args = parser.parse_args(argv)
@@ -136,12 +145,22 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: {', '.join(missing)}: no such run folder", file=sys.stderr)
         return 2
+    if args.only and not args.record:
+        print("error: --only goes with --record", file=sys.stderr)
+        return 2
     if args.record:
-        if args.expected.exists() and not args.overwrite:
+        previous = None
+        if args.only:
+            if not args.expected.is_file():
+                print(f"error: {args.expected}: no such file to update (--only replaces runs in it)", file=sys.stderr)
+                return 2
+            previous = _read(args.expected)
+        elif args.expected.exists() and not args.overwrite:
             print(f"error: {args.expected} exists: pass --overwrite to replace it", file=sys.stderr)
             return 2
+        content = record(args.runs, args.only, previous)
         tmp = args.expected.with_name(args.expected.name + ".tmp")
-        tmp.write_text(json.dumps(record(args.runs), indent=2) + "\n")
+        tmp.write_text(json.dumps(content, indent=2) + "\n")
         os.replace(tmp, args.expected)
         print(f"wrote {args.expected}")
         return 0

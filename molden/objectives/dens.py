@@ -92,12 +92,12 @@ def dens_md17_paper() -> DeNSConfig:
 
 
 def dens_cpu() -> DeNSConfig:
-    """Small EMT/OC20-like runs on CPU: the S2EF-2M DeNS settings at a 5 Å cutoff, total
-    energies (EMT caches hold no OC20 reference energies) scaled by the force RMS as when its
-    expected metrics (examples/configs) were recorded."""
+    """Small EMT/OC20-like runs on CPU: the S2EF-2M DeNS settings at a 5 Å cutoff, σ_E the
+    spread of the energies as the paper's (Eq. 1), but total energies: EMT caches hold no OC20
+    reference energies."""
     paper = dens_oc20_2m_paper()
     return paper.model_copy(update={"cutoff_angstrom": 5.0, "max_num_neighbors": None, "s2ef": paper.s2ef.model_copy(
-        update={"energy_scale": "force_rms", "energy_reference": None})})
+        update={"energy_reference": None})})
 
 
 def encoded_forces(forces: Tensor, scale_ev_per_angstrom: float) -> Tensor:
