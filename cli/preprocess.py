@@ -53,7 +53,8 @@ def preprocess(
     ),
     emt_md_temperature: Optional[float] = typer.Option(
         None, help="emt: instead of each relaxation, molecular dynamics (Langevin NVT) from the relaxed system at this "
-        "temperature, K: far-from-equilibrium S2EF frames, as OC20's MD data",
+        "thermostat temperature, K (the frames include the heating from the minimum): far-from-equilibrium S2EF "
+        "frames, as OC20's MD data",
         show_default=f"{EMT_MD_DEFAULTS[0]:g} with --emt-md-frames"),
     emt_md_frames: Optional[int] = typer.Option(
         None, help="emt: MD frames per system (5 fs apart); implies MD", show_default=f"{EMT_MD_DEFAULTS[1]} with --emt-md-temperature"),

@@ -233,6 +233,14 @@ def test_check_cpu_rerecords_one_run_and_keeps_the_others(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no metric of run 'forcenet_s2ef'"):
         check.main([str(again0), "--record", "--only", "forcenet_s2ef", "--expected", str(expected)])
     assert json.loads(expected.read_text()) == after  # nothing written
+    # Neither fewer seeds nor fewer metrics than were pinned before.
+    with pytest.raises(SystemExit, match=r"recorded with seeds \['0', '1'\], these folders are seeds \['0'\]"):
+        check.main([str(again0), "--record", "--only", "qm9_homo_noisy_nodes", "--expected", str(expected)])
+    for folder in (again0, again1):
+        (folder / "eval" / "qm9_homo_noisy_nodes.test.json").unlink()
+    with pytest.raises(SystemExit, match=r"1 metrics of run 'qm9_homo_noisy_nodes' recorded before are not in every folder"):
+        check.main([str(again0), str(again1), "--record", "--only", "qm9_homo_noisy_nodes", "--expected", str(expected)])
+    assert json.loads(expected.read_text()) == after
     assert check.main([str(again0), "--record", "--only", "x", "--expected", str(tmp_path / "none.json")]) == 2
     assert check.main([str(again0), "--only", "x", "--expected", str(expected)]) == 2
     assert "--only goes with --record" in capsys.readouterr().err

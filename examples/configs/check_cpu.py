@@ -98,10 +98,22 @@ def record(folders: list[Path], only: list[str] | None = None, previous: dict | 
     if only is None:
         return {"what": "metrics of examples/configs/reproduce_cpu.sh, one value per seed", "recorded": when,
                 "machine": where, "command": "bash examples/configs/reproduce_cpu.sh data RUNS SEED", "metrics": metrics}
+    if not isinstance(previous.get("metrics"), dict):
+        raise SystemExit("error: the expected metrics to update have no \"metrics\"")
     fresh = {key: value for key, value in metrics.items() if key.split("/", 1)[0] in only}
     for run in only:
         if not any(key.startswith(f"{run}/") for key in fresh):
             raise SystemExit(f"error: no metric of run {run!r} in every folder ({', '.join(map(str, folders))})")
+        # A re-record must not quietly weaken the check: the same seeds, and every metric pinned before.
+        old = {key: seeds for key, seeds in previous["metrics"].items() if key.startswith(f"{run}/")}
+        old_seeds = {seed for seeds in old.values() for seed in seeds}
+        if old and old_seeds != set(by_seed):
+            raise SystemExit(f"error: run {run!r} was recorded with seeds {sorted(old_seeds)}, these folders are seeds "
+                             f"{sorted(by_seed)}: re-record the same seeds")
+        lost = sorted(set(old) - set(fresh))
+        if lost:
+            raise SystemExit(f"error: {len(lost)} metrics of run {run!r} recorded before are not in every folder "
+                             f"(first {lost[0]}): evaluate them, then re-record")
     kept = {key: value for key, value in previous["metrics"].items() if key.split("/", 1)[0] not in only}
     return {**previous, "metrics": dict(sorted({**kept, **fresh}.items())),
             "rerecorded": {**previous.get("rerecorded", {}), **{run: {"recorded": when, "machine": where} for run in only}}}

@@ -42,7 +42,8 @@ Across machines it can differ: LBFGS follows a relaxation's rounding, which depe
 vector instructions and numpy's build, so a few systems end on another step count or, near the
 line, dissociate (`--emt-systems 1000 --workers 2`, this module unchanged, ASE 3.29: 962 systems
 and 47,689 frames on one 2-core VM, 960 and 47,509 on another, an AMD EPYC). Share the cache
-file, not the command, when two machines must train on the same frames.
+file, not the command, when two machines must train on the same frames (MD frames also depend
+on ASE's version, whose Langevin draws its random forces its own way).
 
 `workers > 1` uses spawned processes: a script calling it needs the usual
 `if __name__ == "__main__":` guard.
@@ -107,7 +108,12 @@ class EMTMDConfig(BaseModel):
     is the data DeNS (Liao et al. 2024) and force fields for MD need. Langevin NVT at
     `temperature_kelvin` from Maxwell-Boltzmann velocities at that temperature, the fixed
     layers held; a frame every `interval_steps` steps of `timestep_fs`, the first one
-    `interval_steps` after the relaxed structure.
+    `interval_steps` after the relaxed structure. The frames include the heating: starting at
+    the minimum, half the drawn kinetic energy goes into the potential, and the thermostat
+    brings the free atoms back up over the run (900 K, defaults: about 650 K in the first 50
+    fs, 800-1,000 K at the last frame, about 750 K on average over the 40 frames). Adsorbates
+    that leave or break up on the way are kept, like OC20's MD frames: the labels are exact
+    whatever happens.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -262,7 +268,8 @@ def clean_slab_energy(metal: str, facet: str, config: EMTConfig) -> float:
 def _molecular_dynamics(atoms: Atoms, md: EMTMDConfig, rng: np.random.Generator) -> list[tuple[np.ndarray, float, np.ndarray]]:
     """Langevin NVT from `atoms` (relaxed, with its constraints); the frames as `_relax`'s."""
     atoms.calc = EMT()
-    # ASE 3.28 renamed MaxwellBoltzmannDistribution (same draw); molden supports ASE >= 3.23.
+    # ASE 3.29 deprecates MaxwellBoltzmannDistribution for thermalize_momenta (same draw);
+    # molden supports ASE >= 3.23.
     thermalize = getattr(velocitydistribution, "thermalize_momenta", None) or velocitydistribution.MaxwellBoltzmannDistribution
     thermalize(atoms, temperature_K=md.temperature_kelvin, rng=rng)
     dyn = Langevin(atoms, timestep=md.timestep_fs * units.fs, temperature_K=md.temperature_kelvin,
