@@ -243,7 +243,12 @@ def test_check_cpu_rerecords_one_run_and_keeps_the_others(tmp_path, capsys):
     assert json.loads(expected.read_text()) == after
     assert check.main([str(again0), "--record", "--only", "x", "--expected", str(tmp_path / "none.json")]) == 2
     assert check.main([str(again0), "--only", "x", "--expected", str(expected)]) == 2
-    assert "--only goes with --record" in capsys.readouterr().err
+    no_metrics = tmp_path / "no_metrics.json"
+    no_metrics.write_text('{"what": 1}')
+    assert check.main([str(again0), "--record", "--only", "x", "--expected", str(no_metrics)]) == 2
+    assert no_metrics.read_text() == '{"what": 1}'
+    err = capsys.readouterr().err
+    assert "--only goes with --record" in err and f'{no_metrics}: no "metrics" to update' in err
 
 
 def test_check_cpu_refuses_bad_folders_in_one_line(tmp_path, capsys):

@@ -77,10 +77,9 @@ def compare(found: dict[str, float], expected: dict, tolerance: float) -> list[d
     return rows
 
 
-def record(folders: list[Path], only: list[str] | None = None, previous: dict | None = None) -> dict:
+def record(folders: list[Path]) -> dict:
     """expected_cpu.json's content from run folders of several seeds (`seed` read from each
-    run's config.json). With `only`, just those runs' metrics are replaced in `previous`, and
-    where and when they were recorded goes to its `"rerecorded"` entry for each run."""
+    run's config.json)."""
     by_seed: dict[str, dict[str, float]] = {}
     for folder in folders:
         configs = sorted(folder.glob("*/config.json"))
@@ -92,31 +91,39 @@ def record(folders: list[Path], only: list[str] | None = None, previous: dict | 
     from molden.bench.model_step import machine
 
     described = machine()
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    where = {**{k: described[k] for k in ("cpu", "cores", "python", "torch")}, "molden": _commit(), "threads": 1}
-    metrics = {key: {seed: by_seed[seed][key] for seed in by_seed} for key in keys}
-    if only is None:
-        return {"what": "metrics of examples/configs/reproduce_cpu.sh, one value per seed", "recorded": when,
-                "machine": where, "command": "bash examples/configs/reproduce_cpu.sh data RUNS SEED", "metrics": metrics}
-    if not isinstance(previous.get("metrics"), dict):
-        raise SystemExit("error: the expected metrics to update have no \"metrics\"")
-    fresh = {key: value for key, value in metrics.items() if key.split("/", 1)[0] in only}
+    return {
+        "what": "metrics of examples/configs/reproduce_cpu.sh, one value per seed",
+        "recorded": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": {**{k: described[k] for k in ("cpu", "cores", "python", "torch")}, "molden": _commit(),
+                    "threads": 1},
+        "command": "bash examples/configs/reproduce_cpu.sh data RUNS SEED",
+        "metrics": {key: {seed: by_seed[seed][key] for seed in by_seed} for key in keys},
+    }
+
+
+def rerecord(previous: dict, new: dict, only: list[str], folders: list[Path]) -> dict:
+    """`previous` with the metrics of the runs `only` taken from `new` (a `record`), and where
+    and when they were recorded in its `"rerecorded"` entry for each run. Refuses a re-record
+    that would weaken the check: other seeds, or fewer metrics than were pinned before."""
+    run_of = lambda key: key.split("/", 1)[0]  # noqa: E731
+    fresh = {key: seeds for key, seeds in new["metrics"].items() if run_of(key) in only}
+    new_seeds = {seed for seeds in new["metrics"].values() for seed in seeds}
     for run in only:
-        if not any(key.startswith(f"{run}/") for key in fresh):
+        if not any(run_of(key) == run for key in fresh):
             raise SystemExit(f"error: no metric of run {run!r} in every folder ({', '.join(map(str, folders))})")
-        # A re-record must not quietly weaken the check: the same seeds, and every metric pinned before.
-        old = {key: seeds for key, seeds in previous["metrics"].items() if key.startswith(f"{run}/")}
+        old = {key: seeds for key, seeds in previous["metrics"].items() if run_of(key) == run}
         old_seeds = {seed for seeds in old.values() for seed in seeds}
-        if old and old_seeds != set(by_seed):
+        if old and old_seeds != new_seeds:
             raise SystemExit(f"error: run {run!r} was recorded with seeds {sorted(old_seeds)}, these folders are seeds "
-                             f"{sorted(by_seed)}: re-record the same seeds")
+                             f"{sorted(new_seeds)}: re-record the same seeds")
         lost = sorted(set(old) - set(fresh))
         if lost:
             raise SystemExit(f"error: {len(lost)} metrics of run {run!r} recorded before are not in every folder "
                              f"(first {lost[0]}): evaluate them, then re-record")
-    kept = {key: value for key, value in previous["metrics"].items() if key.split("/", 1)[0] not in only}
+    kept = {key: seeds for key, seeds in previous["metrics"].items() if run_of(key) not in only}
+    done = {run: {"recorded": new["recorded"], "machine": new["machine"]} for run in only}
     return {**previous, "metrics": dict(sorted({**kept, **fresh}.items())),
-            "rerecorded": {**previous.get("rerecorded", {}), **{run: {"recorded": when, "machine": where} for run in only}}}
+            "rerecorded": {**previous.get("rerecorded", {}), **done}}
 
 
 def _commit() -> str | None:
@@ -167,10 +174,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {args.expected}: no such file to update (--only replaces runs in it)", file=sys.stderr)
                 return 2
             previous = _read(args.expected)
+            if not isinstance(previous.get("metrics"), dict):
+                print(f"error: {args.expected}: no \"metrics\" to update", file=sys.stderr)
+                return 2
         elif args.expected.exists() and not args.overwrite:
             print(f"error: {args.expected} exists: pass --overwrite to replace it", file=sys.stderr)
             return 2
-        content = record(args.runs, args.only, previous)
+        content = record(args.runs)
+        if args.only:
+            content = rerecord(previous, content, args.only, args.runs)
         tmp = args.expected.with_name(args.expected.name + ".tmp")
         tmp.write_text(json.dumps(content, indent=2) + "\n")
         os.replace(tmp, args.expected)

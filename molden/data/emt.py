@@ -302,24 +302,23 @@ def relax_system(config: EMTConfig, index: int, split: str) -> tuple[list[Struct
     else:
         return [], f"{metal}({facet})+{name}: {reason}"
     relaxed_pos, relaxed_e, final_forces = frames[-1]
+    system_id = SYSTEM_ID_FORMAT.format(index)
+    if config.md is not None:
+        # MD frames carry no relaxed_* fields or targets: an MD frame is no IS2RE/IS2RS input,
+        # and the adsorption energy is the relaxed state's, not the frame's.
+        atoms = initial.copy()
+        atoms.positions = relaxed_pos
+        frames = _molecular_dynamics(atoms, config.md, rng)
+        if not all(np.isfinite(e) and np.isfinite(f).all() for _, e, f in frames):
+            return [], f"{metal}({facet})+{name}: non-finite energy or forces in MD"
+        return _structures(initial, frames, system_id=system_id, split=split), None
     free = initial.get_tags() != TAG_SUBSURFACE  # tag 0 <=> fixed, by build_slab
     fmax = float(np.linalg.norm(final_forces[free], axis=1).max())
     e_ads = relaxed_e - clean_slab_energy(metal, facet, config) - reference_energy(
         initial.get_chemical_symbols()[len(slab):])
-    targets = {"adsorption_energy": e_ads}
     converged = fmax <= config.fmax_ev_per_angstrom
-    system_id = SYSTEM_ID_FORMAT.format(index)
-    if config.md is None:
-        return _structures(initial, frames, system_id=system_id, split=split, relaxed_positions=relaxed_pos,
-                           relaxed_energy=relaxed_e, converged=converged, targets=targets), None
-    # MD frames carry no relaxed_* fields or targets: an MD frame is no IS2RE/IS2RS input, and
-    # the adsorption energy is the relaxed state's, not the frame's.
-    atoms = initial.copy()
-    atoms.positions = relaxed_pos
-    frames = _molecular_dynamics(atoms, config.md, rng)
-    if not all(np.isfinite(e) and np.isfinite(f).all() for _, e, f in frames):
-        return [], f"{metal}({facet})+{name}: non-finite energy or forces in MD"
-    return _structures(initial, frames, system_id=system_id, split=split), None
+    return _structures(initial, frames, system_id=system_id, split=split, relaxed_positions=relaxed_pos,
+                       relaxed_energy=relaxed_e, converged=converged, targets={"adsorption_energy": e_ads}), None
 
 
 def _structures(initial: Atoms, frames: list[tuple[np.ndarray, float, np.ndarray]], **fields) -> list[Structure]:
@@ -329,6 +328,7 @@ def _structures(initial: Atoms, frames: list[tuple[np.ndarray, float, np.ndarray
         frame = initial.copy()
         frame.positions = pos
         frame.calc = SinglePointCalculator(frame, energy=energy, forces=forces)
+        # Each frame its own targets dict: a Structure's fields are not shared between frames.
         out.append(structure_from_atoms(frame, frame=k, **{**fields, "targets": dict(fields.get("targets", {}))}))
     return out
 
